@@ -1,0 +1,93 @@
+// Elementwise activations and dropout, forward and backward.
+//
+// gelu_forward / tanh_forward:   y[i] = f(x[i])
+//   bindings: 0 params, 1 x (read), 2 y (write)
+// gelu_backward / tanh_backward: dx[i] = dy[i] * f'(x[i])    (tanh_backward takes y = tanh(x))
+//   bindings: 0 params, 1 x (read), 2 dy (read), 3 dx (write)
+// dropout:                       y[i] = keep(i) ? x[i] * scale : 0   (also its own backward)
+//   bindings: 0 params, 1 x (read), 2 y (write)
+// Dispatch: ceil(n / 256) workgroups of 256, spread over x and y (see gpu::spread).
+// GELU is the exact erf form; erf is Abramowitz-Stegun 7.1.26 refined to f32 precision.
+
+struct Params {
+    n: u32,
+    seed: u32,
+    stream: u32,
+    threshold: u32,   // dropout: drop when draw < threshold = p * 2^32
+    scale: f32,       // dropout: 1 / (1 - p)
+}
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+@group(0) @binding(2) var<storage, read> dy: array<f32>;
+@group(0) @binding(3) var<storage, read_write> dx: array<f32>;
+
+fn linear_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return (wid.x + wid.y * nwg.x) * 256u + lid;
+}
+
+// erf with |error| < 1.2e-7 (Numerical Recipes erfc, Chebyshev fit).
+fn erf_f32(v: f32) -> f32 {
+    let z = abs(v);
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let r = t * exp(-z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418
+        + t * (-0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587
+        + t * (-0.82215223 + t * 0.17087277)))))))));
+    return sign(v) * (1.0 - r);
+}
+
+// Some drivers' tanh overflows to NaN for large |v|; this form cannot.
+fn safe_tanh(v: f32) -> f32 {
+    let e = exp(-2.0 * abs(v));
+    return sign(v) * (1.0 - e) / (1.0 + e);
+}
+
+fn gelu(v: f32) -> f32 {
+    return 0.5 * v * (1.0 + erf_f32(v * 0.70710678118654752));
+}
+
+fn gelu_grad(v: f32) -> f32 {
+    let cdf = 0.5 * (1.0 + erf_f32(v * 0.70710678118654752));
+    let pdf = 0.39894228040143268 * exp(-0.5 * v * v);
+    return cdf + v * pdf;
+}
+
+@compute @workgroup_size(256)
+fn gelu_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    if (i < params.n) { y[i] = gelu(x[i]); }
+}
+
+@compute @workgroup_size(256)
+fn gelu_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    if (i < params.n) { dx[i] = dy[i] * gelu_grad(x[i]); }
+}
+
+@compute @workgroup_size(256)
+fn tanh_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    if (i < params.n) { y[i] = safe_tanh(x[i]); }
+}
+
+// Takes the forward OUTPUT in x: d tanh = 1 - tanh^2.
+@compute @workgroup_size(256)
+fn tanh_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    if (i < params.n) { dx[i] = dy[i] * (1.0 - x[i] * x[i]); }
+}
+
+@compute @workgroup_size(256)
+fn dropout(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+           @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    if (i < params.n) {
+        let keep = rng_keep(params.seed, params.stream, i, params.threshold);
+        y[i] = select(0.0, x[i] * params.scale, keep);
+    }
+}

@@ -1,0 +1,224 @@
+//! Adapter choice and the device, with its pipeline cache.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Everything that can go wrong between the host and the GPU, each naming what it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error(
+        "no GPU adapter found{0}. On Linux without a GPU install Mesa's lavapipe \
+         (apt-get install mesa-vulkan-drivers libvulkan1); check with `pals devices`"
+    )]
+    NoAdapter(String),
+    #[error("adapter '{query}' not found; `pals devices` lists: {available}")]
+    AdapterNotFound { query: String, available: String },
+    #[error("unknown backend '{0}': use vulkan, metal, dx12 or gl")]
+    UnknownBackend(String),
+    #[error("requesting a device from '{adapter}' failed: {message}")]
+    RequestDevice { adapter: String, message: String },
+    #[error(
+        "tensor '{name}' needs {bytes} bytes but the adapter allows at most {limit} bytes \
+         per {what}"
+    )]
+    TooBig {
+        name: String,
+        bytes: u64,
+        what: &'static str,
+        limit: u64,
+    },
+    #[error("shape mismatch in {op}: {detail}")]
+    Shape { op: String, detail: String },
+    #[error("GPU error in {op}: {message}")]
+    Device { op: String, message: String },
+}
+
+/// Which adapter to use: the best one, an index into `pals devices`, or a name substring.
+#[derive(Clone, Debug, Default)]
+pub struct AdapterChoice {
+    /// Index or case-insensitive name substring; `None` picks the best adapter.
+    pub adapter: Option<String>,
+    /// vulkan, metal, dx12 or gl; `None` allows all.
+    pub backend: Option<String>,
+}
+
+impl AdapterChoice {
+    /// The choice from `PALS_ADAPTER` and `PALS_BACKEND`.
+    pub fn from_env() -> Self {
+        let nonempty = |key: &str| std::env::var(key).ok().filter(|v| !v.trim().is_empty());
+        Self {
+            adapter: nonempty("PALS_ADAPTER"),
+            backend: nonempty("PALS_BACKEND"),
+        }
+    }
+
+    fn backends(&self) -> Result<wgpu::Backends, GpuError> {
+        let Some(name) = &self.backend else {
+            return Ok(wgpu::Backends::all());
+        };
+        match name.to_ascii_lowercase().as_str() {
+            "vulkan" | "vk" => Ok(wgpu::Backends::VULKAN),
+            "metal" => Ok(wgpu::Backends::METAL),
+            "dx12" | "d3d12" => Ok(wgpu::Backends::DX12),
+            "gl" | "gles" | "opengl" => Ok(wgpu::Backends::GL),
+            other => Err(GpuError::UnknownBackend(other.to_string())),
+        }
+    }
+}
+
+/// The optional features we use when the adapter has them.
+pub const OPTIONAL_FEATURES: &[(wgpu::Features, &str)] = &[
+    (wgpu::Features::SHADER_F16, "shader-f16"),
+    (wgpu::Features::SUBGROUP, "subgroup"),
+    (wgpu::Features::TIMESTAMP_QUERY, "timestamp-query"),
+    (
+        wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES,
+        "timestamp-inside-passes",
+    ),
+];
+
+fn instance() -> wgpu::Instance {
+    wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle())
+}
+
+/// Discrete before integrated before virtual before CPU.
+fn type_rank(kind: wgpu::DeviceType) -> u32 {
+    match kind {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    }
+}
+
+/// Every adapter, best first (the order `pals devices` shows and indices refer to).
+pub fn list_adapters(backend: Option<&str>) -> Result<Vec<wgpu::Adapter>, GpuError> {
+    let choice = AdapterChoice {
+        adapter: None,
+        backend: backend.map(str::to_string),
+    };
+    let mut adapters = pollster::block_on(instance().enumerate_adapters(choice.backends()?));
+    // Stable sort: among equals, keep the backend order wgpu reports (Vulkan first).
+    adapters.sort_by_key(|a| type_rank(a.get_info().device_type));
+    Ok(adapters)
+}
+
+fn pick_adapter(choice: &AdapterChoice) -> Result<wgpu::Adapter, GpuError> {
+    let mut adapters = list_adapters(choice.backend.as_deref())?;
+    if adapters.is_empty() {
+        let backend = choice.backend.as_ref().map(|b| format!(" for backend {b}"));
+        return Err(GpuError::NoAdapter(backend.unwrap_or_default()));
+    }
+    let Some(query) = &choice.adapter else {
+        return Ok(adapters.remove(0));
+    };
+    let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+    let found = match query.trim().parse::<usize>() {
+        Ok(index) => (index < adapters.len()).then_some(index),
+        Err(_) => {
+            let lower = query.to_lowercase();
+            names.iter().position(|n| n.to_lowercase().contains(&lower))
+        }
+    };
+    match found {
+        Some(index) => Ok(adapters.remove(index)),
+        None => Err(GpuError::AdapterNotFound {
+            query: query.clone(),
+            available: names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| format!("[{i}] {n}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        }),
+    }
+}
+
+type PipelineKey = (&'static str, String);
+
+/// A device and queue, the adapter's limits, and the cache of compiled pipelines.
+pub struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    pub features: wgpu::Features,
+    pub(crate) pipelines: Mutex<HashMap<PipelineKey, Arc<CachedPipeline>>>,
+}
+
+pub(crate) struct CachedPipeline {
+    pub pipeline: wgpu::ComputePipeline,
+    pub layout: wgpu::BindGroupLayout,
+}
+
+impl Gpu {
+    /// Opens the chosen adapter with its own limits and the optional features it has.
+    pub fn new(choice: &AdapterChoice) -> Result<Gpu, GpuError> {
+        let adapter = pick_adapter(choice)?;
+        let info = adapter.get_info();
+        let limits = adapter.limits();
+        let wanted = OPTIONAL_FEATURES
+            .iter()
+            .fold(wgpu::Features::empty(), |f, (x, _)| f | *x);
+        let features = adapter.features() & wanted;
+        let descriptor = wgpu::DeviceDescriptor {
+            label: Some("pals"),
+            required_features: features,
+            required_limits: limits.clone(),
+            ..Default::default()
+        };
+        let (device, queue) =
+            pollster::block_on(adapter.request_device(&descriptor)).map_err(|e| {
+                GpuError::RequestDevice {
+                    adapter: info.name.clone(),
+                    message: e.to_string(),
+                }
+            })?;
+        Ok(Gpu {
+            device,
+            queue,
+            info,
+            limits,
+            features,
+            pipelines: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The adapter chosen by `PALS_ADAPTER` / `PALS_BACKEND`, else the best one.
+    pub fn from_env() -> Result<Gpu, GpuError> {
+        Gpu::new(&AdapterChoice::from_env())
+    }
+
+    /// One line naming the adapter, for logs and benchmark reports.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ({:?}, {:?}, {} {})",
+            self.info.name,
+            self.info.backend,
+            self.info.device_type,
+            self.info.driver,
+            self.info.driver_info
+        )
+    }
+
+    pub fn has(&self, feature: wgpu::Features) -> bool {
+        self.features.contains(feature)
+    }
+
+    /// Largest storage binding one tensor may have on this adapter.
+    pub fn max_tensor_bytes(&self) -> u64 {
+        (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size)
+    }
+
+    /// Waits until all submitted work is done.
+    pub fn wait(&self) -> Result<(), GpuError> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| GpuError::Device {
+                op: "wait".into(),
+                message: e.to_string(),
+            })
+    }
+}

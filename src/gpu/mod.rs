@@ -1,0 +1,10 @@
+//! The GPU runtime: adapter choice, tensors, the pipeline cache and the recorder that
+//! puts many dispatches into one compute pass and one submit. Knows nothing about BERT.
+
+mod context;
+mod recorder;
+mod tensor;
+
+pub use context::{AdapterChoice, Gpu, GpuError, list_adapters};
+pub use recorder::{Binding, KernelSpec, Recorder, Timing, spread};
+pub use tensor::Tensor;

@@ -1,0 +1,153 @@
+//! A tensor is one GPU storage buffer of 4-byte elements (f32 or u32) with a shape and a name.
+
+use std::sync::Arc;
+
+use super::{Gpu, GpuError};
+
+#[derive(Clone)]
+pub struct Tensor {
+    pub buffer: Arc<wgpu::Buffer>,
+    pub shape: Vec<usize>,
+    pub name: String,
+}
+
+impl Tensor {
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn bytes(&self) -> u64 {
+        4 * self.len() as u64
+    }
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor({} {:?})", self.name, self.shape)
+    }
+}
+
+impl Gpu {
+    /// A zero-filled tensor; an error naming it if it exceeds the adapter's limits.
+    pub fn zeros(&self, name: &str, shape: &[usize]) -> Result<Tensor, GpuError> {
+        let elements: usize = shape.iter().product();
+        let bytes = 4 * elements as u64;
+        self.check_size(name, bytes)?;
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(name),
+            // Bindings must not be empty: an empty tensor still owns one element.
+            size: bytes.max(4),
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        if let Some(error) = pollster::block_on(scope.pop()) {
+            return Err(GpuError::Device {
+                op: format!("allocating '{name}'"),
+                message: error.to_string(),
+            });
+        }
+        Ok(Tensor {
+            buffer: Arc::new(buffer),
+            shape: shape.to_vec(),
+            name: name.to_string(),
+        })
+    }
+
+    /// A tensor holding `data` (f32 or u32), checked against `shape`.
+    pub fn upload<T: bytemuck::Pod>(
+        &self,
+        name: &str,
+        shape: &[usize],
+        data: &[T],
+    ) -> Result<Tensor, GpuError> {
+        let tensor = self.zeros(name, shape)?;
+        self.write(&tensor, data)?;
+        Ok(tensor)
+    }
+
+    /// Overwrites a tensor's contents (ordered before the next submit).
+    pub fn write<T: bytemuck::Pod>(&self, tensor: &Tensor, data: &[T]) -> Result<(), GpuError> {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        if bytes.len() as u64 != tensor.bytes() {
+            return Err(GpuError::Shape {
+                op: format!("write '{}'", tensor.name),
+                detail: format!(
+                    "shape {:?} holds {} bytes, data has {}",
+                    tensor.shape,
+                    tensor.bytes(),
+                    bytes.len()
+                ),
+            });
+        }
+        if !bytes.is_empty() {
+            self.queue.write_buffer(&tensor.buffer, 0, bytes);
+        }
+        Ok(())
+    }
+
+    /// Copies a tensor back to the host (waits for all submitted work).
+    pub fn read<T: bytemuck::Pod>(&self, tensor: &Tensor) -> Result<Vec<T>, GpuError> {
+        let bytes = tensor.bytes();
+        if bytes == 0 {
+            return Ok(Vec::new());
+        }
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: bytes,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut encoder = self.device.create_command_encoder(&Default::default());
+        encoder.copy_buffer_to_buffer(&tensor.buffer, 0, &staging, 0, bytes);
+        self.queue.submit([encoder.finish()]);
+        let slice = staging.slice(..);
+        let (sender, receiver) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |result| {
+            let _ = sender.send(result);
+        });
+        self.wait()?;
+        let mapped = receiver
+            .recv()
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        let op = || format!("reading '{}'", tensor.name);
+        mapped.map_err(|message| GpuError::Device { op: op(), message })?;
+        let view = slice.get_mapped_range().map_err(|e| GpuError::Device {
+            op: op(),
+            message: e.to_string(),
+        })?;
+        let out = bytemuck::cast_slice::<u8, T>(&view).to_vec();
+        drop(view);
+        staging.unmap();
+        Ok(out)
+    }
+
+    fn check_size(&self, name: &str, bytes: u64) -> Result<(), GpuError> {
+        let binding = self.limits.max_storage_buffer_binding_size as u64;
+        if bytes > binding {
+            return Err(GpuError::TooBig {
+                name: name.into(),
+                bytes,
+                what: "storage binding",
+                limit: binding,
+            });
+        }
+        if bytes > self.limits.max_buffer_size {
+            let limit = self.limits.max_buffer_size;
+            return Err(GpuError::TooBig {
+                name: name.into(),
+                bytes,
+                what: "buffer",
+                limit,
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,43 @@
+//! One file per shader: shape guards, the binding table, dispatch math and the typed call.
+
+pub mod elementwise;
+
+use crate::gpu::{GpuError, Tensor};
+
+/// An error unless `tensor` holds exactly `expected` elements.
+pub(crate) fn expect_len(op: &str, tensor: &Tensor, expected: usize) -> Result<(), GpuError> {
+    if tensor.len() == expected {
+        return Ok(());
+    }
+    Err(GpuError::Shape {
+        op: op.to_string(),
+        detail: format!(
+            "'{}' has shape {:?} ({} elements), expected {expected}",
+            tensor.name,
+            tensor.shape,
+            tensor.len()
+        ),
+    })
+}
+
+/// An error unless `tensor` has exactly `shape`.
+pub(crate) fn expect_shape(op: &str, tensor: &Tensor, shape: &[usize]) -> Result<(), GpuError> {
+    if tensor.shape == shape {
+        return Ok(());
+    }
+    Err(GpuError::Shape {
+        op: op.to_string(),
+        detail: format!(
+            "'{}' has shape {:?}, expected {shape:?}",
+            tensor.name, tensor.shape
+        ),
+    })
+}
+
+/// Elements to u32 for a kernel's parameter block, an error past 2^32 - 1.
+pub(crate) fn to_u32(op: &str, what: &str, value: usize) -> Result<u32, GpuError> {
+    u32::try_from(value).map_err(|_| GpuError::Shape {
+        op: op.to_string(),
+        detail: format!("{what} = {value} exceeds u32"),
+    })
+}

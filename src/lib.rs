@@ -1,0 +1,3 @@
+pub mod gpu;
+pub mod kernels;
+pub mod reference;

@@ -1,0 +1,123 @@
+//! GELU (exact erf), tanh and dropout on the CPU, in f64.
+
+use super::rng;
+
+/// erf by its Maclaurin series near zero and a continued fraction for erfc further out,
+/// accurate to ~1e-15: independent of the GPU's polynomial fit.
+pub fn erf(x: f64) -> f64 {
+    let z = x.abs();
+    let value = if z < 2.5 {
+        let mut term = z;
+        let mut sum = z;
+        let mut n = 0.0;
+        while term.abs() > 1e-17 * sum.abs() {
+            n += 1.0;
+            term *= -z * z / n;
+            sum += term / (2.0 * n + 1.0);
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    } else {
+        // Lentz's continued fraction for erfc(z) = exp(-z^2)/sqrt(pi) * 1/(z + 1/2/(z + 1/(z + ...))).
+        let mut f = z;
+        for k in (1..60).rev() {
+            f = z + (k as f64 / 2.0) / f;
+        }
+        1.0 - (-z * z).exp() / (std::f64::consts::PI.sqrt() * f)
+    };
+    value.copysign(x)
+}
+
+pub fn gelu(x: f64) -> f64 {
+    0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2))
+}
+
+pub fn gelu_grad(x: f64) -> f64 {
+    let cdf = 0.5 * (1.0 + erf(x / std::f64::consts::SQRT_2));
+    let pdf = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+    cdf + x * pdf
+}
+
+pub fn gelu_forward(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| gelu(v as f64) as f32).collect()
+}
+
+pub fn gelu_backward(x: &[f32], dy: &[f32]) -> Vec<f32> {
+    x.iter()
+        .zip(dy)
+        .map(|(&v, &g)| (g as f64 * gelu_grad(v as f64)) as f32)
+        .collect()
+}
+
+pub fn tanh_forward(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| (v as f64).tanh() as f32).collect()
+}
+
+/// From the forward output y.
+pub fn tanh_backward(y: &[f32], dy: &[f32]) -> Vec<f32> {
+    y.iter()
+        .zip(dy)
+        .map(|(&t, &g)| (g as f64 * (1.0 - t as f64 * t as f64)) as f32)
+        .collect()
+}
+
+pub fn dropout(x: &[f32], p: f32, seed: u32, stream: u32) -> Vec<f32> {
+    let scale = if p >= 1.0 {
+        0.0
+    } else {
+        1.0 / (1.0 - p as f64)
+    };
+    x.iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            if rng::keep(seed, stream, i as u32, p) {
+                (v as f64 * scale) as f32
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn erf_matches_known_values() {
+        // erf(0.5), erf(1), erf(2), erf(3) from tables.
+        for (x, want) in [
+            (0.5, 0.5204998778130465),
+            (1.0, 0.8427007929497149),
+            (2.0, 0.9953222650189527),
+            (3.0, 0.9999779095030014),
+        ] {
+            assert!(
+                (erf(x) - want).abs() < 1e-13,
+                "erf({x}) = {} want {want}",
+                erf(x)
+            );
+            assert!((erf(-x) + want).abs() < 1e-13);
+        }
+    }
+
+    #[test]
+    fn gelu_grad_matches_finite_differences() {
+        for x in [-4.0, -1.3, -0.2, 0.0, 0.7, 2.9] {
+            let fd = (gelu(x + 1e-6) - gelu(x - 1e-6)) / 2e-6;
+            assert!(
+                (fd - gelu_grad(x)).abs() < 1e-8,
+                "x={x}: fd {fd} analytic {}",
+                gelu_grad(x)
+            );
+        }
+    }
+
+    #[test]
+    fn dropout_drops_about_p() {
+        let x = vec![1.0f32; 100_000];
+        let y = dropout(&x, 0.1, 7, 3);
+        let dropped = y.iter().filter(|&&v| v == 0.0).count() as f64 / x.len() as f64;
+        assert!((dropped - 0.1).abs() < 0.005, "dropped fraction {dropped}");
+        assert!(y.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.9).abs() < 1e-6));
+    }
+}
