@@ -24,20 +24,8 @@ fn gelu_forward_and_backward_match_reference() {
         rec.submit().unwrap();
         let want_y = reference::elementwise::gelu_forward(&x_host);
         let want_dx = reference::elementwise::gelu_backward(&x_host, &dy_host);
-        assert_close(
-            &format!("gelu n={n}"),
-            &gpu.read::<f32>(&y).unwrap(),
-            &want_y,
-            1e-5,
-            1e-6,
-        );
-        assert_close(
-            &format!("gelu' n={n}"),
-            &gpu.read::<f32>(&dx).unwrap(),
-            &want_dx,
-            1e-5,
-            1e-6,
-        );
+        assert_close(&format!("gelu n={n}"), &gpu.read::<f32>(&y).unwrap(), &want_y, 1e-5, 1e-6);
+        assert_close(&format!("gelu' n={n}"), &gpu.read::<f32>(&dx).unwrap(), &want_dx, 1e-5, 1e-6);
     }
 }
 
@@ -60,13 +48,7 @@ fn tanh_forward_and_backward_match_reference() {
         let got_y = gpu.read::<f32>(&y).unwrap();
         assert_close(&format!("tanh n={n}"), &got_y, &want_y, 1e-5, 1e-6);
         let want_dx = reference::elementwise::tanh_backward(&got_y, &dy_host);
-        assert_close(
-            &format!("tanh' n={n}"),
-            &gpu.read::<f32>(&dx).unwrap(),
-            &want_dx,
-            1e-5,
-            1e-6,
-        );
+        assert_close(&format!("tanh' n={n}"), &gpu.read::<f32>(&dx).unwrap(), &want_dx, 1e-5, 1e-6);
     }
 }
 
@@ -79,27 +61,13 @@ fn dropout_matches_reference_mask_exactly() {
             let x = gpu.upload("x", &[n], &x_host).unwrap();
             let y = gpu.zeros("y", &[n]).unwrap();
             let mut rec = gpu.recorder();
-            elementwise::dropout(
-                &mut rec,
-                &x,
-                &y,
-                DropoutSpec {
-                    p,
-                    seed: 42,
-                    stream: 9,
-                },
-            )
-            .unwrap();
+            elementwise::dropout(&mut rec, &x, &y, DropoutSpec { p, seed: 42, stream: 9 }).unwrap();
             rec.submit().unwrap();
             let got = gpu.read::<f32>(&y).unwrap();
             let want = reference::elementwise::dropout(&x_host, p, 42, 9);
             // The mask must agree bit for bit: every zero where the reference has one.
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert_eq!(
-                    *g == 0.0,
-                    *w == 0.0,
-                    "dropout mask differs at {i} (n={n}, p={p})"
-                );
+                assert_eq!(*g == 0.0, *w == 0.0, "dropout mask differs at {i} (n={n}, p={p})");
             }
             assert_close(&format!("dropout n={n} p={p}"), &got, &want, 1e-6, 0.0);
         }

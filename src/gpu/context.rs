@@ -21,12 +21,7 @@ pub enum GpuError {
         "tensor '{name}' needs {bytes} bytes but the adapter allows at most {limit} bytes \
          per {what}"
     )]
-    TooBig {
-        name: String,
-        bytes: u64,
-        what: &'static str,
-        limit: u64,
-    },
+    TooBig { name: String, bytes: u64, what: &'static str, limit: u64 },
     #[error("shape mismatch in {op}: {detail}")]
     Shape { op: String, detail: String },
     #[error("GPU error in {op}: {message}")]
@@ -46,10 +41,7 @@ impl AdapterChoice {
     /// The choice from `PALS_ADAPTER` and `PALS_BACKEND`.
     pub fn from_env() -> Self {
         let nonempty = |key: &str| std::env::var(key).ok().filter(|v| !v.trim().is_empty());
-        Self {
-            adapter: nonempty("PALS_ADAPTER"),
-            backend: nonempty("PALS_BACKEND"),
-        }
+        Self { adapter: nonempty("PALS_ADAPTER"), backend: nonempty("PALS_BACKEND") }
     }
 
     fn backends(&self) -> Result<wgpu::Backends, GpuError> {
@@ -71,10 +63,7 @@ pub const OPTIONAL_FEATURES: &[(wgpu::Features, &str)] = &[
     (wgpu::Features::SHADER_F16, "shader-f16"),
     (wgpu::Features::SUBGROUP, "subgroup"),
     (wgpu::Features::TIMESTAMP_QUERY, "timestamp-query"),
-    (
-        wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES,
-        "timestamp-inside-passes",
-    ),
+    (wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES, "timestamp-inside-passes"),
 ];
 
 fn instance() -> wgpu::Instance {
@@ -94,10 +83,7 @@ fn type_rank(kind: wgpu::DeviceType) -> u32 {
 
 /// Every adapter, best first (the order `pals devices` shows and indices refer to).
 pub fn list_adapters(backend: Option<&str>) -> Result<Vec<wgpu::Adapter>, GpuError> {
-    let choice = AdapterChoice {
-        adapter: None,
-        backend: backend.map(str::to_string),
-    };
+    let choice = AdapterChoice { adapter: None, backend: backend.map(str::to_string) };
     let mut adapters = pollster::block_on(instance().enumerate_adapters(choice.backends()?));
     // Stable sort: among equals, keep the backend order wgpu reports (Vulkan first).
     adapters.sort_by_key(|a| type_rank(a.get_info().device_type));
@@ -145,6 +131,8 @@ pub struct Gpu {
     pub limits: wgpu::Limits,
     pub features: wgpu::Features,
     pub(crate) pipelines: Mutex<HashMap<PipelineKey, Arc<CachedPipeline>>>,
+    /// Measured kernel choices for this adapter and driver.
+    pub tune: super::TuneCache,
 }
 
 pub(crate) struct CachedPipeline {
@@ -158,9 +146,7 @@ impl Gpu {
         let adapter = pick_adapter(choice)?;
         let info = adapter.get_info();
         let limits = adapter.limits();
-        let wanted = OPTIONAL_FEATURES
-            .iter()
-            .fold(wgpu::Features::empty(), |f, (x, _)| f | *x);
+        let wanted = OPTIONAL_FEATURES.iter().fold(wgpu::Features::empty(), |f, (x, _)| f | *x);
         let features = adapter.features() & wanted;
         let descriptor = wgpu::DeviceDescriptor {
             label: Some("pals"),
@@ -168,21 +154,11 @@ impl Gpu {
             required_limits: limits.clone(),
             ..Default::default()
         };
-        let (device, queue) =
-            pollster::block_on(adapter.request_device(&descriptor)).map_err(|e| {
-                GpuError::RequestDevice {
-                    adapter: info.name.clone(),
-                    message: e.to_string(),
-                }
-            })?;
-        Ok(Gpu {
-            device,
-            queue,
-            info,
-            limits,
-            features,
-            pipelines: Mutex::new(HashMap::new()),
-        })
+        let (device, queue) = pollster::block_on(adapter.request_device(&descriptor))
+            .map_err(|e| GpuError::RequestDevice { adapter: info.name.clone(), message: e.to_string() })?;
+        let identity = format!("{}-{:?}-{}-{}", info.name, info.backend, info.driver, info.driver_info);
+        let tune = super::TuneCache::open(&identity);
+        Ok(Gpu { device, queue, info, limits, features, pipelines: Mutex::new(HashMap::new()), tune })
     }
 
     /// The adapter chosen by `PALS_ADAPTER` / `PALS_BACKEND`, else the best one.
@@ -194,11 +170,7 @@ impl Gpu {
     pub fn describe(&self) -> String {
         format!(
             "{} ({:?}, {:?}, {} {})",
-            self.info.name,
-            self.info.backend,
-            self.info.device_type,
-            self.info.driver,
-            self.info.driver_info
+            self.info.name, self.info.backend, self.info.device_type, self.info.driver, self.info.driver_info
         )
     }
 
@@ -216,9 +188,6 @@ impl Gpu {
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
             .map(|_| ())
-            .map_err(|e| GpuError::Device {
-                op: "wait".into(),
-                message: e.to_string(),
-            })
+            .map_err(|e| GpuError::Device { op: "wait".into(), message: e.to_string() })
     }
 }

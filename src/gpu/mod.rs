@@ -4,7 +4,9 @@
 mod context;
 mod recorder;
 mod tensor;
+mod tune;
 
 pub use context::{AdapterChoice, Gpu, GpuError, list_adapters};
 pub use recorder::{Binding, KernelSpec, Recorder, Timing, spread};
 pub use tensor::Tensor;
+pub use tune::{TuneCache, cache_dir, tuning_enabled};

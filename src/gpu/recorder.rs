@@ -46,11 +46,7 @@ pub struct Recorder<'g> {
 
 impl Gpu {
     /// The compiled pipeline for a kernel; `defines` (WGSL `const` lines) select a variant.
-    pub(crate) fn pipeline(
-        &self,
-        spec: &KernelSpec,
-        defines: &str,
-    ) -> Result<Arc<CachedPipeline>, GpuError> {
+    pub(crate) fn pipeline(&self, spec: &KernelSpec, defines: &str) -> Result<Arc<CachedPipeline>, GpuError> {
         let key = (spec.name, format!("{}:{defines}", spec.entry));
         if let Some(found) = self.pipelines.lock().unwrap().get(&key) {
             return Ok(found.clone());
@@ -76,9 +72,7 @@ impl Gpu {
                 binding: index as u32 + 1,
                 visibility: wgpu::ShaderStages::COMPUTE,
                 ty: wgpu::BindingType::Buffer {
-                    ty: wgpu::BufferBindingType::Storage {
-                        read_only: *access == Binding::Read,
-                    },
+                    ty: wgpu::BufferBindingType::Storage { read_only: *access == Binding::Read },
                     has_dynamic_offset: false,
                     min_binding_size: None,
                 },
@@ -88,51 +82,36 @@ impl Gpu {
         // Validation errors become our errors instead of wgpu's default panic.
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let source = format!("{defines}\n{}", spec.source);
-        let module = self
-            .device
-            .create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(spec.name),
-                source: wgpu::ShaderSource::Wgsl(source.into()),
-            });
-        let layout = self
-            .device
-            .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-                label: Some(spec.name),
-                entries: &entries,
-            });
-        let pipeline_layout = self
-            .device
-            .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-                label: Some(spec.name),
-                bind_group_layouts: &[Some(&layout)],
-                immediate_size: 0,
-            });
-        let pipeline = self
-            .device
-            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(spec.name),
-                layout: Some(&pipeline_layout),
-                module: &module,
-                entry_point: Some(spec.entry),
-                compilation_options: Default::default(),
-                cache: None,
-            });
+        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(spec.name),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        });
+        let layout = self.device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some(spec.name),
+            entries: &entries,
+        });
+        let pipeline_layout = self.device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some(spec.name),
+            bind_group_layouts: &[Some(&layout)],
+            immediate_size: 0,
+        });
+        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(spec.name),
+            layout: Some(&pipeline_layout),
+            module: &module,
+            entry_point: Some(spec.entry),
+            compilation_options: Default::default(),
+            cache: None,
+        });
         if let Some(error) = pollster::block_on(scope.pop()) {
             let op = format!("compiling kernel {}::{}", spec.name, spec.entry);
-            return Err(GpuError::Device {
-                op,
-                message: error.to_string(),
-            });
+            return Err(GpuError::Device { op, message: error.to_string() });
         }
         Ok(CachedPipeline { pipeline, layout })
     }
 
     pub fn recorder(&self) -> Recorder<'_> {
-        Recorder {
-            gpu: self,
-            dispatches: Vec::new(),
-            params: Vec::new(),
-        }
+        Recorder { gpu: self, dispatches: Vec::new(), params: Vec::new() }
     }
 }
 
@@ -160,11 +139,7 @@ impl Recorder<'_> {
         if tensors.len() != spec.bindings.len() {
             return Err(GpuError::Shape {
                 op: spec.name.into(),
-                detail: format!(
-                    "kernel takes {} buffers, got {}",
-                    spec.bindings.len(),
-                    tensors.len()
-                ),
+                detail: format!("kernel takes {} buffers, got {}", spec.bindings.len(), tensors.len()),
             });
         }
         let max = self.gpu.limits.max_compute_workgroups_per_dimension;
@@ -221,10 +196,8 @@ impl Recorder<'_> {
             return Ok(Vec::new());
         }
         let gpu = self.gpu;
-        let timed = timed
-            && gpu.has(
-                wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES,
-            );
+        let timed =
+            timed && gpu.has(wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES);
         let params = gpu.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("dispatch params"),
             size: self.params.len() as u64,
@@ -232,11 +205,8 @@ impl Recorder<'_> {
             mapped_at_creation: false,
         });
         gpu.queue.write_buffer(&params, 0, &self.params);
-        let bind_groups: Vec<wgpu::BindGroup> = self
-            .dispatches
-            .iter()
-            .map(|d| bind_group(gpu, &params, d))
-            .collect();
+        let bind_groups: Vec<wgpu::BindGroup> =
+            self.dispatches.iter().map(|d| bind_group(gpu, &params, d)).collect();
         let queries = timed.then(|| Queries::new(gpu, self.dispatches.len() as u32 + 1));
 
         let mut encoder = gpu.device.create_command_encoder(&Default::default());
@@ -268,10 +238,7 @@ impl Recorder<'_> {
                     .dispatches
                     .iter()
                     .zip(ticks.windows(2))
-                    .map(|(d, w)| Timing {
-                        label: d.label,
-                        nanos: w[1].saturating_sub(w[0]) as f64 * period,
-                    })
+                    .map(|(d, w)| Timing { label: d.label, nanos: w[1].saturating_sub(w[0]) as f64 * period })
                     .collect())
             }
         }
@@ -288,10 +255,8 @@ fn bind_group(gpu: &Gpu, params: &wgpu::Buffer, dispatch: &Dispatch) -> wgpu::Bi
         }),
     }];
     for (index, buffer) in dispatch.buffers.iter().enumerate() {
-        entries.push(wgpu::BindGroupEntry {
-            binding: index as u32 + 1,
-            resource: buffer.as_entire_binding(),
-        });
+        entries
+            .push(wgpu::BindGroupEntry { binding: index as u32 + 1, resource: buffer.as_entire_binding() });
     }
     gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
         label: Some(dispatch.label),
@@ -327,12 +292,7 @@ impl Queries {
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        Queries {
-            set,
-            resolved,
-            staging,
-            count,
-        }
+        Queries { set, resolved, staging, count }
     }
 
     fn resolve(&self, encoder: &mut wgpu::CommandEncoder) {
@@ -344,10 +304,9 @@ impl Queries {
         let slice = self.staging.slice(..);
         slice.map_async(wgpu::MapMode::Read, |_| {});
         gpu.wait()?;
-        let view = slice.get_mapped_range().map_err(|e| GpuError::Device {
-            op: "reading timestamps".into(),
-            message: e.to_string(),
-        })?;
+        let view = slice
+            .get_mapped_range()
+            .map_err(|e| GpuError::Device { op: "reading timestamps".into(), message: e.to_string() })?;
         let ticks = bytemuck::cast_slice::<u8, u64>(&view).to_vec();
         drop(view);
         self.staging.unmap();

@@ -42,22 +42,13 @@ impl Gpu {
             label: Some(name),
             // Bindings must not be empty: an empty tensor still owns one element.
             size: bytes.max(4),
-            usage: wgpu::BufferUsages::STORAGE
-                | wgpu::BufferUsages::COPY_SRC
-                | wgpu::BufferUsages::COPY_DST,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
         if let Some(error) = pollster::block_on(scope.pop()) {
-            return Err(GpuError::Device {
-                op: format!("allocating '{name}'"),
-                message: error.to_string(),
-            });
+            return Err(GpuError::Device { op: format!("allocating '{name}'"), message: error.to_string() });
         }
-        Ok(Tensor {
-            buffer: Arc::new(buffer),
-            shape: shape.to_vec(),
-            name: name.to_string(),
-        })
+        Ok(Tensor { buffer: Arc::new(buffer), shape: shape.to_vec(), name: name.to_string() })
     }
 
     /// A tensor holding `data` (f32 or u32), checked against `shape`.
@@ -113,16 +104,11 @@ impl Gpu {
             let _ = sender.send(result);
         });
         self.wait()?;
-        let mapped = receiver
-            .recv()
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()));
+        let mapped = receiver.recv().map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string()));
         let op = || format!("reading '{}'", tensor.name);
         mapped.map_err(|message| GpuError::Device { op: op(), message })?;
-        let view = slice.get_mapped_range().map_err(|e| GpuError::Device {
-            op: op(),
-            message: e.to_string(),
-        })?;
+        let view =
+            slice.get_mapped_range().map_err(|e| GpuError::Device { op: op(), message: e.to_string() })?;
         let out = bytemuck::cast_slice::<u8, T>(&view).to_vec();
         drop(view);
         staging.unmap();
@@ -141,12 +127,7 @@ impl Gpu {
         }
         if bytes > self.limits.max_buffer_size {
             let limit = self.limits.max_buffer_size;
-            return Err(GpuError::TooBig {
-                name: name.into(),
-                bytes,
-                what: "buffer",
-                limit,
-            });
+            return Err(GpuError::TooBig { name: name.into(), bytes, what: "buffer", limit });
         }
         Ok(())
     }

@@ -3,43 +3,20 @@
 use super::{expect_len, to_u32};
 use crate::gpu::{Binding, GpuError, KernelSpec, Recorder, Tensor, spread};
 
-const SOURCE: &str = concat!(
-    include_str!("../../shaders/rng.wgsl"),
-    include_str!("../../shaders/elementwise.wgsl")
-);
+const SOURCE: &str =
+    concat!(include_str!("../../shaders/rng.wgsl"), include_str!("../../shaders/elementwise.wgsl"));
 const UNARY: &[Binding] = &[Binding::Read, Binding::Write];
 const BACKWARD: &[Binding] = &[Binding::Read, Binding::Read, Binding::Write];
 
-const GELU_FORWARD: KernelSpec = KernelSpec {
-    name: "gelu_forward",
-    source: SOURCE,
-    entry: "gelu_forward",
-    bindings: UNARY,
-};
-const GELU_BACKWARD: KernelSpec = KernelSpec {
-    name: "gelu_backward",
-    source: SOURCE,
-    entry: "gelu_backward",
-    bindings: BACKWARD,
-};
-const TANH_FORWARD: KernelSpec = KernelSpec {
-    name: "tanh_forward",
-    source: SOURCE,
-    entry: "tanh_forward",
-    bindings: UNARY,
-};
-const TANH_BACKWARD: KernelSpec = KernelSpec {
-    name: "tanh_backward",
-    source: SOURCE,
-    entry: "tanh_backward",
-    bindings: BACKWARD,
-};
-const DROPOUT: KernelSpec = KernelSpec {
-    name: "dropout",
-    source: SOURCE,
-    entry: "dropout",
-    bindings: UNARY,
-};
+const GELU_FORWARD: KernelSpec =
+    KernelSpec { name: "gelu_forward", source: SOURCE, entry: "gelu_forward", bindings: UNARY };
+const GELU_BACKWARD: KernelSpec =
+    KernelSpec { name: "gelu_backward", source: SOURCE, entry: "gelu_backward", bindings: BACKWARD };
+const TANH_FORWARD: KernelSpec =
+    KernelSpec { name: "tanh_forward", source: SOURCE, entry: "tanh_forward", bindings: UNARY };
+const TANH_BACKWARD: KernelSpec =
+    KernelSpec { name: "tanh_backward", source: SOURCE, entry: "tanh_backward", bindings: BACKWARD };
+const DROPOUT: KernelSpec = KernelSpec { name: "dropout", source: SOURCE, entry: "dropout", bindings: UNARY };
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -66,11 +43,7 @@ impl DropoutSpec {
     }
 
     pub fn scale(&self) -> f32 {
-        if self.p >= 1.0 {
-            0.0
-        } else {
-            1.0 / (1.0 - self.p)
-        }
+        if self.p >= 1.0 { 0.0 } else { 1.0 / (1.0 - self.p) }
     }
 }
 
@@ -82,10 +55,7 @@ fn unary(
     params: Params,
 ) -> Result<(), GpuError> {
     expect_len(spec.name, y, x.len())?;
-    let groups = spread(
-        rec.gpu,
-        to_u32(spec.name, "workgroups", x.len().div_ceil(256))?,
-    );
+    let groups = spread(rec.gpu, to_u32(spec.name, "workgroups", x.len().div_ceil(256))?);
     rec.dispatch(spec, "", &params, &[x, y], groups)
 }
 
@@ -100,24 +70,12 @@ fn backward(
     expect_len(spec.name, dx, x.len())?;
     let n = to_u32(spec.name, "n", x.len())?;
     let groups = spread(rec.gpu, n.div_ceil(256));
-    let params = Params {
-        n,
-        seed: 0,
-        stream: 0,
-        threshold: 0,
-        scale: 0.0,
-    };
+    let params = Params { n, seed: 0, stream: 0, threshold: 0, scale: 0.0 };
     rec.dispatch(spec, "", &params, &[x, dy, dx], groups)
 }
 
 fn plain(op: &str, n: usize) -> Result<Params, GpuError> {
-    Ok(Params {
-        n: to_u32(op, "n", n)?,
-        seed: 0,
-        stream: 0,
-        threshold: 0,
-        scale: 0.0,
-    })
+    Ok(Params { n: to_u32(op, "n", n)?, seed: 0, stream: 0, threshold: 0, scale: 0.0 })
 }
 
 /// y = GELU(x), exact erf form.
@@ -126,12 +84,7 @@ pub fn gelu(rec: &mut Recorder, x: &Tensor, y: &Tensor) -> Result<(), GpuError> 
 }
 
 /// dx = dy * GELU'(x).
-pub fn gelu_backward(
-    rec: &mut Recorder,
-    x: &Tensor,
-    dy: &Tensor,
-    dx: &Tensor,
-) -> Result<(), GpuError> {
+pub fn gelu_backward(rec: &mut Recorder, x: &Tensor, dy: &Tensor, dx: &Tensor) -> Result<(), GpuError> {
     backward(rec, &GELU_BACKWARD, x, dy, dx)
 }
 
@@ -141,22 +94,12 @@ pub fn tanh(rec: &mut Recorder, x: &Tensor, y: &Tensor) -> Result<(), GpuError> 
 }
 
 /// dx = dy * (1 - y^2), from the forward output y.
-pub fn tanh_backward(
-    rec: &mut Recorder,
-    y: &Tensor,
-    dy: &Tensor,
-    dx: &Tensor,
-) -> Result<(), GpuError> {
+pub fn tanh_backward(rec: &mut Recorder, y: &Tensor, dy: &Tensor, dx: &Tensor) -> Result<(), GpuError> {
     backward(rec, &TANH_BACKWARD, y, dy, dx)
 }
 
 /// y = mask * x / (1 - p). Dropout is linear: its backward is the same call on dy.
-pub fn dropout(
-    rec: &mut Recorder,
-    x: &Tensor,
-    y: &Tensor,
-    drop: DropoutSpec,
-) -> Result<(), GpuError> {
+pub fn dropout(rec: &mut Recorder, x: &Tensor, y: &Tensor, drop: DropoutSpec) -> Result<(), GpuError> {
     let params = Params {
         threshold: drop.threshold(),
         scale: drop.scale(),

@@ -1,6 +1,7 @@
 //! One file per shader: shape guards, the binding table, dispatch math and the typed call.
 
 pub mod elementwise;
+pub mod matmul;
 
 use crate::gpu::{GpuError, Tensor};
 
@@ -27,17 +28,12 @@ pub(crate) fn expect_shape(op: &str, tensor: &Tensor, shape: &[usize]) -> Result
     }
     Err(GpuError::Shape {
         op: op.to_string(),
-        detail: format!(
-            "'{}' has shape {:?}, expected {shape:?}",
-            tensor.name, tensor.shape
-        ),
+        detail: format!("'{}' has shape {:?}, expected {shape:?}", tensor.name, tensor.shape),
     })
 }
 
 /// Elements to u32 for a kernel's parameter block, an error past 2^32 - 1.
 pub(crate) fn to_u32(op: &str, what: &str, value: usize) -> Result<u32, GpuError> {
-    u32::try_from(value).map_err(|_| GpuError::Shape {
-        op: op.to_string(),
-        detail: format!("{what} = {value} exceeds u32"),
-    })
+    u32::try_from(value)
+        .map_err(|_| GpuError::Shape { op: op.to_string(), detail: format!("{what} = {value} exceeds u32") })
 }

@@ -42,10 +42,7 @@ pub fn gelu_forward(x: &[f32]) -> Vec<f32> {
 }
 
 pub fn gelu_backward(x: &[f32], dy: &[f32]) -> Vec<f32> {
-    x.iter()
-        .zip(dy)
-        .map(|(&v, &g)| (g as f64 * gelu_grad(v as f64)) as f32)
-        .collect()
+    x.iter().zip(dy).map(|(&v, &g)| (g as f64 * gelu_grad(v as f64)) as f32).collect()
 }
 
 pub fn tanh_forward(x: &[f32]) -> Vec<f32> {
@@ -54,27 +51,14 @@ pub fn tanh_forward(x: &[f32]) -> Vec<f32> {
 
 /// From the forward output y.
 pub fn tanh_backward(y: &[f32], dy: &[f32]) -> Vec<f32> {
-    y.iter()
-        .zip(dy)
-        .map(|(&t, &g)| (g as f64 * (1.0 - t as f64 * t as f64)) as f32)
-        .collect()
+    y.iter().zip(dy).map(|(&t, &g)| (g as f64 * (1.0 - t as f64 * t as f64)) as f32).collect()
 }
 
 pub fn dropout(x: &[f32], p: f32, seed: u32, stream: u32) -> Vec<f32> {
-    let scale = if p >= 1.0 {
-        0.0
-    } else {
-        1.0 / (1.0 - p as f64)
-    };
+    let scale = if p >= 1.0 { 0.0 } else { 1.0 / (1.0 - p as f64) };
     x.iter()
         .enumerate()
-        .map(|(i, &v)| {
-            if rng::keep(seed, stream, i as u32, p) {
-                (v as f64 * scale) as f32
-            } else {
-                0.0
-            }
-        })
+        .map(|(i, &v)| if rng::keep(seed, stream, i as u32, p) { (v as f64 * scale) as f32 } else { 0.0 })
         .collect()
 }
 
@@ -91,11 +75,7 @@ mod tests {
             (2.0, 0.9953222650189527),
             (3.0, 0.9999779095030014),
         ] {
-            assert!(
-                (erf(x) - want).abs() < 1e-13,
-                "erf({x}) = {} want {want}",
-                erf(x)
-            );
+            assert!((erf(x) - want).abs() < 1e-13, "erf({x}) = {} want {want}", erf(x));
             assert!((erf(-x) + want).abs() < 1e-13);
         }
     }
@@ -104,11 +84,7 @@ mod tests {
     fn gelu_grad_matches_finite_differences() {
         for x in [-4.0, -1.3, -0.2, 0.0, 0.7, 2.9] {
             let fd = (gelu(x + 1e-6) - gelu(x - 1e-6)) / 2e-6;
-            assert!(
-                (fd - gelu_grad(x)).abs() < 1e-8,
-                "x={x}: fd {fd} analytic {}",
-                gelu_grad(x)
-            );
+            assert!((fd - gelu_grad(x)).abs() < 1e-8, "x={x}: fd {fd} analytic {}", gelu_grad(x));
         }
     }
 

@@ -3,6 +3,7 @@
 //! cross-check means something; its own backward passes are checked by finite differences.
 
 pub mod elementwise;
+pub mod matmul;
 pub mod rng;
 
 /// Central finite difference of a scalar function of `x` at element `i`, in f64.

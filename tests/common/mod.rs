@@ -20,31 +20,18 @@ pub fn gpu() -> &'static Gpu {
 
 /// Fails unless |got - want| <= atol + rtol * |want| everywhere; reports the worst element.
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], rtol: f32, atol: f32) {
-    assert_eq!(
-        got.len(),
-        want.len(),
-        "{what}: length {} vs {}",
-        got.len(),
-        want.len()
-    );
+    assert_eq!(got.len(), want.len(), "{what}: length {} vs {}", got.len(), want.len());
     let mut worst: Option<(usize, f32)> = None;
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let excess = (g - w).abs() - (atol + rtol * w.abs());
         if excess > 0.0 || g.is_nan() != w.is_nan() {
-            let excess = if excess.is_nan() {
-                f32::INFINITY
-            } else {
-                excess
-            };
+            let excess = if excess.is_nan() { f32::INFINITY } else { excess };
             if worst.is_none_or(|(_, e)| excess > e) {
                 worst = Some((i, excess));
             }
         }
     }
     if let Some((i, _)) = worst {
-        panic!(
-            "{what}: element {i}: got {} want {} (rtol {rtol}, atol {atol})",
-            got[i], want[i]
-        );
+        panic!("{what}: element {i}: got {} want {} (rtol {rtol}, atol {atol})", got[i], want[i]);
     }
 }

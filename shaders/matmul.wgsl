@@ -1,0 +1,123 @@
+// Batched matrix multiply with optional transposes and a fused epilogue:
+//   C[b] = op(A[b]) · op(B[b])  (+ bias)  (GELU)        or   C[b] += op(A[b]) · op(B[b])
+// op(A) is M×K: A is stored [M, K] (row stride lda) or, with TRANS_A, [K, M].
+// op(B) is K×N: B is stored [K, N] (row stride ldb) or, with TRANS_B, [N, K].
+// C is [M, N] with row stride ldc. Each operand has an element offset and a batch stride.
+//
+// Entry point `matmul`; bindings: 0 params, 1 A (read), 2 B (read), 3 bias [N] (read; any
+// buffer when unused), 4 C (write), 5 pre-activation [M, N] (write; GELU epilogue only —
+// the backward needs it; any spare buffer otherwise).
+// Dispatch: (ceil(N / BN), ceil(M / BM), batch); workgroup (BN / TN) × (BM / TM).
+//
+// Compile-time constants (prepended by the host, chosen per adapter by measurement):
+//   BM, BN, BK  workgroup tile; TM, TN  register tile per invocation;
+//   TRANS_A, TRANS_B; EPILOGUE: 0 plain, 1 bias, 2 bias + GELU, 3 accumulate into C.
+// Tiles of A and B are staged through workgroup memory, k-major, so each invocation reads
+// TM values of A and TN of B per k and does TM·TN multiply-adds: the register blocking is
+// what makes this fast on GPUs and on lavapipe alike. Accumulation is f32, in fixed order.
+
+struct Params {
+    m: u32, n: u32, k: u32, batch: u32,
+    lda: u32, ldb: u32, ldc: u32, pad0: u32,
+    offset_a: u32, offset_b: u32, offset_c: u32, pad1: u32,
+    stride_a: u32, stride_b: u32, stride_c: u32, pad2: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(3) var<storage, read> bias: array<f32>;
+@group(0) @binding(4) var<storage, read_write> c: array<f32>;
+@group(0) @binding(5) var<storage, read_write> pre: array<f32>;
+
+const THREADS_X: u32 = BN / TN;
+const THREADS: u32 = (BM / TM) * (BN / TN);
+const A_LOADS: u32 = (BM * BK + THREADS - 1u) / THREADS;
+const B_LOADS: u32 = (BN * BK + THREADS - 1u) / THREADS;
+
+var<workgroup> tile_a: array<f32, BK * BM>;   // [BK][BM]
+var<workgroup> tile_b: array<f32, BK * BN>;   // [BK][BN]
+
+fn load_a(base: u32, row: u32, col_k: u32) -> f32 {
+    if (row >= p.m || col_k >= p.k) { return 0.0; }
+    if (TRANS_A) { return a[base + col_k * p.lda + row]; }
+    return a[base + row * p.lda + col_k];
+}
+
+fn load_b(base: u32, row_k: u32, col: u32) -> f32 {
+    if (row_k >= p.k || col >= p.n) { return 0.0; }
+    if (TRANS_B) { return b[base + col * p.ldb + row_k]; }
+    return b[base + row_k * p.ldb + col];
+}
+
+fn erf_f32(v: f32) -> f32 {
+    let z = abs(v);
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let r = t * exp(-z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418
+        + t * (-0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587
+        + t * (-0.82215223 + t * 0.17087277)))))))));
+    return sign(v) * (1.0 - r);
+}
+
+@compute @workgroup_size(THREADS_X, BM / TM, 1)
+fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+          @builtin(local_invocation_index) tid: u32) {
+    let row0 = wid.y * BM;
+    let col0 = wid.x * BN;
+    let base_a = p.offset_a + wid.z * p.stride_a;
+    let base_b = p.offset_b + wid.z * p.stride_b;
+
+    var acc: array<array<f32, TN>, TM>;
+    var frag_a: array<f32, TM>;
+    var frag_b: array<f32, TN>;
+
+    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+        // Consecutive invocations read consecutive addresses of the operand's contiguous axis.
+        for (var l = 0u; l < A_LOADS; l++) {
+            let e = tid + l * THREADS;
+            if (e < BM * BK) {
+                var r: u32; var kk: u32;
+                if (TRANS_A) { r = e % BM; kk = e / BM; } else { r = e / BK; kk = e % BK; }
+                tile_a[kk * BM + r] = load_a(base_a, row0 + r, k0 + kk);
+            }
+        }
+        for (var l = 0u; l < B_LOADS; l++) {
+            let e = tid + l * THREADS;
+            if (e < BN * BK) {
+                var cc: u32; var kk: u32;
+                if (TRANS_B) { cc = e / BK; kk = e % BK; } else { cc = e % BN; kk = e / BN; }
+                tile_b[kk * BN + cc] = load_b(base_b, k0 + kk, col0 + cc);
+            }
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < BK; kk++) {
+            for (var i = 0u; i < TM; i++) { frag_a[i] = tile_a[kk * BM + lid.y * TM + i]; }
+            for (var j = 0u; j < TN; j++) { frag_b[j] = tile_b[kk * BN + lid.x * TN + j]; }
+            for (var i = 0u; i < TM; i++) {
+                for (var j = 0u; j < TN; j++) {
+                    acc[i][j] = fma(frag_a[i], frag_b[j], acc[i][j]);
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+
+    let base_c = p.offset_c + wid.z * p.stride_c;
+    for (var i = 0u; i < TM; i++) {
+        let row = row0 + lid.y * TM + i;
+        if (row >= p.m) { continue; }
+        for (var j = 0u; j < TN; j++) {
+            let col = col0 + lid.x * TN + j;
+            if (col >= p.n) { continue; }
+            let index = base_c + row * p.ldc + col;
+            var value = acc[i][j];
+            if (EPILOGUE == 1u || EPILOGUE == 2u) { value += bias[col]; }
+            if (EPILOGUE == 2u) {
+                pre[index] = value;
+                value = 0.5 * value * (1.0 + erf_f32(value * 0.70710678118654752));
+            }
+            if (EPILOGUE == 3u) { value += c[index]; }
+            c[index] = value;
+        }
+    }
+}

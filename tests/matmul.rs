@@ -1,0 +1,216 @@
+//! Matmul on the GPU against the CPU reference: every tile candidate, every transpose,
+//! every epilogue, shapes that are not multiples of any tile, batches, strides, errors.
+
+mod common;
+
+use common::{assert_close, gpu};
+use pals::gpu::GpuError;
+use pals::kernels::matmul::{self, Epilogue, Matmul, usable_tiles};
+use pals::reference::{self, random_vec};
+
+// f32 sums over K against f64: relative error grows like sqrt(K)·eps.
+const RTOL: f32 = 1e-4;
+const ATOL: f32 = 1e-5;
+
+const SHAPES: &[(usize, usize, usize)] = &[(1, 1, 1), (7, 5, 1), (1, 9, 33), (33, 65, 17), (130, 70, 200)];
+
+fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; x.len()];
+    for i in 0..rows {
+        for j in 0..cols {
+            out[j * rows + i] = x[i * cols + j];
+        }
+    }
+    out
+}
+
+#[test]
+fn every_tile_and_transpose_matches_reference() {
+    let gpu = gpu();
+    let tiles = usable_tiles(gpu);
+    assert!(tiles.len() >= 3, "expected several usable tiles, got {tiles:?}");
+    for &(m, n, k) in SHAPES {
+        let a_host = random_vec(m * k, 1, 1.0);
+        let b_host = random_vec(k * n, 2, 1.0);
+        let want = reference::matmul::matmul(&a_host, &b_host, m, n, k, false, false);
+        for (trans_a, trans_b) in [(false, false), (true, false), (false, true), (true, true)] {
+            let a_stored = if trans_a { transpose(&a_host, m, k) } else { a_host.clone() };
+            let b_stored = if trans_b { transpose(&b_host, k, n) } else { b_host.clone() };
+            let a = gpu.upload("a", &[a_stored.len()], &a_stored).unwrap();
+            let b = gpu.upload("b", &[b_stored.len()], &b_stored).unwrap();
+            let mut op = Matmul::new(m, n, k);
+            op.trans_a = trans_a;
+            op.trans_b = trans_b;
+            for &tile in &tiles {
+                let c = gpu.zeros("c", &[m, n]).unwrap();
+                let mut rec = gpu.recorder();
+                matmul::matmul_with_tile(&mut rec, &a, &b, &c, &op, Epilogue::None, tile).unwrap();
+                rec.submit().unwrap();
+                let what = format!("{m}x{n}x{k} ta={trans_a} tb={trans_b} tile={tile:?}");
+                assert_close(&what, &gpu.read::<f32>(&c).unwrap(), &want, RTOL, ATOL);
+            }
+        }
+    }
+}
+
+#[test]
+fn epilogues_bias_gelu_and_accumulate() {
+    let gpu = gpu();
+    let (m, n, k) = (37, 29, 41);
+    let x_host = random_vec(m * k, 3, 1.0);
+    let w_host = random_vec(n * k, 4, 0.5);
+    let bias_host = random_vec(n, 5, 1.0);
+    let x = gpu.upload("x", &[m, k], &x_host).unwrap();
+    let w = gpu.upload("w", &[n, k], &w_host).unwrap();
+    let bias = gpu.upload("bias", &[n], &bias_host).unwrap();
+    let linear = reference::matmul::linear_forward(&x_host, &w_host, Some(&bias_host), m, n, k);
+    let op = Matmul::new(m, n, k).trans_b();
+    for &tile in &usable_tiles(gpu) {
+        let y = gpu.zeros("y", &[m, n]).unwrap();
+        let gelu = gpu.zeros("gelu", &[m, n]).unwrap();
+        let pre = gpu.zeros("pre", &[m, n]).unwrap();
+        let acc = gpu.upload("acc", &[m, n], &linear).unwrap();
+        let mut rec = gpu.recorder();
+        matmul::matmul_with_tile(&mut rec, &x, &w, &y, &op, Epilogue::Bias(&bias), tile).unwrap();
+        let fused = Epilogue::BiasGelu { bias: &bias, pre: &pre };
+        matmul::matmul_with_tile(&mut rec, &x, &w, &gelu, &op, fused, tile).unwrap();
+        matmul::matmul_with_tile(&mut rec, &x, &w, &acc, &op, Epilogue::Accumulate, tile).unwrap();
+        rec.submit().unwrap();
+        assert_close("bias", &gpu.read::<f32>(&y).unwrap(), &linear, RTOL, ATOL);
+        assert_close("pre-activation", &gpu.read::<f32>(&pre).unwrap(), &linear, RTOL, ATOL);
+        let want_gelu = reference::elementwise::gelu_forward(&linear);
+        assert_close("bias+gelu", &gpu.read::<f32>(&gelu).unwrap(), &want_gelu, RTOL, ATOL);
+        let no_bias = reference::matmul::matmul(&x_host, &w_host, m, n, k, false, true);
+        let twice: Vec<f32> = linear.iter().zip(&no_bias).map(|(a, b)| a + b).collect();
+        assert_close("accumulate", &gpu.read::<f32>(&acc).unwrap(), &twice, RTOL, ATOL);
+    }
+}
+
+/// A Linear layer's backward is two transposed products: dX = dY·W, dW = dYᵀ·X.
+#[test]
+fn linear_backward_matches_reference() {
+    let gpu = gpu();
+    for (m, n, k) in [(1, 1, 1), (19, 23, 11), (200, 96, 72)] {
+        let x_host = random_vec(m * k, 6, 1.0);
+        let w_host = random_vec(n * k, 7, 1.0);
+        let dy_host = random_vec(m * n, 8, 1.0);
+        let (want_dx, want_dw, _) = reference::matmul::linear_backward(&x_host, &w_host, &dy_host, m, n, k);
+        let x = gpu.upload("x", &[m, k], &x_host).unwrap();
+        let w = gpu.upload("w", &[n, k], &w_host).unwrap();
+        let dy = gpu.upload("dy", &[m, n], &dy_host).unwrap();
+        let dx = gpu.zeros("dx", &[m, k]).unwrap();
+        let dw = gpu.zeros("dw", &[n, k]).unwrap();
+        let mut rec = gpu.recorder();
+        matmul::matmul(&mut rec, &dy, &w, &dx, &Matmul::new(m, k, n), Epilogue::None).unwrap();
+        matmul::matmul(&mut rec, &dy, &x, &dw, &Matmul::new(n, k, m).trans_a(), Epilogue::None).unwrap();
+        rec.submit().unwrap();
+        assert_close("dx", &gpu.read::<f32>(&dx).unwrap(), &want_dx, RTOL, ATOL);
+        assert_close("dw", &gpu.read::<f32>(&dw).unwrap(), &want_dw, RTOL, ATOL);
+    }
+}
+
+#[test]
+fn batched_strided_and_offset_products() {
+    let gpu = gpu();
+    let (batch, m, n, k) = (3, 5, 7, 9);
+    let a_host = random_vec(batch * m * k, 9, 1.0);
+    let b_host = random_vec(batch * k * n, 10, 1.0);
+    let a = gpu.upload("a", &[batch, m, k], &a_host).unwrap();
+    let b = gpu.upload("b", &[batch, k, n], &b_host).unwrap();
+    let c = gpu.zeros("c", &[batch, m, n]).unwrap();
+    let mut rec = gpu.recorder();
+    matmul::matmul(&mut rec, &a, &b, &c, &Matmul::new(m, n, k).batched(batch), Epilogue::None).unwrap();
+    rec.submit().unwrap();
+    let got = gpu.read::<f32>(&c).unwrap();
+    for i in 0..batch {
+        let want = reference::matmul::matmul(
+            &a_host[i * m * k..][..m * k],
+            &b_host[i * k * n..][..k * n],
+            m,
+            n,
+            k,
+            false,
+            false,
+        );
+        assert_close(&format!("batch {i}"), &got[i * m * n..][..m * n], &want, RTOL, ATOL);
+    }
+
+    // The pooler's input: row 0 of each sequence, i.e. rows of stride seq·hidden.
+    let (sequences, seq, hidden, out) = (4, 6, 10, 3);
+    let h_host = random_vec(sequences * seq * hidden, 11, 1.0);
+    let w_host = random_vec(out * hidden, 12, 1.0);
+    let h = gpu.upload("h", &[sequences, seq, hidden], &h_host).unwrap();
+    let w = gpu.upload("w", &[out, hidden], &w_host).unwrap();
+    let y = gpu.zeros("y", &[sequences, out]).unwrap();
+    let op = Matmul { lda: Some(seq * hidden), ..Matmul::new(sequences, out, hidden).trans_b() };
+    let mut rec = gpu.recorder();
+    matmul::matmul(&mut rec, &h, &w, &y, &op, Epilogue::None).unwrap();
+    rec.submit().unwrap();
+    let cls: Vec<f32> = (0..sequences).flat_map(|s| h_host[s * seq * hidden..][..hidden].to_vec()).collect();
+    let want = reference::matmul::matmul(&cls, &w_host, sequences, out, hidden, false, true);
+    assert_close("strided rows", &gpu.read::<f32>(&y).unwrap(), &want, RTOL, ATOL);
+}
+
+#[test]
+fn results_are_bit_identical_across_runs() {
+    let gpu = gpu();
+    let (m, n, k) = (65, 130, 257);
+    let a = gpu.upload("a", &[m, k], &random_vec(m * k, 13, 1.0)).unwrap();
+    let b = gpu.upload("b", &[k, n], &random_vec(k * n, 14, 1.0)).unwrap();
+    let run = || {
+        let c = gpu.zeros("c", &[m, n]).unwrap();
+        let mut rec = gpu.recorder();
+        matmul::matmul(&mut rec, &a, &b, &c, &Matmul::new(m, n, k), Epilogue::None).unwrap();
+        rec.submit().unwrap();
+        gpu.read::<u32>(&c).unwrap()
+    };
+    assert_eq!(run(), run());
+}
+
+#[test]
+fn bad_shapes_and_oversized_tensors_are_errors() {
+    let gpu = gpu();
+    let a = gpu.zeros("a", &[4, 5]).unwrap();
+    let b = gpu.zeros("b", &[5, 6]).unwrap();
+    let c = gpu.zeros("small_c", &[4, 5]).unwrap();
+    let mut rec = gpu.recorder();
+    let error = matmul::matmul(&mut rec, &a, &b, &c, &Matmul::new(4, 6, 5), Epilogue::None).unwrap_err();
+    assert!(matches!(error, GpuError::Shape { .. }) && error.to_string().contains("small_c"), "{error}");
+    let bias = gpu.zeros("bias", &[5]).unwrap();
+    let c = gpu.zeros("c", &[4, 6]).unwrap();
+    let error =
+        matmul::matmul(&mut rec, &a, &b, &c, &Matmul::new(4, 6, 5), Epilogue::Bias(&bias)).unwrap_err();
+    assert!(error.to_string().contains("bias"), "{error}");
+
+    let limit = gpu.max_tensor_bytes();
+    let too_many = (limit / 4 + 1) as usize;
+    let error = gpu.zeros("word_embeddings", &[too_many]).unwrap_err();
+    assert!(matches!(error, GpuError::TooBig { .. }), "{error}");
+    let message = error.to_string();
+    assert!(message.contains("word_embeddings") && message.contains(&limit.to_string()), "{message}");
+}
+
+#[test]
+fn tuner_picks_a_usable_tile_and_remembers_it() {
+    let gpu = gpu();
+    let dir = std::env::temp_dir().join(format!("pals-tune-test-{}", std::process::id()));
+    let cache = pals::gpu::TuneCache::at(dir.join("tune.json"));
+    let candidates = vec!["slow".to_string(), "fast".to_string()];
+    let chosen = cache.choose("k", &candidates, |name| if name == "fast" { 1.0 } else { 2.0 });
+    assert_eq!(chosen, "fast");
+    let reopened = pals::gpu::TuneCache::at(dir.join("tune.json"));
+    assert_eq!(reopened.get("k").as_deref(), Some("fast"));
+    let _ = std::fs::remove_dir_all(&dir);
+    // And the real one on this adapter: a product through `matmul` is right whatever it picked.
+    let (m, n, k) = (300, 200, 100);
+    let a_host = random_vec(m * k, 15, 1.0);
+    let b_host = random_vec(k * n, 16, 1.0);
+    let a = gpu.upload("a", &[m, k], &a_host).unwrap();
+    let b = gpu.upload("b", &[k, n], &b_host).unwrap();
+    let c = gpu.zeros("c", &[m, n]).unwrap();
+    let mut rec = gpu.recorder();
+    matmul::matmul(&mut rec, &a, &b, &c, &Matmul::new(m, n, k), Epilogue::None).unwrap();
+    rec.submit().unwrap();
+    let want = reference::matmul::matmul(&a_host, &b_host, m, n, k, false, false);
+    assert_close("tuned", &gpu.read::<f32>(&c).unwrap(), &want, RTOL, ATOL);
+}
