@@ -1,3 +1,4 @@
+pub mod bench;
 pub mod gpu;
 pub mod kernels;
 pub mod reference;

@@ -180,7 +180,7 @@ impl Gpu {
 
     /// Largest storage binding one tensor may have on this adapter.
     pub fn max_tensor_bytes(&self) -> u64 {
-        (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size)
+        self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size)
     }
 
     /// Waits until all submitted work is done.

@@ -116,7 +116,7 @@ impl Gpu {
     }
 
     fn check_size(&self, name: &str, bytes: u64) -> Result<(), GpuError> {
-        let binding = self.limits.max_storage_buffer_binding_size as u64;
+        let binding = self.limits.max_storage_buffer_binding_size;
         if bytes > binding {
             return Err(GpuError::TooBig {
                 name: name.into(),

@@ -1,7 +1,10 @@
 //! One file per shader: shape guards, the binding table, dispatch math and the typed call.
 
+pub mod attention;
 pub mod elementwise;
+pub mod loss;
 pub mod matmul;
+pub mod optimizer;
 
 use crate::gpu::{GpuError, Tensor};
 

@@ -2,8 +2,11 @@
 //! kernel forward and backward. Written independently of the GPU code so that a
 //! cross-check means something; its own backward passes are checked by finite differences.
 
+pub mod attention;
 pub mod elementwise;
+pub mod loss;
 pub mod matmul;
+pub mod optimizer;
 pub mod rng;
 
 /// Central finite difference of a scalar function of `x` at element `i`, in f64.

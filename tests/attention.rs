@@ -1,0 +1,246 @@
+//! Fused attention on the GPU against the CPU reference, forward (o, lse) and backward
+//! (dq, dk, dv). Tolerances: forward rtol 1e-4, atol 1e-5; backward rtol 5e-4, atol 5e-5
+//! (f32 sums over S keys and D dims against f64, gradients with two more such sums).
+
+mod common;
+
+use common::{assert_close, gpu};
+use pals::gpu::{Gpu, Tensor};
+use pals::kernels::attention::{self, AttentionShape};
+use pals::kernels::elementwise::DropoutSpec;
+use pals::reference::{self, random_vec};
+
+const FORWARD_TOL: (f32, f32) = (1e-4, 1e-5);
+const BACKWARD_TOL: (f32, f32) = (5e-4, 5e-5);
+
+fn shape(batch: usize, seq: usize, heads: usize, head_dim: usize) -> AttentionShape {
+    AttentionShape { batch, seq, heads, head_dim }
+}
+
+fn drop(p: f32) -> DropoutSpec {
+    DropoutSpec { p, seed: 1234, stream: 7 }
+}
+
+/// Host inputs of one case: q, k, v, dO and a mask padding the last `pad` keys of the
+/// last sequence.
+struct Inputs {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    d_out: Vec<f32>,
+    mask: Vec<f32>,
+}
+
+impl Inputs {
+    fn new(shape: AttentionShape, pad: usize) -> Inputs {
+        let n = shape.qkv_len();
+        let mut mask = vec![0.0; shape.mask_len()];
+        let len = mask.len();
+        for m in &mut mask[len - pad..] {
+            *m = -10000.0;
+        }
+        Inputs {
+            q: random_vec(n, 21, 1.0),
+            k: random_vec(n, 22, 1.0),
+            v: random_vec(n, 23, 1.0),
+            d_out: random_vec(n, 24, 1.0),
+            mask,
+        }
+    }
+}
+
+/// GPU results of one forward and backward: o, lse, dq, dk, dv.
+struct Outputs {
+    o: Vec<f32>,
+    lse: Vec<f32>,
+    dq: Vec<f32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+}
+
+fn run_gpu(gpu: &Gpu, shape: AttentionShape, x: &Inputs, scale: f32, dropout: DropoutSpec) -> Outputs {
+    let dims = [shape.batch, shape.seq, shape.heads, shape.head_dim];
+    let rows = [shape.batch, shape.heads, shape.seq];
+    let up = |name: &str, data: &[f32]| gpu.upload(name, &dims, data).unwrap();
+    let zeros = |name: &str, shape: &[usize]| -> Tensor { gpu.zeros(name, shape).unwrap() };
+    let (q, k, v, d_out) = (up("q", &x.q), up("k", &x.k), up("v", &x.v), up("dO", &x.d_out));
+    let mask = gpu.upload("mask", &[shape.batch, shape.seq], &x.mask).unwrap();
+    let (o, lse, delta) = (zeros("o", &dims), zeros("lse", &rows), zeros("delta", &rows));
+    let (dq, dk, dv) = (zeros("dq", &dims), zeros("dk", &dims), zeros("dv", &dims));
+    let mut rec = gpu.recorder();
+    attention::attention_forward(&mut rec, shape, &q, &k, &v, &mask, &o, &lse, scale, dropout).unwrap();
+    attention::attention_backward(
+        &mut rec, shape, &q, &k, &v, &o, &d_out, &mask, &lse, &delta, &dq, &dk, &dv, scale, dropout,
+    )
+    .unwrap();
+    rec.submit().unwrap();
+    Outputs {
+        o: gpu.read::<f32>(&o).unwrap(),
+        lse: gpu.read::<f32>(&lse).unwrap(),
+        dq: gpu.read::<f32>(&dq).unwrap(),
+        dk: gpu.read::<f32>(&dk).unwrap(),
+        dv: gpu.read::<f32>(&dv).unwrap(),
+    }
+}
+
+fn check(shape: AttentionShape, pad: usize, p: f32) {
+    let x = Inputs::new(shape, pad);
+    let scale = 1.0 / (shape.head_dim as f32).sqrt();
+    let got = run_gpu(gpu(), shape, &x, scale, drop(p));
+    let r = reference::attention::forward(&shape, &x.q, &x.k, &x.v, &x.mask, scale, &drop(p));
+    let (dq, dk, dv) =
+        reference::attention::backward(&shape, &x.q, &x.k, &x.v, &x.mask, &x.d_out, scale, &drop(p));
+    let case = format!("{shape:?} pad={pad} p={p}");
+    let (rtol, atol) = FORWARD_TOL;
+    assert_close(&format!("o {case}"), &got.o, &r.0, rtol, atol);
+    assert_close(&format!("lse {case}"), &got.lse, &r.1, rtol, atol);
+    let (rtol, atol) = BACKWARD_TOL;
+    assert_close(&format!("dq {case}"), &got.dq, &dq, rtol, atol);
+    assert_close(&format!("dk {case}"), &got.dk, &dk, rtol, atol);
+    assert_close(&format!("dv {case}"), &got.dv, &dv, rtol, atol);
+}
+
+#[test]
+fn single_token_single_head() {
+    check(shape(1, 1, 1, 64), 0, 0.0);
+    check(shape(1, 1, 1, 64), 0, 0.1);
+}
+
+#[test]
+fn pal_head_dim_34_with_padding() {
+    for p in [0.0, 0.1] {
+        check(shape(2, 7, 3, 34), 3, p);
+    }
+}
+
+#[test]
+fn minilm_head_dim_32_odd_length() {
+    for p in [0.0, 0.1] {
+        check(shape(2, 13, 2, 32), 2, p);
+    }
+}
+
+#[test]
+fn bert_head_dim_64_several_tiles() {
+    // 128 keys = 4 key tiles of 32 and 2 query blocks of 64; 70 = partial blocks.
+    check(shape(1, 128, 2, 64), 0, 0.0);
+    check(shape(1, 128, 2, 64), 5, 0.1);
+    check(shape(2, 70, 1, 64), 9, 0.1);
+}
+
+#[test]
+fn other_head_dims() {
+    check(shape(1, 19, 2, 128), 4, 0.1);
+    check(shape(1, 33, 1, 8), 0, 0.1);
+    check(shape(1, 5, 2, 1), 1, 0.0);
+}
+
+#[test]
+fn longest_sequence_512() {
+    check(shape(1, 512, 1, 32), 100, 0.1);
+}
+
+#[test]
+fn results_are_bit_identical_across_runs() {
+    let shape = shape(2, 45, 2, 34);
+    let x = Inputs::new(shape, 6);
+    let first = run_gpu(gpu(), shape, &x, 0.17, drop(0.1));
+    let second = run_gpu(gpu(), shape, &x, 0.17, drop(0.1));
+    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
+    for (what, a, b) in [
+        ("o", &first.o, &second.o),
+        ("lse", &first.lse, &second.lse),
+        ("dq", &first.dq, &second.dq),
+        ("dk", &first.dk, &second.dk),
+        ("dv", &first.dv, &second.dv),
+    ] {
+        assert_eq!(bits(a), bits(b), "{what} differs between runs");
+    }
+}
+
+#[test]
+fn mismatched_shapes_are_errors() {
+    let gpu = gpu();
+    let shape = shape(2, 7, 3, 34);
+    let dims = [2, 7, 3, 34];
+    let ok = |name: &str| gpu.zeros(name, &dims).unwrap();
+    let (q, k, v, o) = (ok("q"), ok("k"), ok("v"), ok("o"));
+    let mask = gpu.zeros("mask", &[2, 7]).unwrap();
+    let lse = gpu.zeros("lse", &[2, 3, 7]).unwrap();
+    let bad_mask = gpu.zeros("bad_mask", &[2, 8]).unwrap();
+    let bad_lse = gpu.zeros("bad_lse", &[2, 3, 6]).unwrap();
+    let mut rec = gpu.recorder();
+    let none = drop(0.0);
+    let error = attention::attention_forward(&mut rec, shape, &q, &k, &v, &bad_mask, &o, &lse, 1.0, none)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("'bad_mask'") && error.contains("[2, 8]"), "{error}");
+    let error = attention::attention_backward(
+        &mut rec, shape, &q, &k, &v, &o, &o, &mask, &bad_lse, &lse, &q, &k, &v, 1.0, none,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("'bad_lse'"), "{error}");
+    let wide = AttentionShape { head_dim: 300, ..shape };
+    let error = attention::attention_forward(&mut rec, wide, &q, &k, &v, &mask, &o, &lse, 1.0, none)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("'q'"), "{error}");
+    // Consistent tensors but a head too wide for the kernel's register arrays.
+    let wide = AttentionShape { batch: 1, seq: 1, heads: 1, head_dim: 200 };
+    let row = |name: &str| gpu.zeros(name, &[200]).unwrap();
+    let (q, o) = (row("q"), row("o"));
+    let one = gpu.zeros("one", &[1]).unwrap();
+    let lse = gpu.zeros("lse", &[1]).unwrap();
+    let error = attention::attention_forward(&mut rec, wide, &q, &q, &q, &one, &o, &lse, 1.0, none)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("head_dim"), "{error}");
+    assert!(rec.is_empty());
+}
+
+/// GPU time of the forward and the three backward dispatches on BERT-sized shapes:
+/// `cargo test --test attention -- --ignored --nocapture` (slow on a CPU adapter).
+#[test]
+#[ignore]
+fn timing() {
+    let gpu = gpu();
+    for shape in [shape(32, 128, 12, 64), shape(8, 512, 12, 64), shape(32, 128, 6, 34)] {
+        let x = Inputs::new(shape, 0);
+        run_gpu(gpu, shape, &x, 0.125, drop(0.1)); // compile and warm up
+        let dims = [shape.batch, shape.seq, shape.heads, shape.head_dim];
+        let rows = [shape.batch, shape.heads, shape.seq];
+        let t = |name: &str, s: &[usize]| gpu.zeros(name, s).unwrap();
+        let (q, k, v, o, d_out) =
+            (t("q", &dims), t("k", &dims), t("v", &dims), t("o", &dims), t("dO", &dims));
+        let (dq, dk, dv) = (t("dq", &dims), t("dk", &dims), t("dv", &dims));
+        let (mask, lse, delta) = (t("mask", &[shape.batch, shape.seq]), t("lse", &rows), t("delta", &rows));
+        for _ in 0..3 {
+            let mut rec = gpu.recorder();
+            attention::attention_forward(&mut rec, shape, &q, &k, &v, &mask, &o, &lse, 0.125, drop(0.1))
+                .unwrap();
+            attention::attention_backward(
+                &mut rec,
+                shape,
+                &q,
+                &k,
+                &v,
+                &o,
+                &d_out,
+                &mask,
+                &lse,
+                &delta,
+                &dq,
+                &dk,
+                &dv,
+                0.125,
+                drop(0.1),
+            )
+            .unwrap();
+            let timings = rec.submit_timed().unwrap();
+            let report: Vec<String> =
+                timings.iter().map(|t| format!("{} {:.3} ms", t.label, t.nanos / 1e6)).collect();
+            eprintln!("{shape:?}: {}", report.join(", "));
+        }
+    }
+}
