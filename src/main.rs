@@ -42,6 +42,9 @@ enum Command {
         /// Products per timed submit.
         #[arg(long, default_value_t = 3)]
         reps: usize,
+        /// Instead: GFLOP/s of every matmul tile candidate on an M×N×K product (e.g. 1024x768x768).
+        #[arg(long, value_name = "MxNxK")]
+        tiles: Option<String>,
     },
 }
 
@@ -55,9 +58,19 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Devices { adapter } => devices(adapter.backend.as_deref()),
-        Command::Bench { adapter, reps } => {
+        Command::Bench { adapter, reps, tiles } => {
             let gpu = adapter.open()?;
             println!("adapter: {}", gpu.describe());
+            if let Some(shape) = tiles {
+                let dims: Vec<usize> =
+                    shape.split('x').map(|d| d.trim().parse()).collect::<Result<_, _>>()?;
+                let [m, n, k] = dims[..] else { anyhow::bail!("--tiles wants MxNxK, got '{shape}'") };
+                let op = pals::kernels::matmul::Matmul::new(m, n, k).trans_b();
+                for row in pals::bench::tile_report(&gpu, &op, reps)? {
+                    println!("{row}");
+                }
+                return Ok(());
+            }
             for row in pals::bench::matmul_report(&gpu, reps)? {
                 println!("{row}");
             }

@@ -115,3 +115,38 @@ pub fn matmul_report(gpu: &Gpu, reps: usize) -> Result<Vec<String>, GpuError> {
 pub fn attention_report(_gpu: &Gpu) -> Result<Vec<String>, GpuError> {
     Ok(Vec::new())
 }
+
+/// GFLOP/s of every usable tile on one shape, for `pals bench --tiles`.
+pub fn tile_report(gpu: &Gpu, op: &Matmul, reps: usize) -> Result<Vec<String>, GpuError> {
+    let operands = MatmulOperands::new(gpu, op)?;
+    let mut rows = Vec::new();
+    for tile in matmul::usable_tiles(gpu) {
+        let run = |reps: usize| -> Result<f64, GpuError> {
+            let started = Instant::now();
+            let mut rec = gpu.recorder();
+            for _ in 0..reps {
+                matmul::matmul_with_tile(
+                    &mut rec,
+                    &operands.a,
+                    &operands.b,
+                    &operands.c,
+                    op,
+                    Epilogue::None,
+                    tile,
+                )?;
+            }
+            rec.submit()?;
+            gpu.wait()?;
+            Ok(started.elapsed().as_secs_f64() / reps as f64)
+        };
+        let compile = run(1)?;
+        let seconds = run(reps)?;
+        rows.push(format!(
+            "{tile:?}: {:.1} GFLOP/s ({:.1} ms; first call {:.1} ms)",
+            op.flops() / seconds / 1e9,
+            seconds * 1e3,
+            compile * 1e3
+        ));
+    }
+    Ok(rows)
+}

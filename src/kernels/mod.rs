@@ -2,9 +2,12 @@
 
 pub mod attention;
 pub mod elementwise;
+pub mod embedding;
+pub mod layernorm;
 pub mod loss;
 pub mod matmul;
 pub mod optimizer;
+pub mod reduce;
 
 use crate::gpu::{GpuError, Tensor};
 

@@ -4,9 +4,12 @@
 
 pub mod attention;
 pub mod elementwise;
+pub mod embedding;
+pub mod layernorm;
 pub mod loss;
 pub mod matmul;
 pub mod optimizer;
+pub mod reduce;
 pub mod rng;
 
 /// Central finite difference of a scalar function of `x` at element `i`, in f64.

@@ -1,0 +1,154 @@
+//! LayerNorm with an optional fused residual add, forward and backward: shaders/layernorm.wgsl.
+//!
+//! The backward takes the same `x` and `residual` as the forward and recomputes their sum,
+//! so nothing beyond the per-row mean and rstd has to be stored.
+
+use super::reduce::{colsum_rows, rows_of};
+use super::{expect_len, expect_shape, to_u32};
+use crate::gpu::{Binding, GpuError, KernelSpec, Recorder, Tensor, spread};
+
+/// Rows one backward workgroup owns; must match ROWS_PER_GROUP in layernorm.wgsl.
+const ROWS_PER_GROUP: usize = 8;
+
+const SOURCE: &str = include_str!("../../shaders/layernorm.wgsl");
+const FORWARD: KernelSpec = KernelSpec {
+    name: "layernorm_forward",
+    source: SOURCE,
+    entry: "layernorm_forward",
+    bindings: &[
+        Binding::Read,  // x
+        Binding::Read,  // residual
+        Binding::Read,  // gamma
+        Binding::Read,  // beta
+        Binding::Write, // y
+        Binding::Write, // mean
+        Binding::Write, // rstd
+    ],
+};
+const BACKWARD: KernelSpec = KernelSpec {
+    name: "layernorm_backward",
+    source: SOURCE,
+    entry: "layernorm_backward",
+    bindings: &[
+        Binding::Read,  // x
+        Binding::Read,  // residual
+        Binding::Read,  // gamma
+        Binding::Read,  // dy
+        Binding::Read,  // mean
+        Binding::Read,  // rstd
+        Binding::Write, // dx
+        Binding::Write, // partials
+    ],
+};
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    m: u32,
+    n: u32,
+    eps: f32,
+    groups: u32,
+}
+
+/// The layer: gamma and beta [N], and eps (1e-12 for BERT).
+#[derive(Clone, Copy)]
+pub struct LayerNorm<'a> {
+    pub gamma: &'a Tensor,
+    pub beta: &'a Tensor,
+    pub eps: f32,
+}
+
+/// What the forward saves for the backward: per-row mean and 1 / std, each [M].
+#[derive(Clone, Copy)]
+pub struct LayerNormStats<'a> {
+    pub mean: &'a Tensor,
+    pub rstd: &'a Tensor,
+}
+
+/// The backward's outputs: dx [M, N] (also the residual's gradient), dgamma and dbeta [N].
+#[derive(Clone, Copy)]
+pub struct LayerNormGrads<'a> {
+    pub dx: &'a Tensor,
+    pub dgamma: &'a Tensor,
+    pub dbeta: &'a Tensor,
+}
+
+/// Checks the input and the layer; returns (M, N) and the residual binding plus its define.
+fn check<'t>(
+    op: &str,
+    ln: &LayerNorm,
+    x: &'t Tensor,
+    residual: Option<&'t Tensor>,
+    stats: &LayerNormStats,
+) -> Result<(usize, usize, &'t Tensor, &'static str), GpuError> {
+    let n = ln.gamma.len();
+    if n == 0 {
+        return Err(GpuError::Shape {
+            op: op.to_string(),
+            detail: format!("'{}' is empty: nothing to normalise over", ln.gamma.name),
+        });
+    }
+    expect_shape(op, ln.gamma, &[n])?;
+    expect_shape(op, ln.beta, &[n])?;
+    let m = rows_of(op, x, n)?;
+    expect_len(op, stats.mean, m)?;
+    expect_len(op, stats.rstd, m)?;
+    match residual {
+        Some(r) => {
+            expect_shape(op, r, &x.shape)?;
+            Ok((m, n, r, "const HAS_RESIDUAL: bool = true;"))
+        }
+        None => Ok((m, n, x, "const HAS_RESIDUAL: bool = false;")),
+    }
+}
+
+/// y = LayerNorm(x + residual) with gamma and beta over the last dimension N of x [.., N];
+/// writes the per-row mean and rstd for the backward.
+pub fn layernorm_forward(
+    rec: &mut Recorder,
+    ln: &LayerNorm,
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    y: &Tensor,
+    stats: &LayerNormStats,
+) -> Result<(), GpuError> {
+    let op = FORWARD.name;
+    let (m, n, residual, defines) = check(op, ln, x, residual, stats)?;
+    expect_shape(op, y, &x.shape)?;
+    let params = Params { m: to_u32(op, "rows", m)?, n: to_u32(op, "columns", n)?, eps: ln.eps, groups: 0 };
+    let tensors = [x, residual, ln.gamma, ln.beta, y, stats.mean, stats.rstd];
+    let groups = spread(rec.gpu, params.m);
+    rec.dispatch(&FORWARD, defines, &params, &tensors, groups)
+}
+
+/// From dy and the forward's inputs and stats: dx (= d residual), dgamma and dbeta.
+/// dgamma and dbeta are overwritten; allocates a [2, ceil(M / 8), N] scratch.
+pub fn layernorm_backward(
+    rec: &mut Recorder,
+    ln: &LayerNorm,
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    stats: &LayerNormStats,
+    dy: &Tensor,
+    grads: &LayerNormGrads,
+) -> Result<(), GpuError> {
+    let op = BACKWARD.name;
+    let (m, n, residual, defines) = check(op, ln, x, residual, stats)?;
+    expect_shape(op, dy, &x.shape)?;
+    expect_shape(op, grads.dx, &x.shape)?;
+    expect_shape(op, grads.dgamma, &[n])?;
+    expect_shape(op, grads.dbeta, &[n])?;
+    let groups = m.div_ceil(ROWS_PER_GROUP);
+    let partials = rec.gpu.zeros("layernorm partials", &[2, groups, n])?;
+    let params = Params {
+        m: to_u32(op, "rows", m)?,
+        n: to_u32(op, "columns", n)?,
+        eps: ln.eps,
+        groups: to_u32(op, "workgroups", groups)?,
+    };
+    let tensors = [x, residual, ln.gamma, dy, stats.mean, stats.rstd, grads.dx, &partials];
+    let dispatch = spread(rec.gpu, params.groups);
+    rec.dispatch(&BACKWARD, defines, &params, &tensors, dispatch)?;
+    colsum_rows(rec, &partials, 0, groups, n, grads.dgamma, false)?;
+    colsum_rows(rec, &partials, groups * n, groups, n, grads.dbeta, false)
+}

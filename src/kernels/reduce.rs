@@ -1,0 +1,85 @@
+//! Deterministic column sums (bias and LayerNorm parameter gradients): shaders/reduce.wgsl.
+
+use super::to_u32;
+use crate::gpu::{Binding, GpuError, KernelSpec, Recorder, Tensor};
+
+/// Rows one workgroup sums; must match CHUNK_ROWS in reduce.wgsl.
+const CHUNK_ROWS: usize = 256;
+
+const COLSUM: KernelSpec = KernelSpec {
+    name: "colsum",
+    source: include_str!("../../shaders/reduce.wgsl"),
+    entry: "colsum",
+    bindings: &[Binding::Read, Binding::Write],
+};
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    m: u32,
+    n: u32,
+    offset: u32,
+    accumulate: u32,
+}
+
+/// The number of rows of `tensor` seen as [rows, n]: an error unless its last dimension is n.
+pub(crate) fn rows_of(op: &str, tensor: &Tensor, n: usize) -> Result<usize, GpuError> {
+    match tensor.shape.last() {
+        Some(&last) if last == n => Ok(tensor.len() / n.max(1)),
+        _ => Err(GpuError::Shape {
+            op: op.to_string(),
+            detail: format!("'{}' has shape {:?}, expected last dimension {n}", tensor.name, tensor.shape),
+        }),
+    }
+}
+
+/// out [N] = sum over rows of x [.., N], or out += that sum when `accumulate`.
+/// Rows are summed in a fixed order that depends only on the shape. Past 256 rows this
+/// allocates a [ceil(M / 256), N] scratch for the partial sums.
+pub fn colsum(rec: &mut Recorder, x: &Tensor, out: &Tensor, accumulate: bool) -> Result<(), GpuError> {
+    let n = out.len();
+    let m = rows_of("colsum", x, n)?;
+    colsum_rows(rec, x, 0, m, n, out, accumulate)
+}
+
+/// Column sum of the [m, n] block of `x` that starts at element `offset`: the one
+/// reduction path, shared with LayerNorm's parameter gradients.
+pub(crate) fn colsum_rows(
+    rec: &mut Recorder,
+    x: &Tensor,
+    offset: usize,
+    m: usize,
+    n: usize,
+    out: &Tensor,
+    accumulate: bool,
+) -> Result<(), GpuError> {
+    let chunks = m.div_ceil(CHUNK_ROWS).max(1);
+    if chunks == 1 {
+        return colsum_pass(rec, x, offset, m, n, out, accumulate);
+    }
+    let partial = rec.gpu.zeros("colsum partials", &[chunks, n])?;
+    colsum_pass(rec, x, offset, m, n, &partial, false)?;
+    colsum_rows(rec, &partial, 0, chunks, n, out, accumulate)
+}
+
+/// One pass: out[c, :] = sum of rows chunk c of the block.
+fn colsum_pass(
+    rec: &mut Recorder,
+    x: &Tensor,
+    offset: usize,
+    m: usize,
+    n: usize,
+    out: &Tensor,
+    accumulate: bool,
+) -> Result<(), GpuError> {
+    let op = COLSUM.name;
+    let chunks = m.div_ceil(CHUNK_ROWS).max(1);
+    let params = Params {
+        m: to_u32(op, "rows", m)?,
+        n: to_u32(op, "columns", n)?,
+        offset: to_u32(op, "offset", offset)?,
+        accumulate: accumulate as u32,
+    };
+    let groups = [to_u32(op, "column strips", n.div_ceil(64))?, to_u32(op, "row chunks", chunks)?, 1];
+    rec.dispatch(&COLSUM, "", &params, &[x, out], groups)
+}

@@ -1,0 +1,166 @@
+//! LayerNorm (with and without the fused residual add) on the GPU against the CPU reference.
+//! Tolerances: forward rtol 1e-5 / atol 1e-5, backward rtol 1e-4 / atol 1e-5 (dgamma and
+//! dbeta sum M rows, so their atol grows as 1e-6 * M past 10 rows).
+
+mod common;
+
+use common::{assert_close, gpu};
+use pals::gpu::Tensor;
+use pals::kernels::layernorm::{self, LayerNorm, LayerNormGrads, LayerNormStats};
+use pals::reference::{self, random_vec};
+
+const EPS: f32 = 1e-12;
+
+/// (M, N): tiny, N not a multiple of 256, M not a multiple of the 8-row backward block.
+const SHAPES: &[(usize, usize)] = &[(1, 1), (1, 2), (7, 204), (300, 769), (5, 383), (3, 768)];
+
+struct Outputs {
+    y: Vec<f32>,
+    mean: Vec<f32>,
+    rstd: Vec<f32>,
+    dx: Vec<f32>,
+    dgamma: Vec<f32>,
+    dbeta: Vec<f32>,
+}
+
+struct Inputs {
+    x: Vec<f32>,
+    residual: Option<Vec<f32>>,
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    dy: Vec<f32>,
+}
+
+fn inputs(m: usize, n: usize, with_residual: bool, seed: u32) -> Inputs {
+    // An offset mean checks the two-pass variance.
+    let x = random_vec(m * n, seed, 2.0).iter().map(|v| v + 3.0).collect();
+    Inputs {
+        x,
+        residual: with_residual.then(|| random_vec(m * n, seed + 1, 1.0)),
+        gamma: random_vec(n, seed + 2, 0.5).iter().map(|g| 1.0 + g).collect(),
+        beta: random_vec(n, seed + 3, 0.5),
+        dy: random_vec(m * n, seed + 4, 1.0),
+    }
+}
+
+fn run(m: usize, n: usize, input: &Inputs) -> Outputs {
+    let gpu = gpu();
+    let x = gpu.upload("x", &[m, n], &input.x).unwrap();
+    let residual: Option<Tensor> =
+        input.residual.as_ref().map(|r| gpu.upload("residual", &[m, n], r).unwrap());
+    let gamma = gpu.upload("gamma", &[n], &input.gamma).unwrap();
+    let beta = gpu.upload("beta", &[n], &input.beta).unwrap();
+    let dy = gpu.upload("dy", &[m, n], &input.dy).unwrap();
+    let [y, dx] = ["y", "dx"].map(|name| gpu.zeros(name, &[m, n]).unwrap());
+    let [mean, rstd] = ["mean", "rstd"].map(|name| gpu.zeros(name, &[m]).unwrap());
+    let [dgamma, dbeta] = ["dgamma", "dbeta"].map(|name| gpu.zeros(name, &[n]).unwrap());
+    let ln = LayerNorm { gamma: &gamma, beta: &beta, eps: EPS };
+    let stats = LayerNormStats { mean: &mean, rstd: &rstd };
+    let grads = LayerNormGrads { dx: &dx, dgamma: &dgamma, dbeta: &dbeta };
+    let mut rec = gpu.recorder();
+    layernorm::layernorm_forward(&mut rec, &ln, &x, residual.as_ref(), &y, &stats).unwrap();
+    layernorm::layernorm_backward(&mut rec, &ln, &x, residual.as_ref(), &stats, &dy, &grads).unwrap();
+    rec.submit().unwrap();
+    let read = |t: &Tensor| gpu.read::<f32>(t).unwrap();
+    Outputs {
+        y: read(&y),
+        mean: read(&mean),
+        rstd: read(&rstd),
+        dx: read(&dx),
+        dgamma: read(&dgamma),
+        dbeta: read(&dbeta),
+    }
+}
+
+#[test]
+fn forward_and_backward_match_reference() {
+    for &(m, n) in SHAPES {
+        for with_residual in [false, true] {
+            let input = inputs(m, n, with_residual, 10);
+            let got = run(m, n, &input);
+            let residual = input.residual.as_deref();
+            let what = |name: &str| format!("{name} {m}x{n} residual={with_residual}");
+            let (y, mean, rstd) =
+                reference::layernorm::layernorm_forward(&input.x, residual, &input.gamma, &input.beta, EPS);
+            assert_close(&what("y"), &got.y, &y, 1e-5, 1e-5);
+            assert_close(&what("mean"), &got.mean, &mean, 1e-5, 1e-5);
+            assert_close(&what("rstd"), &got.rstd, &rstd, 1e-5, 1e-5);
+            let (dx, dgamma, dbeta) =
+                reference::layernorm::layernorm_backward(&input.x, residual, &input.gamma, &input.dy, EPS);
+            let sum_atol = 1e-6 * (m as f32).max(10.0);
+            assert_close(&what("dx"), &got.dx, &dx, 1e-4, 1e-5);
+            assert_close(&what("dgamma"), &got.dgamma, &dgamma, 1e-4, sum_atol);
+            assert_close(&what("dbeta"), &got.dbeta, &dbeta, 1e-4, sum_atol);
+        }
+    }
+}
+
+#[test]
+fn results_are_bit_identical_twice() {
+    let (m, n) = (300, 383);
+    let input = inputs(m, n, true, 20);
+    let first = run(m, n, &input);
+    let second = run(m, n, &input);
+    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+    for (name, a, b) in [
+        ("y", &first.y, &second.y),
+        ("dx", &first.dx, &second.dx),
+        ("dgamma", &first.dgamma, &second.dgamma),
+        ("dbeta", &first.dbeta, &second.dbeta),
+    ] {
+        assert_eq!(bits(a), bits(b), "{name} differs between runs");
+    }
+}
+
+#[test]
+fn mismatched_shapes_are_errors() {
+    let gpu = gpu();
+    let x = gpu.zeros("x", &[4, 10]).unwrap();
+    let residual = gpu.zeros("residual", &[4, 11]).unwrap();
+    let y = gpu.zeros("y", &[4, 10]).unwrap();
+    let gamma = gpu.zeros("gamma", &[10]).unwrap();
+    let short = gpu.zeros("short beta", &[9]).unwrap();
+    let mean = gpu.zeros("mean", &[4]).unwrap();
+    let rstd = gpu.zeros("rstd", &[4]).unwrap();
+    let stats = LayerNormStats { mean: &mean, rstd: &rstd };
+    let good = LayerNorm { gamma: &gamma, beta: &gamma, eps: EPS };
+    let bad = LayerNorm { beta: &short, ..good };
+    let mut rec = gpu.recorder();
+    let error = layernorm::layernorm_forward(&mut rec, &bad, &x, None, &y, &stats).unwrap_err().to_string();
+    assert!(error.contains("'short beta'"), "{error}");
+    let error = layernorm::layernorm_forward(&mut rec, &good, &x, Some(&residual), &y, &stats)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("'residual'") && error.contains("[4, 11]"), "{error}");
+    let grads = LayerNormGrads { dx: &y, dgamma: &gamma, dbeta: &mean };
+    let error =
+        layernorm::layernorm_backward(&mut rec, &good, &x, None, &stats, &y, &grads).unwrap_err().to_string();
+    assert!(error.contains("'mean'"), "{error}");
+}
+
+/// GPU time at BERT-base shape; run on a real GPU with `--ignored --nocapture`.
+#[test]
+#[ignore]
+fn layernorm_timing() {
+    let gpu = gpu();
+    let (m, n) = (4096, 768);
+    let input = inputs(m, n, true, 30);
+    let x = gpu.upload("x", &[m, n], &input.x).unwrap();
+    let residual = gpu.upload("residual", &[m, n], input.residual.as_ref().unwrap()).unwrap();
+    let gamma = gpu.upload("gamma", &[n], &input.gamma).unwrap();
+    let dy = gpu.upload("dy", &[m, n], &input.dy).unwrap();
+    let [y, dx] = ["y", "dx"].map(|name| gpu.zeros(name, &[m, n]).unwrap());
+    let [mean, rstd] = ["mean", "rstd"].map(|name| gpu.zeros(name, &[m]).unwrap());
+    let [dgamma, dbeta] = ["dgamma", "dbeta"].map(|name| gpu.zeros(name, &[n]).unwrap());
+    let ln = LayerNorm { gamma: &gamma, beta: &gamma, eps: EPS };
+    let stats = LayerNormStats { mean: &mean, rstd: &rstd };
+    let grads = LayerNormGrads { dx: &dx, dgamma: &dgamma, dbeta: &dbeta };
+    for _ in 0..3 {
+        let mut rec = gpu.recorder();
+        layernorm::layernorm_forward(&mut rec, &ln, &x, Some(&residual), &y, &stats).unwrap();
+        layernorm::layernorm_backward(&mut rec, &ln, &x, Some(&residual), &stats, &dy, &grads).unwrap();
+        for t in rec.submit_timed().unwrap() {
+            eprintln!("layernorm {m}x{n}: {} {:.1} us", t.label, t.nanos / 1e3);
+        }
+    }
+}
