@@ -1,1 +1,45 @@
-fn main() {}
+//! `cargo bench`: matmul at BERT-base training shapes and attention (batch 32, 12 heads,
+//! seq 128, head dim 64), forward and backward, with a CPU BLAS on the same matmul shapes
+//! as the yardstick. Criterion reports time; GFLOP/s follow from the throughput setting.
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use pals::bench::{AttentionOperands, MatmulOperands, bert_base_cases, cpu_seconds};
+use pals::gpu::Gpu;
+
+fn gpu() -> Gpu {
+    Gpu::from_env().unwrap_or_else(|error| panic!("benchmarks need a GPU adapter: {error}"))
+}
+
+fn matmul(c: &mut Criterion) {
+    let gpu = gpu();
+    eprintln!("adapter: {}", gpu.describe());
+    let mut group = c.benchmark_group("matmul");
+    group.sample_size(10);
+    for case in bert_base_cases() {
+        let operands = MatmulOperands::new(&gpu, &case.op).unwrap();
+        operands.gpu_seconds(&gpu, &case.op, 1).unwrap(); // tune and compile outside the timing
+        group.throughput(Throughput::Elements(case.op.flops() as u64));
+        group.bench_function(format!("gpu {}", case.name), |b| {
+            b.iter(|| operands.gpu_seconds(&gpu, &case.op, 1).unwrap())
+        });
+        group.bench_function(format!("cpu {}", case.name), |b| b.iter(|| cpu_seconds(&case.op)));
+    }
+    group.finish();
+}
+
+fn attention(c: &mut Criterion) {
+    let gpu = gpu();
+    let operands = AttentionOperands::bert_base(&gpu).unwrap();
+    operands.forward_seconds(&gpu).unwrap();
+    operands.backward_seconds(&gpu).unwrap();
+    let mut group = c.benchmark_group("attention b32 h12 s128 d64");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(operands.forward_flops() as u64));
+    group.bench_function("forward", |b| b.iter(|| operands.forward_seconds(&gpu).unwrap()));
+    group.throughput(Throughput::Elements(operands.backward_flops() as u64));
+    group.bench_function("backward", |b| b.iter(|| operands.backward_seconds(&gpu).unwrap()));
+    group.finish();
+}
+
+criterion_group!(benches, matmul, attention);
+criterion_main!(benches);

@@ -3,7 +3,7 @@
 //! The backward takes the same `x` and `residual` as the forward and recomputes their sum,
 //! so nothing beyond the per-row mean and rstd has to be stored.
 
-use super::reduce::{colsum_rows, rows_of};
+use super::reduce::{colsum_rows_in, colsum_scratch_len, rows_of};
 use super::{expect_len, expect_shape, to_u32};
 use crate::gpu::{Binding, GpuError, KernelSpec, Recorder, Tensor, spread};
 
@@ -132,6 +132,40 @@ pub fn layernorm_backward(
     dy: &Tensor,
     grads: &LayerNormGrads,
 ) -> Result<(), GpuError> {
+    let (m, n, _, _) = check(BACKWARD.name, ln, x, residual, stats)?;
+    let partials = rec.gpu.zeros("layernorm partials", &[backward_scratch_len(m, n).0])?;
+    let scratch = LayerNormScratch { partials: &partials, colsum: None };
+    layernorm_backward_with_scratch(rec, ln, x, residual, stats, dy, grads, &scratch)
+}
+
+/// Preallocated scratch for [`layernorm_backward_with_scratch`].
+#[derive(Clone, Copy)]
+pub struct LayerNormScratch<'a> {
+    /// At least `backward_scratch_len(M, N).0` elements: the per-block partial sums.
+    pub partials: &'a Tensor,
+    /// At least `backward_scratch_len(M, N).1` elements (their column sum's partials);
+    /// `None` allocates when needed (past 2048 rows).
+    pub colsum: Option<&'a Tensor>,
+}
+
+/// Elements of (partials, colsum scratch) the backward of x [m, n] needs.
+pub fn backward_scratch_len(m: usize, n: usize) -> (usize, usize) {
+    let groups = m.div_ceil(ROWS_PER_GROUP);
+    (2 * groups * n, colsum_scratch_len(groups, n))
+}
+
+/// `layernorm_backward` with preallocated scratch, so that a training step does not allocate.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_backward_with_scratch(
+    rec: &mut Recorder,
+    ln: &LayerNorm,
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    stats: &LayerNormStats,
+    dy: &Tensor,
+    grads: &LayerNormGrads,
+    scratch: &LayerNormScratch,
+) -> Result<(), GpuError> {
     let op = BACKWARD.name;
     let (m, n, residual, defines) = check(op, ln, x, residual, stats)?;
     expect_shape(op, dy, &x.shape)?;
@@ -139,16 +173,27 @@ pub fn layernorm_backward(
     expect_shape(op, grads.dgamma, &[n])?;
     expect_shape(op, grads.dbeta, &[n])?;
     let groups = m.div_ceil(ROWS_PER_GROUP);
-    let partials = rec.gpu.zeros("layernorm partials", &[2, groups, n])?;
+    let partials = scratch.partials;
+    if partials.len() < 2 * groups * n {
+        return Err(GpuError::Shape {
+            op: op.into(),
+            detail: format!(
+                "scratch '{}' has {} elements, needs {}",
+                partials.name,
+                partials.len(),
+                2 * groups * n
+            ),
+        });
+    }
     let params = Params {
         m: to_u32(op, "rows", m)?,
         n: to_u32(op, "columns", n)?,
         eps: ln.eps,
         groups: to_u32(op, "workgroups", groups)?,
     };
-    let tensors = [x, residual, ln.gamma, dy, stats.mean, stats.rstd, grads.dx, &partials];
+    let tensors = [x, residual, ln.gamma, dy, stats.mean, stats.rstd, grads.dx, partials];
     let dispatch = spread(rec.gpu, params.groups);
     rec.dispatch(&BACKWARD, defines, &params, &tensors, dispatch)?;
-    colsum_rows(rec, &partials, 0, groups, n, grads.dgamma, false)?;
-    colsum_rows(rec, &partials, groups * n, groups, n, grads.dbeta, false)
+    colsum_rows_in(rec, partials, 0, groups, n, grads.dgamma, false, scratch.colsum)?;
+    colsum_rows_in(rec, partials, groups * n, groups, n, grads.dbeta, false, scratch.colsum)
 }

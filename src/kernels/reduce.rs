@@ -42,6 +42,28 @@ pub fn colsum(rec: &mut Recorder, x: &Tensor, out: &Tensor, accumulate: bool) ->
     colsum_rows(rec, x, 0, m, n, out, accumulate)
 }
 
+/// Elements of the scratch [`colsum_with_scratch`] needs for x [m, n]: the first pass's
+/// partial sums, 0 when one pass suffices.
+pub fn colsum_scratch_len(m: usize, n: usize) -> usize {
+    let chunks = m.div_ceil(CHUNK_ROWS);
+    if chunks > 1 { chunks * n } else { 0 }
+}
+
+/// `colsum` with the first pass's partial sums in `scratch` (at least
+/// [`colsum_scratch_len`] elements) instead of a new buffer, so that a training step does
+/// not allocate. Past 65536 rows the second pass still allocates its own partials.
+pub fn colsum_with_scratch(
+    rec: &mut Recorder,
+    x: &Tensor,
+    out: &Tensor,
+    accumulate: bool,
+    scratch: &Tensor,
+) -> Result<(), GpuError> {
+    let n = out.len();
+    let m = rows_of("colsum", x, n)?;
+    colsum_rows_in(rec, x, 0, m, n, out, accumulate, Some(scratch))
+}
+
 /// Column sum of the [m, n] block of `x` that starts at element `offset`: the one
 /// reduction path, shared with LayerNorm's parameter gradients.
 pub(crate) fn colsum_rows(
@@ -53,13 +75,41 @@ pub(crate) fn colsum_rows(
     out: &Tensor,
     accumulate: bool,
 ) -> Result<(), GpuError> {
+    colsum_rows_in(rec, x, offset, m, n, out, accumulate, None)
+}
+
+/// `colsum_rows` with the first pass's partials in `scratch` when given.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn colsum_rows_in(
+    rec: &mut Recorder,
+    x: &Tensor,
+    offset: usize,
+    m: usize,
+    n: usize,
+    out: &Tensor,
+    accumulate: bool,
+    scratch: Option<&Tensor>,
+) -> Result<(), GpuError> {
     let chunks = m.div_ceil(CHUNK_ROWS).max(1);
     if chunks == 1 {
         return colsum_pass(rec, x, offset, m, n, out, accumulate);
     }
-    let partial = rec.gpu.zeros("colsum partials", &[chunks, n])?;
-    colsum_pass(rec, x, offset, m, n, &partial, false)?;
-    colsum_rows(rec, &partial, 0, chunks, n, out, accumulate)
+    let allocated;
+    let partial = match scratch {
+        Some(s) if s.len() >= chunks * n => s,
+        Some(s) => {
+            return Err(GpuError::Shape {
+                op: COLSUM.name.into(),
+                detail: format!("scratch '{}' has {} elements, needs {}", s.name, s.len(), chunks * n),
+            });
+        }
+        None => {
+            allocated = rec.gpu.zeros("colsum partials", &[chunks, n])?;
+            &allocated
+        }
+    };
+    colsum_pass(rec, x, offset, m, n, partial, false)?;
+    colsum_rows(rec, partial, 0, chunks, n, out, accumulate)
 }
 
 /// One pass: out[c, :] = sum of rows chunk c of the block.

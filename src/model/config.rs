@@ -75,3 +75,145 @@ impl BertConfig {
         BertConfig { num_hidden_layers: 6, hidden_size: 384, intermediate_size: 1536, ..BertConfig::base() }
     }
 }
+
+/// Activations we implement: both names Hugging Face uses for the exact erf GELU. The tanh and
+/// sigmoid approximations ("gelu_new", "gelu_fast", "gelu_pytorch_tanh", "quick_gelu", …) give
+/// different outputs from the same weights, so they are refused rather than silently swapped.
+pub const SUPPORTED_ACTS: [&str; 2] = ["gelu", "gelu_python"];
+
+/// A config.json field that is missing, of the wrong type, or out of range.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("field `{field}`: {message}")]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(field: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError { field: field.to_string(), message: message.into() }
+    }
+}
+
+const REQUIRED: [&str; 6] = [
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+];
+const OPTIONAL_SIZES: [&str; 1] = ["type_vocab_size"];
+const OPTIONAL_FLOATS: [&str; 3] = ["layer_norm_eps", "hidden_dropout_prob", "attention_probs_dropout_prob"];
+
+impl BertConfig {
+    /// Reads and validates a Hugging Face config.json. Errors name the file and the field;
+    /// JSON syntax errors give line and column.
+    pub fn from_file(path: impl AsRef<std::path::Path>) -> Result<BertConfig, crate::model::load::LoadError> {
+        use crate::model::load::LoadError;
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| LoadError::io(path, e))?;
+        let bad = |error: ConfigError| LoadError::Config { path: path.to_path_buf(), error };
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| LoadError::Json {
+            path: path.to_path_buf(),
+            line: e.line(),
+            column: e.column(),
+            message: e.to_string(),
+        })?;
+        BertConfig::from_json(&value).map_err(bad)
+    }
+
+    /// A validated configuration from config.json's parsed contents; unknown fields are ignored.
+    pub fn from_json(value: &serde_json::Value) -> Result<BertConfig, ConfigError> {
+        let object =
+            value.as_object().ok_or_else(|| ConfigError::new("(top level)", "expected a JSON object"))?;
+        for field in REQUIRED {
+            if !object.contains_key(field) {
+                return Err(ConfigError::new(field, "missing (required)"));
+            }
+        }
+        for field in REQUIRED.iter().chain(&OPTIONAL_SIZES) {
+            if let Some(v) = object.get(*field).filter(|v| v.as_u64().is_none()) {
+                return Err(ConfigError::new(field, format!("expected a non-negative integer, found {v}")));
+            }
+        }
+        for field in OPTIONAL_FLOATS {
+            if let Some(v) = object.get(field).filter(|v| v.as_f64().is_none()) {
+                return Err(ConfigError::new(field, format!("expected a number, found {v}")));
+            }
+        }
+        for field in ["hidden_act", "model_type", "position_embedding_type"] {
+            if let Some(v) = object.get(field).filter(|v| !v.is_string()) {
+                return Err(ConfigError::new(field, format!("expected a string, found {v}")));
+            }
+        }
+        let string = |field: &str| object.get(field).and_then(|v| v.as_str());
+        if let Some(kind) = string("model_type").filter(|&k| k != "bert") {
+            return Err(ConfigError::new(
+                "model_type",
+                format!("\"{kind}\" is not supported, only \"bert\""),
+            ));
+        }
+        if let Some(kind) = string("position_embedding_type").filter(|&k| k != "absolute") {
+            return Err(ConfigError::new(
+                "position_embedding_type",
+                format!("\"{kind}\" is not supported, only \"absolute\""),
+            ));
+        }
+        let config: BertConfig =
+            serde_json::from_value(value.clone()).map_err(|e| ConfigError::new("(config)", e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what the kernels rely on: non-zero sizes, heads dividing the width, the exact GELU,
+    /// probabilities in [0, 1) and a positive LayerNorm epsilon.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (field, value) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("intermediate_size", self.intermediate_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+            ("type_vocab_size", self.type_vocab_size),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::new(field, "must be greater than 0"));
+            }
+        }
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            return Err(ConfigError::new(
+                "hidden_size",
+                format!(
+                    "{} is not divisible by num_attention_heads = {}",
+                    self.hidden_size, self.num_attention_heads
+                ),
+            ));
+        }
+        if !SUPPORTED_ACTS.contains(&self.hidden_act.as_str()) {
+            return Err(ConfigError::new(
+                "hidden_act",
+                format!(
+                    "\"{}\" is not supported; only the exact (erf) GELU is implemented: {SUPPORTED_ACTS:?}",
+                    self.hidden_act
+                ),
+            ));
+        }
+        for (field, p) in [
+            ("hidden_dropout_prob", self.hidden_dropout_prob),
+            ("attention_probs_dropout_prob", self.attention_probs_dropout_prob),
+        ] {
+            if !(0.0..1.0).contains(&p) {
+                return Err(ConfigError::new(field, format!("{p} is not in [0, 1)")));
+            }
+        }
+        if !(self.layer_norm_eps > 0.0 && self.layer_norm_eps.is_finite()) {
+            return Err(ConfigError::new(
+                "layer_norm_eps",
+                format!("{} must be positive", self.layer_norm_eps),
+            ));
+        }
+        Ok(())
+    }
+}

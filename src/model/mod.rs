@@ -22,6 +22,9 @@
 //! `attention_probs_dropout_prob`.
 
 pub mod config;
+pub mod bert;
+pub mod load;
+pub mod memory;
 
 pub use config::BertConfig;
 

@@ -49,17 +49,28 @@ pub fn tanh_forward(x: &[f32]) -> Vec<f32> {
     x.iter().map(|&v| (v as f64).tanh() as f32).collect()
 }
 
-/// From the forward output y.
-pub fn tanh_backward(y: &[f32], dy: &[f32]) -> Vec<f32> {
-    y.iter().zip(dy).map(|(&t, &g)| (g as f64 * (1.0 - t as f64 * t as f64)) as f32).collect()
+/// d tanh(x)/dx from the forward output y = tanh(x).
+pub fn tanh_grad(y: f64) -> f64 {
+    1.0 - y * y
 }
 
-pub fn dropout(x: &[f32], p: f32, seed: u32, stream: u32) -> Vec<f32> {
+/// From the forward output y.
+pub fn tanh_backward(y: &[f32], dy: &[f32]) -> Vec<f32> {
+    y.iter().zip(dy).map(|(&t, &g)| (g as f64 * tanh_grad(t as f64)) as f32).collect()
+}
+
+/// x ⊙ keep / (1 − p) in f64; with the same arguments it is also its own backward.
+pub fn dropout_f64(x: &[f64], p: f32, seed: u32, stream: u32) -> Vec<f64> {
     let scale = if p >= 1.0 { 0.0 } else { 1.0 / (1.0 - p as f64) };
     x.iter()
         .enumerate()
-        .map(|(i, &v)| if rng::keep(seed, stream, i as u32, p) { (v as f64 * scale) as f32 } else { 0.0 })
+        .map(|(i, &v)| if rng::keep(seed, stream, i as u32, p) { v * scale } else { 0.0 })
         .collect()
+}
+
+pub fn dropout(x: &[f32], p: f32, seed: u32, stream: u32) -> Vec<f32> {
+    let x: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    dropout_f64(&x, p, seed, stream).into_iter().map(|v| v as f32).collect()
 }
 
 #[cfg(test)]

@@ -9,7 +9,13 @@ pub struct Tables<'a, T> {
     pub hidden: usize,
 }
 
-fn forward_f64<T: Copy + Into<f64>>(ids: &[u32], type_ids: &[u32], seq: usize, t: &Tables<T>) -> Vec<f64> {
+/// out [B * S, H] in f64 for tables of f32 or f64.
+pub fn forward_f64<T: Copy + Into<f64>>(
+    ids: &[u32],
+    type_ids: &[u32],
+    seq: usize,
+    t: &Tables<T>,
+) -> Vec<f64> {
     let h = t.hidden;
     let mut out = Vec::with_capacity(ids.len() * h);
     for (r, (&id, &ty)) in ids.iter().zip(type_ids).enumerate() {
@@ -29,6 +35,28 @@ pub fn embedding_forward(ids: &[u32], type_ids: &[u32], seq: usize, t: &Tables<f
     forward_f64(ids, type_ids, seq, t).iter().map(|&v| v as f32).collect()
 }
 
+/// (dword [V, H], dpos [P, H], dtypes [T, H]) from d_out [B * S, H] in f64; `rows` = [V, P, T].
+pub fn backward_f64(
+    d_out: &[f64],
+    ids: &[u32],
+    type_ids: &[u32],
+    seq: usize,
+    hidden: usize,
+    rows: [usize; 3],
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let mut grads = rows.map(|r| vec![0.0f64; r * hidden]);
+    for (r, dy) in d_out.chunks_exact(hidden.max(1)).enumerate() {
+        let targets = [ids[r] as usize, r % seq, type_ids[r] as usize];
+        for (grad, target) in grads.iter_mut().zip(targets) {
+            for (g, &d) in grad[target * hidden..][..hidden].iter_mut().zip(dy) {
+                *g += d;
+            }
+        }
+    }
+    let [word, pos, types] = grads;
+    (word, pos, types)
+}
+
 /// (dword [V, H], dpos [P, H], dtypes [T, H]) from d_out [B * S, H]; `rows` = [V, P, T].
 pub fn embedding_backward(
     d_out: &[f32],
@@ -38,17 +66,10 @@ pub fn embedding_backward(
     hidden: usize,
     rows: [usize; 3],
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let mut grads = rows.map(|r| vec![0.0f64; r * hidden]);
-    for (r, dy) in d_out.chunks_exact(hidden.max(1)).enumerate() {
-        let targets = [ids[r] as usize, r % seq, type_ids[r] as usize];
-        for (grad, target) in grads.iter_mut().zip(targets) {
-            for (g, &d) in grad[target * hidden..][..hidden].iter_mut().zip(dy) {
-                *g += d as f64;
-            }
-        }
-    }
-    let [word, pos, types] = grads.map(|g| g.iter().map(|&v| v as f32).collect());
-    (word, pos, types)
+    let d_out: Vec<f64> = d_out.iter().map(|&v| v as f64).collect();
+    let narrow = |g: Vec<f64>| g.iter().map(|&v| v as f32).collect();
+    let (word, pos, types) = backward_f64(&d_out, ids, type_ids, seq, hidden, rows);
+    (narrow(word), narrow(pos), narrow(types))
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ fn stats(row: &[f64], eps: f64) -> (f64, f64) {
 }
 
 /// y [M, N], mean [M], rstd [M] for s [M, N].
-fn forward_f64(s: &[f64], gamma: &[f64], beta: &[f64], eps: f64) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+pub fn forward_f64(s: &[f64], gamma: &[f64], beta: &[f64], eps: f64) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let n = gamma.len();
     let (mut y, mut means, mut rstds) = (Vec::new(), Vec::new(), Vec::new());
     for row in s.chunks_exact(n) {
@@ -40,7 +40,7 @@ fn forward_f64(s: &[f64], gamma: &[f64], beta: &[f64], eps: f64) -> (Vec<f64>, V
 }
 
 /// ds [M, N], dgamma [N], dbeta [N] from dy, recomputing the stats of s.
-fn backward_f64(s: &[f64], gamma: &[f64], dy: &[f64], eps: f64) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+pub fn backward_f64(s: &[f64], gamma: &[f64], dy: &[f64], eps: f64) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let n = gamma.len();
     let mut ds = Vec::with_capacity(s.len());
     let mut dgamma = vec![0.0; n];

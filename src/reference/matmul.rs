@@ -1,40 +1,100 @@
 //! Matrix products on the CPU: C = op(A)·op(B), and the backward of a Linear layer.
 
 /// op(A)[i, p] for A stored [M, K] (or [K, M] when transposed).
-fn at(a: &[f32], rows: usize, cols: usize, trans: bool, i: usize, p: usize) -> f64 {
-    if trans { a[p * rows + i] as f64 } else { a[i * cols + p] as f64 }
+fn at(a: &[f64], rows: usize, cols: usize, trans: bool, i: usize, p: usize) -> f64 {
+    if trans { a[p * rows + i] } else { a[i * cols + p] }
 }
 
-/// C[M, N] = op(A)·op(B), packed operands, f64 sums.
-pub fn matmul(a: &[f32], b: &[f32], m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> Vec<f32> {
+fn widen(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| v as f64).collect()
+}
+
+fn narrow(x: &[f64]) -> Vec<f32> {
+    x.iter().map(|&v| v as f32).collect()
+}
+
+/// C[M, N] = op(A)·op(B) in f64, packed operands.
+pub fn matmul_f64(
+    a: &[f64],
+    b: &[f64],
+    m: usize,
+    n: usize,
+    k: usize,
+    trans_a: bool,
+    trans_b: bool,
+) -> Vec<f64> {
     assert_eq!(a.len(), m * k, "A");
     assert_eq!(b.len(), k * n, "B");
-    let mut c = vec![0.0f32; m * n];
+    let mut c = vec![0.0f64; m * n];
     for i in 0..m {
         for j in 0..n {
             let mut sum = 0.0f64;
             for p in 0..k {
                 // op(B)[p, j] for B stored [K, N] (or [N, K]).
-                let bv = if trans_b { b[j * k + p] as f64 } else { b[p * n + j] as f64 };
+                let bv = if trans_b { b[j * k + p] } else { b[p * n + j] };
                 sum += at(a, m, k, trans_a, i, p) * bv;
             }
-            c[i * n + j] = sum as f32;
+            c[i * n + j] = sum;
         }
     }
     c
 }
 
-/// y[M, N] = x[M, K]·Wᵀ + b, with W [N, K] as Hugging Face's Linear stores it.
-pub fn linear_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, n: usize, k: usize) -> Vec<f32> {
-    let mut y = matmul(x, w, m, n, k, false, true);
+/// C[M, N] = op(A)·op(B), packed operands, f64 sums.
+pub fn matmul(a: &[f32], b: &[f32], m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> Vec<f32> {
+    narrow(&matmul_f64(&widen(a), &widen(b), m, n, k, trans_a, trans_b))
+}
+
+/// `linear_forward` in f64.
+pub fn linear_forward_f64(
+    x: &[f64],
+    w: &[f64],
+    bias: Option<&[f64]>,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Vec<f64> {
+    let mut y = matmul_f64(x, w, m, n, k, false, true);
     if let Some(bias) = bias {
         for row in y.chunks_mut(n) {
             for (v, b) in row.iter_mut().zip(bias) {
-                *v = (*v as f64 + *b as f64) as f32;
+                *v += b;
             }
         }
     }
     y
+}
+
+/// y[M, N] = x[M, K]·Wᵀ + b, with W [N, K] as Hugging Face's Linear stores it.
+pub fn linear_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, n: usize, k: usize) -> Vec<f32> {
+    let bias = bias.map(widen);
+    narrow(&linear_forward_f64(&widen(x), &widen(w), bias.as_deref(), m, n, k))
+}
+
+/// `linear_backward` in f64: (dx [M, K], dW [N, K], db [N]).
+pub fn linear_backward_f64(
+    x: &[f64],
+    w: &[f64],
+    dy: &[f64],
+    m: usize,
+    n: usize,
+    k: usize,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let mut dx = vec![0.0; m * k];
+    let mut dw = vec![0.0; n * k];
+    let mut db = vec![0.0; n];
+    for i in 0..m {
+        for p in 0..k {
+            dx[i * k + p] = (0..n).map(|j| dy[i * n + j] * w[j * k + p]).sum::<f64>();
+        }
+    }
+    for j in 0..n {
+        for p in 0..k {
+            dw[j * k + p] = (0..m).map(|i| dy[i * n + j] * x[i * k + p]).sum::<f64>();
+        }
+        db[j] = (0..m).map(|i| dy[i * n + j]).sum::<f64>();
+    }
+    (dx, dw, db)
 }
 
 /// Gradients of `linear_forward`: (dx [M, K], dW [N, K], db [N]).
@@ -46,21 +106,8 @@ pub fn linear_backward(
     n: usize,
     k: usize,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let mut dx = vec![0.0f32; m * k];
-    let mut dw = vec![0.0f32; n * k];
-    let mut db = vec![0.0f32; n];
-    for i in 0..m {
-        for p in 0..k {
-            dx[i * k + p] = (0..n).map(|j| dy[i * n + j] as f64 * w[j * k + p] as f64).sum::<f64>() as f32;
-        }
-    }
-    for j in 0..n {
-        for p in 0..k {
-            dw[j * k + p] = (0..m).map(|i| dy[i * n + j] as f64 * x[i * k + p] as f64).sum::<f64>() as f32;
-        }
-        db[j] = (0..m).map(|i| dy[i * n + j] as f64).sum::<f64>() as f32;
-    }
-    (dx, dw, db)
+    let (dx, dw, db) = linear_backward_f64(&widen(x), &widen(w), &widen(dy), m, n, k);
+    (narrow(&dx), narrow(&dw), narrow(&db))
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! cross-check means something; its own backward passes are checked by finite differences.
 
 pub mod attention;
+pub mod bert;
 pub mod elementwise;
 pub mod embedding;
 pub mod layernorm;

@@ -1,0 +1,117 @@
+//! Exact GPU memory accounting for training the encoder on one (batch, seq) bucket,
+//! without a GPU: the sizes come from the same (name, shape) lists that allocate the
+//! buffers (`param_shapes`, `Activations::plan`, `BatchInputs::plan`).
+
+use super::bert::{Activations, BatchInputs};
+use super::{BertConfig, param_shapes};
+
+/// Bytes a tensor of `shape` occupies: 4-byte elements, and never less than one element
+/// (`Gpu::zeros` gives an empty tensor one element so that it can be bound).
+pub fn tensor_bytes(shape: &[usize]) -> u64 {
+    4 * shape.iter().product::<usize>().max(1) as u64
+}
+
+fn total(list: &[(String, Vec<usize>)]) -> u64 {
+    list.iter().map(|(_, shape)| tensor_bytes(shape)).sum()
+}
+
+/// The byte counts of one training configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemoryPlan {
+    pub parameters: u64,
+    pub gradients: u64,
+    /// Adam's first and second moments: twice the parameters.
+    pub adam: u64,
+    /// Everything in `Activations`: kept forward results and shared scratch.
+    pub activations: u64,
+    /// Everything in `BatchInputs`: ids, types, mask and segment plans.
+    pub inputs: u64,
+}
+
+impl MemoryPlan {
+    pub fn new(config: &BertConfig, batch: usize, seq: usize) -> MemoryPlan {
+        let parameters = total(&param_shapes(config));
+        MemoryPlan {
+            parameters,
+            gradients: parameters,
+            adam: 2 * parameters,
+            activations: total(&Activations::plan(config, batch, seq)),
+            inputs: total(&BatchInputs::plan(config, batch, seq)),
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.parameters + self.gradients + self.adam + self.activations + self.inputs
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:10.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// Activation buffers grouped by name with the layer index taken out, largest first:
+/// (name, count, bytes of all of them).
+fn activation_groups(config: &BertConfig, batch: usize, seq: usize) -> Vec<(String, usize, u64)> {
+    let mut groups: Vec<(String, usize, u64)> = Vec::new();
+    for (name, shape) in Activations::plan(config, batch, seq) {
+        let key: String = name
+            .split('.')
+            .map(|part| if part.chars().all(|c| c.is_ascii_digit()) { "*" } else { part })
+            .collect::<Vec<_>>()
+            .join(".");
+        match groups.iter_mut().find(|(k, _, _)| *k == key) {
+            Some(group) => {
+                group.1 += 1;
+                group.2 += tensor_bytes(&shape);
+            }
+            None => groups.push((key, 1, tensor_bytes(&shape))),
+        }
+    }
+    groups.sort_by(|a, b| b.2.cmp(&a.2).then(a.0.cmp(&b.0)));
+    groups
+}
+
+/// A printable breakdown: totals per kind, then the activation buffers by name.
+pub fn memory_report(config: &BertConfig, batch: usize, seq: usize) -> Vec<String> {
+    let plan = MemoryPlan::new(config, batch, seq);
+    let mut lines = vec![
+        format!(
+            "GPU memory for training: {} layers x {} hidden, batch {batch} x seq {seq}",
+            config.num_hidden_layers, config.hidden_size
+        ),
+        format!("  parameters   {}", mib(plan.parameters)),
+        format!("  gradients    {}", mib(plan.gradients)),
+        format!("  Adam m and v {}", mib(plan.adam)),
+        format!("  activations  {}", mib(plan.activations)),
+        format!("  inputs       {}", mib(plan.inputs)),
+        format!("  total        {}", mib(plan.total())),
+        "  activations by buffer (count x shape class):".to_string(),
+    ];
+    for (name, count, bytes) in activation_groups(config, batch, seq) {
+        lines.push(format!("    {name:24} x{count:<3} {}", mib(bytes)));
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameters_match_the_parameter_count() {
+        let c = BertConfig::base();
+        let plan = MemoryPlan::new(&c, 32, 128);
+        assert_eq!(plan.parameters, 4 * super::super::param_count(&c) as u64);
+        assert_eq!(plan.adam, 2 * plan.parameters);
+    }
+
+    #[test]
+    fn report_lists_every_activation_byte() {
+        let c = BertConfig::tiny(2, 32, 4);
+        let plan = MemoryPlan::new(&c, 3, 7);
+        let grouped: u64 = activation_groups(&c, 3, 7).iter().map(|g| g.2).sum();
+        assert_eq!(grouped, plan.activations);
+        let report = memory_report(&c, 3, 7);
+        assert!(report.iter().any(|line| line.contains("layer.*.pre")), "{report:?}");
+    }
+}
