@@ -1,5 +1,6 @@
 pub mod bench;
 pub mod data;
+pub mod encode;
 pub mod gpu;
 pub mod kernels;
 pub mod model;

@@ -1,7 +1,11 @@
 //! The `pals` command line.
 
-use anyhow::Result;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use pals::encode::{Encoder, Pooling};
 use pals::gpu::{AdapterChoice, Gpu};
 
 #[derive(Parser)]
@@ -45,6 +49,39 @@ enum Command {
         /// Instead: GFLOP/s of every matmul tile candidate on an M×N×K product (e.g. 1024x768x768).
         #[arg(long, value_name = "MxNxK")]
         tiles: Option<String>,
+        /// Instead: the exact training memory (parameters, gradients, Adam state,
+        /// activations) of a model size (base, minilm) or model directory; no GPU needed.
+        #[arg(long, value_name = "SIZE|DIR")]
+        memory: Option<String>,
+        /// Sequences per batch for --memory.
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// Sequence length for --memory.
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+    },
+    /// Embed each line of standard input (or --input) with a BERT checkpoint.
+    Encode {
+        #[command(flatten)]
+        adapter: AdapterArgs,
+        /// Model directory: config.json, model.safetensors, tokenizer.json or vocab.txt.
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, value_enum, default_value_t = Pooling::Mean)]
+        pooling: Pooling,
+        /// Scale each embedding to unit length (as sentence-transformers models do).
+        #[arg(long)]
+        normalize: bool,
+        /// Read sentences from this file instead of standard input.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Write here (.npy → NumPy, else JSON lines) instead of JSON lines on standard output.
+        #[arg(long)]
+        output: Option<PathBuf>,
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 128)]
+        max_length: usize,
     },
 }
 
@@ -58,7 +95,30 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Devices { adapter } => devices(adapter.backend.as_deref()),
-        Command::Bench { adapter, reps, tiles } => {
+        Command::Bench { memory: Some(model), batch, seq, .. } => {
+            let config = model_config(&model)?;
+            for line in pals::model::memory::memory_report(&config, batch, seq) {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        Command::Encode { adapter, model, pooling, normalize, input, output, batch_size, max_length } => {
+            let gpu = adapter.open()?;
+            let text = match &input {
+                Some(path) => {
+                    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+                }
+                None => std::io::read_to_string(std::io::stdin()).context("reading standard input")?,
+            };
+            let lines: Vec<String> = text.lines().map(str::to_string).collect();
+            let mut encoder = Encoder::from_dir(&gpu, &model)?;
+            let mut embeddings = encoder.encode(&lines, pooling, batch_size, max_length)?;
+            if normalize {
+                pals::encode::normalize(&mut embeddings);
+            }
+            write_embeddings(output.as_deref(), &embeddings)
+        }
+        Command::Bench { adapter, reps, tiles, .. } => {
             let gpu = adapter.open()?;
             println!("adapter: {}", gpu.describe());
             if let Some(shape) = tiles {
@@ -82,6 +142,39 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// A named size (base, minilm) or a model directory's config.json.
+fn model_config(model: &str) -> Result<pals::model::BertConfig> {
+    match model {
+        "base" | "bert-base" => Ok(pals::model::BertConfig::base()),
+        "minilm" => Ok(pals::model::BertConfig::minilm()),
+        dir => Ok(pals::model::BertConfig::from_file(Path::new(dir).join("config.json"))?),
+    }
+}
+
+/// JSON lines on standard output, or a file (.npy by extension); files are written to a
+/// temporary name and renamed, so an existing file is never left half-written.
+fn write_embeddings(output: Option<&Path>, embeddings: &[Vec<f32>]) -> Result<()> {
+    let Some(path) = output else {
+        let stdout = std::io::stdout();
+        let mut lock = std::io::BufWriter::new(stdout.lock());
+        pals::encode::write_jsonl(&mut lock, embeddings)?;
+        return Ok(lock.flush()?);
+    };
+    let temporary = path.with_extension("partial");
+    let mut file = std::io::BufWriter::new(
+        std::fs::File::create(&temporary).with_context(|| format!("creating {}", temporary.display()))?,
+    );
+    if path.extension().is_some_and(|e| e == "npy") {
+        pals::encode::write_npy(&mut file, embeddings)?;
+    } else {
+        pals::encode::write_jsonl(&mut file, embeddings)?;
+    }
+    file.flush()?;
+    drop(file);
+    std::fs::rename(&temporary, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
 }
 
 fn devices(backend: Option<&str>) -> Result<()> {

@@ -21,8 +21,8 @@
 //! [`site`]`(l, Site::…)`. Hidden dropout uses `hidden_dropout_prob`, attention dropout
 //! `attention_probs_dropout_prob`.
 
-pub mod config;
 pub mod bert;
+pub mod config;
 pub mod load;
 pub mod memory;
 
