@@ -5,3 +5,4 @@ pub mod gpu;
 pub mod kernels;
 pub mod model;
 pub mod reference;
+pub mod train;
