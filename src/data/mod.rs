@@ -1,5 +1,10 @@
-//! Text in: tokenizers for BERT's WordPiece vocabulary.
+//! Text in: tokenizers for BERT's WordPiece vocabulary, GLUE's files, a tokenization cache,
+//! length-bucketed batches and multi-task sampling.
 
+pub mod batch;
+pub mod cache;
+pub mod glue;
+pub mod sampler;
 pub mod tokenizer;
 
 pub use tokenizer::{Encoded, Tokenizer, TokenizerError};
