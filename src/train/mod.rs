@@ -1,8 +1,9 @@
-//! Training bookkeeping on the host: the official GLUE metrics, the learning-rate schedule,
-//! the JSON-lines metrics log and its SVG plot. Nothing here touches the GPU.
+//! Training: the optimizer state on the GPU, and the bookkeeping on the host — official
+//! GLUE metrics, the learning-rate schedule, the JSON-lines metrics log and its SVG plot.
 
 pub mod log;
 pub mod metrics;
+pub mod optim;
 pub mod plot;
 pub mod schedule;
 
