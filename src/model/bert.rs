@@ -26,7 +26,7 @@ use crate::kernels::layernorm::{self, LayerNorm, LayerNormGrads, LayerNormScratc
 use crate::kernels::matmul::{Epilogue, Matmul, matmul};
 use crate::kernels::reduce;
 
-fn shape_error(op: &str, detail: String) -> GpuError {
+pub(crate) fn shape_error(op: &str, detail: String) -> GpuError {
     GpuError::Shape { op: op.into(), detail }
 }
 
@@ -129,10 +129,10 @@ impl ParamTensors {
 
 /// What a builder calls for every buffer it needs: (name, shape) to a tensor, or to
 /// nothing when only the list is wanted (the memory report).
-type Alloc<'a, T> = &'a mut dyn FnMut(String, &[usize]) -> Result<T, GpuError>;
+pub(crate) type Alloc<'a, T> = &'a mut dyn FnMut(String, &[usize]) -> Result<T, GpuError>;
 
 /// The (name, shape) list of what `build` allocates, without a GPU.
-fn plan_of<S>(build: impl FnOnce(Alloc<()>) -> Result<S, GpuError>) -> Vec<(String, Vec<usize>)> {
+pub(crate) fn plan_of<S>(build: impl FnOnce(Alloc<()>) -> Result<S, GpuError>) -> Vec<(String, Vec<usize>)> {
     let mut list = Vec::new();
     build(&mut |name, shape| {
         list.push((name, shape.to_vec()));
@@ -143,7 +143,7 @@ fn plan_of<S>(build: impl FnOnce(Alloc<()>) -> Result<S, GpuError>) -> Vec<(Stri
 }
 
 /// Runs `build` allocating zeroed GPU tensors; returns its result and every tensor made.
-fn allocate<S>(
+pub(crate) fn allocate<S>(
     gpu: &Gpu,
     build: impl FnOnce(Alloc<Tensor>) -> Result<S, GpuError>,
 ) -> Result<(S, Vec<Tensor>), GpuError> {
@@ -286,7 +286,7 @@ impl<T> ActivationSet<T> {
         })
     }
 
-    fn rows(&self) -> usize {
+    pub fn rows(&self) -> usize {
         self.batch * self.seq
     }
 }
@@ -472,18 +472,18 @@ pub struct Bert {
 }
 
 /// Dropout at `site` with probability `p`, or none when the step has no key or p is 0.
-fn dropout_spec(key: Option<DropoutKey>, p: f64, site: u32) -> Option<DropoutSpec> {
+pub(crate) fn dropout_spec(key: Option<DropoutKey>, p: f64, site: u32) -> Option<DropoutSpec> {
     let key = key?;
     (p > 0.0).then(|| DropoutSpec { p: p as f32, seed: key.seed, stream: dropout_stream(key.step, site) })
 }
 
 /// y = x: a dropout that drops nothing multiplies by exactly 1.
-fn copy(rec: &mut Recorder, x: &Tensor, y: &Tensor) -> Result<(), GpuError> {
+pub(crate) fn copy(rec: &mut Recorder, x: &Tensor, y: &Tensor) -> Result<(), GpuError> {
     elementwise::dropout(rec, x, y, DropoutSpec { p: 0.0, seed: 0, stream: 0 })
 }
 
 /// dy through dropout's backward (the same mask): into `scratch`, or dy itself without dropout.
-fn dropout_backward<'t>(
+pub(crate) fn dropout_backward<'t>(
     rec: &mut Recorder,
     dy: &'t Tensor,
     scratch: &'t Tensor,
@@ -498,9 +498,142 @@ fn dropout_backward<'t>(
     }
 }
 
-fn stats<'a>(mean: &'a Tensor, rstd: &'a Tensor) -> LayerNormStats<'a> {
+pub(crate) fn stats<'a>(mean: &'a Tensor, rstd: &'a Tensor) -> LayerNormStats<'a> {
     LayerNormStats { mean, rstd }
 }
+
+/// y = x·Wᵀ (+ epilogue) for x [rows, in] and W [out, in].
+pub(crate) fn linear(
+    rec: &mut Recorder,
+    rows: usize,
+    x: &Tensor,
+    w: &Tensor,
+    y: &Tensor,
+    epilogue: Epilogue,
+) -> Result<(), GpuError> {
+    let op = Matmul::new(rows, w.shape[0], w.shape[1]).trans_b();
+    matmul(rec, x, w, y, &op, epilogue)
+}
+
+/// Where the parameter gradients of a Linear go: overwritten, or accumulated for a layer
+/// shared by several call sites (PALs' encoder and decoder serve every layer).
+pub(crate) struct LinearGrads<'t> {
+    pub dw: &'t Tensor,
+    pub db: &'t Tensor,
+    pub accumulate: bool,
+}
+
+/// Gradients of y = x·Wᵀ + b from dy [rows, out]: db = colsum(dy), dW = dyᵀ·x (both
+/// overwritten or accumulated), and dx = dy·W, or dx += dy·W with `Epilogue::Accumulate`,
+/// when `dx` is given. `colsum_scratch` holds the column sum's partials.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn linear_backward(
+    rec: &mut Recorder,
+    rows: usize,
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    grads: LinearGrads,
+    dx: Option<(&Tensor, Epilogue)>,
+    colsum_scratch: &Tensor,
+) -> Result<(), GpuError> {
+    let (out, inner) = (w.shape[0], w.shape[1]);
+    reduce::colsum_with_scratch(rec, dy, grads.db, grads.accumulate, colsum_scratch)?;
+    let dw_epilogue = if grads.accumulate { Epilogue::Accumulate } else { Epilogue::None };
+    matmul(rec, dy, x, grads.dw, &Matmul::new(out, inner, rows).trans_a(), dw_epilogue)?;
+    match dx {
+        Some((dx, epilogue)) => matmul(rec, dy, w, dx, &Matmul::new(rows, inner, out), epilogue),
+        None => Ok(()),
+    }
+}
+
+/// Terms that a method adds inside every encoder layer (model/tasks.rs implements them for
+/// PALs, low-rank layers and adapters). Every point defaults to doing nothing, which is the
+/// plain encoder ([`NoHook`]). In layer l's forward, with the hook's terms written T1, T2:
+///
+/// ```text
+/// a   = LN1(attn_drop + h),  attn_drop = Dropout_ao(ctx·Woᵀ + bo) + T1   (attention_output)
+/// out = LN2(ffn_drop + a),   ffn_drop  = Dropout_ffn(FFN(a)) + T2         (ffn_output)
+/// ```
+///
+/// The backward calls, in layer l, in this order:
+/// 1. `ffn_output_backward`: `acts.grad_y` holds d(LN2's input) = dT2; read it, don't write it.
+/// 2. `ffn_input_backward`: `acts.grad_y` holds d a (LN2's residual and the FFN's share); add
+///    the hook's share.
+/// 3. `attention_output_backward`: `acts.grad_x` holds d(LN1's input) = dT1, which is also
+///    d h through the residual, so it must stay as it is: return the tensor holding
+///    d Dropout_ao(…) (`grad_x` itself, or a hook buffer with the hook's share added).
+/// 4. `input_backward`: `acts.grad_x` holds d h; add the hook's share.
+///
+/// A term that replaces the sequence output (top projected attention) would need two more
+/// points: after the last layer (overwriting `hidden[L]` after saving it) and before the
+/// pooler's backward.
+pub trait LayerHook {
+    fn attention_output(
+        &self,
+        _rec: &mut Recorder,
+        _acts: &Activations,
+        _inputs: &BatchInputs,
+        _layer: usize,
+        _key: Option<DropoutKey>,
+    ) -> Result<(), GpuError> {
+        Ok(())
+    }
+
+    fn ffn_output(
+        &self,
+        _rec: &mut Recorder,
+        _acts: &Activations,
+        _inputs: &BatchInputs,
+        _layer: usize,
+        _key: Option<DropoutKey>,
+    ) -> Result<(), GpuError> {
+        Ok(())
+    }
+
+    fn ffn_output_backward(
+        &self,
+        _rec: &mut Recorder,
+        _acts: &Activations,
+        _inputs: &BatchInputs,
+        _layer: usize,
+        _key: Option<DropoutKey>,
+    ) -> Result<(), GpuError> {
+        Ok(())
+    }
+
+    fn ffn_input_backward(
+        &self,
+        _rec: &mut Recorder,
+        _acts: &Activations,
+        _layer: usize,
+    ) -> Result<(), GpuError> {
+        Ok(())
+    }
+
+    fn attention_output_backward<'a>(
+        &'a self,
+        _rec: &mut Recorder,
+        acts: &'a Activations,
+        _layer: usize,
+    ) -> Result<&'a Tensor, GpuError> {
+        Ok(&acts.grad_x)
+    }
+
+    fn input_backward(
+        &self,
+        _rec: &mut Recorder,
+        _acts: &Activations,
+        _layer: usize,
+    ) -> Result<(), GpuError> {
+        Ok(())
+    }
+}
+
+/// The plain encoder: no task-specific terms.
+pub struct NoHook;
+
+impl LayerHook for NoHook {}
 
 impl Bert {
     /// Uploads `weights` (named as `param_shapes`; extra entries are ignored) and allocates
@@ -609,8 +742,7 @@ impl Bert {
         y: &Tensor,
         epilogue: Epilogue,
     ) -> Result<(), GpuError> {
-        let op = Matmul::new(acts.rows(), w.shape[0], w.shape[1]).trans_b();
-        matmul(rec, x, w, y, &op, epilogue)
+        linear(rec, acts.rows(), x, w, y, epilogue)
     }
 
     /// out = Dropout(x·Wᵀ + b): straight into `out` without dropout, else through `acts.sub`.
@@ -647,10 +779,8 @@ impl Bert {
         dx: &Tensor,
         dx_epilogue: Epilogue,
     ) -> Result<(), GpuError> {
-        let (rows, out, inner) = (acts.rows(), w.shape[0], w.shape[1]);
-        reduce::colsum_with_scratch(rec, dy, db, false, &acts.colsum)?;
-        matmul(rec, dy, x, dw, &Matmul::new(out, inner, rows).trans_a(), Epilogue::None)?;
-        matmul(rec, dy, w, dx, &Matmul::new(rows, inner, out), dx_epilogue)
+        let grads = LinearGrads { dw, db, accumulate: false };
+        linear_backward(rec, acts.rows(), x, w, dy, grads, Some((dx, dx_epilogue)), &acts.colsum)
     }
 
     fn layernorm_backward(
@@ -675,6 +805,18 @@ impl Bert {
         inputs: &BatchInputs,
         dropout: Option<DropoutKey>,
     ) -> Result<(), GpuError> {
+        self.forward_with(rec, acts, inputs, dropout, &NoHook)
+    }
+
+    /// `forward` with the terms of `hook` inside every layer.
+    pub fn forward_with(
+        &self,
+        rec: &mut Recorder,
+        acts: &Activations,
+        inputs: &BatchInputs,
+        dropout: Option<DropoutKey>,
+        hook: &dyn LayerHook,
+    ) -> Result<(), GpuError> {
         self.check_bucket("Bert::forward", acts, inputs)?;
         let p = &self.params;
         let input = &inputs.buffers;
@@ -694,7 +836,7 @@ impl Bert {
             elementwise::dropout(rec, &acts.sub, &acts.hidden[0], spec)?;
         }
         for l in 0..self.config.num_hidden_layers {
-            self.layer_forward(rec, acts, inputs, l, dropout)?;
+            self.layer_forward(rec, acts, inputs, l, dropout, hook)?;
         }
         self.pooler_forward(rec, acts)
     }
@@ -706,6 +848,7 @@ impl Bert {
         inputs: &BatchInputs,
         l: usize,
         key: Option<DropoutKey>,
+        hook: &dyn LayerHook,
     ) -> Result<(), GpuError> {
         let (p, x) = (&self.params.layers[l], &acts.layers[l]);
         let (h_in, h_out) = (&acts.hidden[l], &acts.hidden[l + 1]);
@@ -720,6 +863,7 @@ impl Bert {
         attention::attention_forward(rec, shape, &x.q, &x.k, &x.v, mask, &x.ctx, &x.lse, scale, attn_drop)?;
         let drop = self.hidden_dropout(key, site(l, Site::AttentionOutput));
         self.linear_dropout(rec, acts, &x.ctx, &p.attn_out_w, &p.attn_out_b, &x.attn_drop, drop)?;
+        hook.attention_output(rec, acts, inputs, l, key)?;
         let ln1 = self.layernorm(&p.ln1_gamma, &p.ln1_beta);
         layernorm::layernorm_forward(
             rec,
@@ -733,6 +877,7 @@ impl Bert {
         self.linear(rec, acts, &x.a, &p.ffn_in_w, &acts.ffn_a, gelu)?;
         let drop = self.hidden_dropout(key, site(l, Site::FfnOutput));
         self.linear_dropout(rec, acts, &acts.ffn_a, &p.ffn_out_w, &p.ffn_out_b, &x.ffn_drop, drop)?;
+        hook.ffn_output(rec, acts, inputs, l, key)?;
         let ln2 = self.layernorm(&p.ln2_gamma, &p.ln2_beta);
         layernorm::layernorm_forward(
             rec,
@@ -767,10 +912,26 @@ impl Bert {
         d_pooled: &Tensor,
         dropout: Option<DropoutKey>,
     ) -> Result<(), GpuError> {
+        self.backward_with(rec, acts, inputs, Some(d_seq), d_pooled, dropout, &NoHook)
+    }
+
+    /// `backward` after `forward_with` the same `hook`; `d_seq` None means a zero gradient
+    /// of the sequence output (a loss on the pooled output alone).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_with(
+        &self,
+        rec: &mut Recorder,
+        acts: &Activations,
+        inputs: &BatchInputs,
+        d_seq: Option<&Tensor>,
+        d_pooled: &Tensor,
+        dropout: Option<DropoutKey>,
+        hook: &dyn LayerHook,
+    ) -> Result<(), GpuError> {
         self.check_bucket("Bert::backward", acts, inputs)?;
         self.pooler_backward(rec, acts, d_seq, d_pooled)?;
         for l in (0..self.config.num_hidden_layers).rev() {
-            self.layer_backward(rec, acts, inputs, l, dropout)?;
+            self.layer_backward(rec, acts, inputs, l, dropout, hook)?;
         }
         let (p, g) = (&self.params, &self.grads);
         let d_ln =
@@ -782,12 +943,13 @@ impl Bert {
         embedding::embedding_backward(rec, &acts.grad_y, &inputs.plan, &g.embeddings())
     }
 
-    /// Pooler gradients; leaves d(sequence output) = d_seq + the pooler's share in grad_x.
+    /// Pooler gradients; leaves d(sequence output) = d_seq (or 0) + the pooler's share in
+    /// grad_x.
     fn pooler_backward(
         &self,
         rec: &mut Recorder,
         acts: &Activations,
-        d_seq: &Tensor,
+        d_seq: Option<&Tensor>,
         d_pooled: &Tensor,
     ) -> Result<(), GpuError> {
         let (b, s, h) = (acts.batch, acts.seq, self.config.hidden_size);
@@ -797,7 +959,10 @@ impl Bert {
         reduce::colsum_with_scratch(rec, &acts.pooler, &g.pooler_b, false, &acts.colsum)?;
         let dw = Matmul { ldb: Some(s * h), ..Matmul::new(h, h, b).trans_a() };
         matmul(rec, &acts.pooler, seq_out, &g.pooler_w, &dw, Epilogue::None)?;
-        copy(rec, d_seq, &acts.grad_x)?;
+        match d_seq {
+            Some(d_seq) => copy(rec, d_seq, &acts.grad_x)?,
+            None => embedding::zero_fill(rec, &acts.grad_x)?,
+        }
         let dx = Matmul { ldc: Some(s * h), ..Matmul::new(b, h, h) };
         matmul(rec, &acts.pooler, &p.pooler_w, &acts.grad_x, &dx, Epilogue::Accumulate)
     }
@@ -810,6 +975,7 @@ impl Bert {
         inputs: &BatchInputs,
         l: usize,
         key: Option<DropoutKey>,
+        hook: &dyn LayerHook,
     ) -> Result<(), GpuError> {
         let (p, g, x) = (&self.params.layers[l], &self.grads.layers[l], &acts.layers[l]);
         let h_in = &acts.hidden[l];
@@ -818,6 +984,7 @@ impl Bert {
         let grads = LayerNormGrads { dx: &acts.grad_y, dgamma: &g.ln2_gamma, dbeta: &g.ln2_beta };
         let ln_stats = stats(&x.ln2_mean, &x.ln2_rstd);
         self.layernorm_backward(rec, acts, (&ln2, ln_stats), (&x.ffn_drop, Some(&x.a)), &acts.grad_x, grads)?;
+        hook.ffn_output_backward(rec, acts, inputs, l, key)?;
         let drop = self.hidden_dropout(key, site(l, Site::FfnOutput));
         let d_ffn_out = dropout_backward(rec, &acts.grad_y, &acts.sub, drop)?;
         // The FFN: GELU(pre) is recomputed rather than kept; d pre ends in ffn_a.
@@ -845,6 +1012,7 @@ impl Bert {
             &acts.grad_y,
             Epilogue::Accumulate,
         )?;
+        hook.ffn_input_backward(rec, acts, l)?;
         // a = LN1(attn_drop + h): grad_x = d attn_drop = d h through the residual.
         let ln1 = self.layernorm(&p.ln1_gamma, &p.ln1_beta);
         let grads = LayerNormGrads { dx: &acts.grad_x, dgamma: &g.ln1_gamma, dbeta: &g.ln1_beta };
@@ -857,8 +1025,9 @@ impl Bert {
             &acts.grad_y,
             grads,
         )?;
+        let d_attn_drop = hook.attention_output_backward(rec, acts, l)?;
         let drop = self.hidden_dropout(key, site(l, Site::AttentionOutput));
-        let d_attn_out = dropout_backward(rec, &acts.grad_x, &acts.sub, drop)?;
+        let d_attn_out = dropout_backward(rec, d_attn_drop, &acts.sub, drop)?;
         let attn_out_grads = (&g.attn_out_w, &g.attn_out_b);
         self.linear_backward(
             rec,
@@ -886,6 +1055,6 @@ impl Bert {
         for (dy, w, grads) in projections {
             self.linear_backward(rec, acts, h_in, w, dy, grads, &acts.grad_x, Epilogue::Accumulate)?;
         }
-        Ok(())
+        hook.input_backward(rec, acts, l)
     }
 }

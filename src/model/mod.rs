@@ -20,11 +20,16 @@
 //! ((b·heads + h)·S + i)·S + j). Sites: [`SITE_EMBEDDINGS`], then per layer l
 //! [`site`]`(l, Site::…)`. Hidden dropout uses `hidden_dropout_prob`, attention dropout
 //! `attention_probs_dropout_prob`.
+//!
+//! Multi-task training adds task-specific terms inside the layers and per-task heads:
+//! model/tasks.rs (the methods, their parameter names and the step) and
+//! reference/tasks.rs.
 
 pub mod bert;
 pub mod config;
 pub mod load;
 pub mod memory;
+pub mod tasks;
 
 pub use config::BertConfig;
 

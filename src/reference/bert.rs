@@ -23,14 +23,16 @@ pub struct LayerCache {
     pub v: Vec<f64>,
     /// Attention output before the output projection [B·S, H].
     pub ctx: Vec<f64>,
-    /// LN1's input: Dropout_ao(ctx·Woᵀ + bo) + h [B·S, H].
+    /// Dropout_ao(ctx·Woᵀ + bo) [B·S, H]: what a hook's attention term reads.
+    pub attn_out: Vec<f64>,
+    /// LN1's input: attn_out + h (+ the hook's attention term) [B·S, H].
     pub s1: Vec<f64>,
     /// LN1's output a [B·S, H].
     pub a: Vec<f64>,
     /// a·W1ᵀ + b1 and its GELU [B·S, I].
     pub ff_pre: Vec<f64>,
     pub ff_act: Vec<f64>,
-    /// LN2's input: Dropout_ffn(ff_act·W2ᵀ + b2) + a [B·S, H].
+    /// LN2's input: Dropout_ffn(ff_act·W2ᵀ + b2) + a (+ the hook's FFN term) [B·S, H].
     pub s2: Vec<f64>,
 }
 
@@ -120,6 +122,80 @@ fn add(x: &[f64], y: &[f64]) -> Vec<f64> {
     x.iter().zip(y).map(|(a, b)| a + b).collect()
 }
 
+/// x + y, or x alone when there is no y.
+fn add_some(x: Vec<f64>, y: Option<Vec<f64>>) -> Vec<f64> {
+    match y {
+        Some(y) => add(&x, &y),
+        None => x,
+    }
+}
+
+/// What a hook sees of the pass: the layer, the batch's shape and mask, the dropout key.
+pub struct HookContext<'a> {
+    pub layer: usize,
+    pub batch: usize,
+    pub seq: usize,
+    /// The additive mask (1 − mask)·(−10000) [B, S].
+    pub mask: &'a [f64],
+    pub dropout: Option<DropoutKey>,
+}
+
+impl HookContext<'_> {
+    pub fn rows(&self) -> usize {
+        self.batch * self.seq
+    }
+}
+
+/// Terms a method adds inside every encoder layer (reference::tasks implements them), as
+/// the GPU's `model::bert::LayerHook`; `None` is no term. In layer l, with x =
+/// Dropout_ao(ctx·Woᵀ + bo):
+///
+/// ```text
+/// a   = LN1(x + h + attention_term(x))
+/// out = LN2(Dropout_ffn(FFN(a)) + a + ffn_term(h, a))
+/// ```
+///
+/// The backward of each term gets its output's gradient, stores its parameters'
+/// gradients in `g` (adding to what is there for a parameter shared by several layers) and
+/// returns its inputs' gradients. A hook recomputes its intermediates from the inputs.
+pub trait LayerHook {
+    fn attention_term(&self, _ctx: &HookContext, _x: &[f64]) -> Option<Vec<f64>> {
+        None
+    }
+
+    fn ffn_term(&self, _ctx: &HookContext, _h: &[f64], _a: &[f64]) -> Option<Vec<f64>> {
+        None
+    }
+
+    /// d x, or None when the term does not depend on x.
+    fn attention_term_backward(
+        &self,
+        _ctx: &HookContext,
+        _x: &[f64],
+        _d_term: &[f64],
+        _g: &mut Grads,
+    ) -> Option<Vec<f64>> {
+        None
+    }
+
+    /// (d h, d a), each None when the term does not depend on it.
+    fn ffn_term_backward(
+        &self,
+        _ctx: &HookContext,
+        _h: &[f64],
+        _a: &[f64],
+        _d_term: &[f64],
+        _g: &mut Grads,
+    ) -> (Option<Vec<f64>>, Option<Vec<f64>>) {
+        (None, None)
+    }
+}
+
+/// The plain encoder: no terms.
+pub struct NoHook;
+
+impl LayerHook for NoHook {}
+
 fn dot(x: &[f64], y: &[f64]) -> f64 {
     x.iter().zip(y).map(|(a, b)| a * b).sum()
 }
@@ -173,7 +249,7 @@ impl LayerParams {
 }
 
 /// Gradients by parameter name, in f64.
-type Grads = BTreeMap<String, Vec<f64>>;
+pub type Grads = BTreeMap<String, Vec<f64>>;
 
 // ----------------------------------------------------------------------------------------
 // Forward
@@ -200,31 +276,35 @@ fn embeddings_forward(
 }
 
 /// One encoder layer: (cache, out).
+#[allow(clippy::too_many_arguments)]
 fn layer_forward(
     c: &BertConfig,
     p: &LayerParams,
     x: &[f64],
-    mask: &[f64],
+    ctx: &HookContext,
     d: &Dims,
     drop: &Dropout,
-    l: usize,
+    hook: &dyn LayerHook,
 ) -> (LayerCache, Vec<f64>) {
+    let (l, mask) = (ctx.layer, ctx.mask);
     let (rows, h, i) = (d.rows, d.hidden, d.inter);
     let linear = matmul::linear_forward_f64;
     let q = linear(x, &p.wq, Some(&p.bq), rows, h, h);
     let k = linear(x, &p.wk, Some(&p.bk), rows, h, h);
     let v = linear(x, &p.wv, Some(&p.bv), rows, h, h);
     let scale = 1.0 / (d.attn.head_dim as f64).sqrt();
-    let (ctx, _) = attention::forward_f64(&d.attn, &q, &k, &v, mask, scale, &drop.attention(l));
-    let proj = linear(&ctx, &p.wo, Some(&p.bo), rows, h, h);
-    let s1 = add(&drop.hidden(&proj, site(l, Site::AttentionOutput)), x);
+    let (attn, _) = attention::forward_f64(&d.attn, &q, &k, &v, mask, scale, &drop.attention(l));
+    let proj = linear(&attn, &p.wo, Some(&p.bo), rows, h, h);
+    let attn_out = drop.hidden(&proj, site(l, Site::AttentionOutput));
+    let s1 = add_some(add(&attn_out, x), hook.attention_term(ctx, &attn_out));
     let (a, _, _) = layernorm::forward_f64(&s1, &p.ln1_g, &p.ln1_b, c.layer_norm_eps);
     let ff_pre = linear(&a, &p.w1, Some(&p.b1), rows, i, h);
     let ff_act: Vec<f64> = ff_pre.iter().map(|&z| elementwise::gelu(z)).collect();
     let ff_out = linear(&ff_act, &p.w2, Some(&p.b2), rows, h, i);
     let s2 = add(&drop.hidden(&ff_out, site(l, Site::FfnOutput)), &a);
+    let s2 = add_some(s2, hook.ffn_term(ctx, x, &a));
     let (out, _, _) = layernorm::forward_f64(&s2, &p.ln2_g, &p.ln2_b, c.layer_norm_eps);
-    let cache = LayerCache { input: x.to_vec(), q, k, v, ctx, s1, a, ff_pre, ff_act, s2 };
+    let cache = LayerCache { input: x.to_vec(), q, k, v, ctx: attn, attn_out, s1, a, ff_pre, ff_act, s2 };
     (cache, out)
 }
 
@@ -251,13 +331,25 @@ pub fn forward(
     batch: &EncoderBatch,
     dropout: Option<DropoutKey>,
 ) -> (BertCache, Vec<f32>, Vec<f32>) {
+    forward_with(config, weights, batch, dropout, &NoHook)
+}
+
+/// `forward` with the terms of `hook` inside every layer.
+pub fn forward_with(
+    config: &BertConfig,
+    weights: &Weights,
+    batch: &EncoderBatch,
+    dropout: Option<DropoutKey>,
+    hook: &dyn LayerHook,
+) -> (BertCache, Vec<f32>, Vec<f32>) {
     let d = Dims::new(config, batch);
     let drop = Dropout::new(config, dropout);
     let mask: Vec<f64> = batch.additive_mask().iter().map(|&m| m as f64).collect();
     let (emb_sum, mut h) = embeddings_forward(config, weights, batch, &drop);
     let mut layers = Vec::with_capacity(config.num_hidden_layers);
     for l in 0..config.num_hidden_layers {
-        let (cache, out) = layer_forward(config, &LayerParams::load(weights, l), &h, &mask, &d, &drop, l);
+        let ctx = HookContext { layer: l, batch: batch.batch, seq: batch.seq, mask: &mask, dropout };
+        let (cache, out) = layer_forward(config, &LayerParams::load(weights, l), &h, &ctx, &d, &drop, hook);
         layers.push(cache);
         h = out;
     }
@@ -300,41 +392,45 @@ fn layer_backward(
     c: &BertConfig,
     p: &LayerParams,
     cache: &LayerCache,
-    mask: &[f64],
+    ctx: &HookContext,
     d: &Dims,
     drop: &Dropout,
-    l: usize,
+    hook: &dyn LayerHook,
     d_out: &[f64],
     g: &mut Grads,
 ) -> Vec<f64> {
     let (rows, h, i) = (d.rows, d.hidden, d.inter);
+    let (l, mask) = (ctx.layer, ctx.mask);
     let eps = c.layer_norm_eps;
     let linear = matmul::linear_backward_f64;
-    let mut put = |name: &str, grad: Vec<f64>| g.insert(format!("{}{name}", layer_prefix(l)), grad);
+    let put =
+        |g: &mut Grads, name: &str, grad: Vec<f64>| g.insert(format!("{}{name}", layer_prefix(l)), grad);
 
     // out = LN2(s2), s2 = Dropout_ffn(ff_out) + a.
     let (d_s2, d_ln2_g, d_ln2_b) = layernorm::backward_f64(&cache.s2, &p.ln2_g, d_out, eps);
-    put("output.LayerNorm.weight", d_ln2_g);
-    put("output.LayerNorm.bias", d_ln2_b);
+    let (d_x_hook, d_a_hook) = hook.ffn_term_backward(ctx, &cache.input, &cache.a, &d_s2, g);
+    put(g, "output.LayerNorm.weight", d_ln2_g);
+    put(g, "output.LayerNorm.bias", d_ln2_b);
     let d_ff_out = drop.hidden(&d_s2, site(l, Site::FfnOutput));
     let (d_ff_act, d_w2, d_b2) = linear(&cache.ff_act, &p.w2, &d_ff_out, rows, h, i);
-    put("output.dense.weight", d_w2);
-    put("output.dense.bias", d_b2);
+    put(g, "output.dense.weight", d_w2);
+    put(g, "output.dense.bias", d_b2);
     let d_ff_pre: Vec<f64> =
         d_ff_act.iter().zip(&cache.ff_pre).map(|(dy, &z)| dy * elementwise::gelu_grad(z)).collect();
     let (d_a_ffn, d_w1, d_b1) = linear(&cache.a, &p.w1, &d_ff_pre, rows, i, h);
-    put("intermediate.dense.weight", d_w1);
-    put("intermediate.dense.bias", d_b1);
-    let d_a = add(&d_s2, &d_a_ffn);
+    put(g, "intermediate.dense.weight", d_w1);
+    put(g, "intermediate.dense.bias", d_b1);
+    let d_a = add_some(add(&d_s2, &d_a_ffn), d_a_hook);
 
     // a = LN1(s1), s1 = Dropout_ao(ctx·Woᵀ + bo) + h.
     let (d_s1, d_ln1_g, d_ln1_b) = layernorm::backward_f64(&cache.s1, &p.ln1_g, &d_a, eps);
-    put("attention.output.LayerNorm.weight", d_ln1_g);
-    put("attention.output.LayerNorm.bias", d_ln1_b);
-    let d_proj = drop.hidden(&d_s1, site(l, Site::AttentionOutput));
+    put(g, "attention.output.LayerNorm.weight", d_ln1_g);
+    put(g, "attention.output.LayerNorm.bias", d_ln1_b);
+    let d_attn_out = add_some(d_s1.clone(), hook.attention_term_backward(ctx, &cache.attn_out, &d_s1, g));
+    let d_proj = drop.hidden(&d_attn_out, site(l, Site::AttentionOutput));
     let (d_ctx, d_wo, d_bo) = linear(&cache.ctx, &p.wo, &d_proj, rows, h, h);
-    put("attention.output.dense.weight", d_wo);
-    put("attention.output.dense.bias", d_bo);
+    put(g, "attention.output.dense.weight", d_wo);
+    put(g, "attention.output.dense.bias", d_bo);
     let scale = 1.0 / (d.attn.head_dim as f64).sqrt();
     let (d_q, d_k, d_v) = attention::backward_f64(
         &d.attn,
@@ -346,11 +442,11 @@ fn layer_backward(
         scale,
         &drop.attention(l),
     );
-    let mut d_x = d_s1;
+    let mut d_x = add_some(d_s1, d_x_hook);
     for (which, d_y, w) in [("query", d_q, &p.wq), ("key", d_k, &p.wk), ("value", d_v, &p.wv)] {
         let (d_x_part, d_w, d_b) = linear(&cache.input, w, &d_y, rows, h, h);
-        put(&format!("attention.self.{which}.weight"), d_w);
-        put(&format!("attention.self.{which}.bias"), d_b);
+        put(g, &format!("attention.self.{which}.weight"), d_w);
+        put(g, &format!("attention.self.{which}.bias"), d_b);
         d_x = add(&d_x, &d_x_part);
     }
     d_x
@@ -383,6 +479,24 @@ pub fn backward(
     d_seq: &[f32],
     d_pooled: &[f32],
 ) -> Weights {
+    let widen = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+    let (grads, rest) =
+        backward_with(config, weights, batch, cache, &widen(d_seq), &widen(d_pooled), &NoHook);
+    assert!(rest.is_empty(), "gradients without a parameter: {:?}", rest.keys());
+    grads
+}
+
+/// `backward` after `forward_with` the same `hook`, from f64 output gradients: the encoder's
+/// gradients by name, and what the hook stored (its parameters' gradients, in f64).
+pub fn backward_with(
+    config: &BertConfig,
+    weights: &Weights,
+    batch: &EncoderBatch,
+    cache: &BertCache,
+    d_seq: &[f64],
+    d_pooled: &[f64],
+    hook: &dyn LayerHook,
+) -> (Weights, Grads) {
     let d = Dims::new(config, batch);
     assert_eq!(d_seq.len(), d.rows * d.hidden, "d_seq");
     assert_eq!(d_pooled.len(), batch.batch * d.hidden, "d_pooled");
@@ -390,26 +504,28 @@ pub fn backward(
     let mask: Vec<f64> = batch.additive_mask().iter().map(|&m| m as f64).collect();
     let mut g = Grads::new();
 
-    let d_pooled: Vec<f64> = d_pooled.iter().map(|&v| v as f64).collect();
-    let d_cls = pooler_backward(weights, cache, batch.batch, d.hidden, &d_pooled, &mut g);
-    let mut d_h: Vec<f64> = d_seq.iter().map(|&v| v as f64).collect();
+    let d_cls = pooler_backward(weights, cache, batch.batch, d.hidden, d_pooled, &mut g);
+    let mut d_h = d_seq.to_vec();
     for (b, d_row) in d_cls.chunks_exact(d.hidden).enumerate() {
         let row = &mut d_h[b * batch.seq * d.hidden..][..d.hidden];
         row.iter_mut().zip(d_row).for_each(|(x, y)| *x += y);
     }
     for l in (0..config.num_hidden_layers).rev() {
         let p = LayerParams::load(weights, l);
-        d_h = layer_backward(config, &p, &cache.layers[l], &mask, &d, &drop, l, &d_h, &mut g);
+        let ctx =
+            HookContext { layer: l, batch: batch.batch, seq: batch.seq, mask: &mask, dropout: cache.dropout };
+        d_h = layer_backward(config, &p, &cache.layers[l], &ctx, &d, &drop, hook, &d_h, &mut g);
     }
     embeddings_backward(config, weights, batch, cache, &drop, &d_h, &mut g);
 
-    param_shapes(config)
+    let grads = param_shapes(config)
         .into_iter()
         .map(|(name, shape)| {
             let grad = g.remove(&name).unwrap_or_else(|| panic!("no gradient for {name}"));
             (name, HostTensor::new(&shape, grad.iter().map(|&v| v as f32).collect()))
         })
-        .collect()
+        .collect();
+    (grads, g)
 }
 
 /// Σ(d_seq ⊙ sequence) + Σ(d_pooled ⊙ pooled) from a forward's f64 outputs: the scalar

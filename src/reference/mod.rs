@@ -12,6 +12,7 @@ pub mod matmul;
 pub mod optimizer;
 pub mod reduce;
 pub mod rng;
+pub mod tasks;
 
 /// Central finite difference of a scalar function of `x` at element `i`, in f64.
 pub fn finite_difference(x: &[f64], i: usize, h: f64, f: &dyn Fn(&[f64]) -> f64) -> f64 {

@@ -1,6 +1,7 @@
 //! Training: the optimizer state on the GPU, and the bookkeeping on the host — official
 //! GLUE metrics, the learning-rate schedule, the JSON-lines metrics log and its SVG plot.
 
+pub mod checkpoint;
 pub mod log;
 pub mod metrics;
 pub mod optim;
