@@ -7,6 +7,8 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use pals::encode::{Encoder, Pooling};
 use pals::gpu::{AdapterChoice, Gpu};
+use pals::train::commands;
+use pals::train::trainer::TrainSettings;
 
 #[derive(Parser)]
 #[command(name = "pals", version, about = "BERT and PALs: multi-task BERT on any GPU through wgpu")]
@@ -29,6 +31,84 @@ impl AdapterArgs {
     fn open(&self) -> Result<Gpu> {
         let choice = AdapterChoice { adapter: self.adapter.clone(), backend: self.backend.clone() };
         Ok(Gpu::new(&choice)?)
+    }
+}
+
+/// The training recipe; the defaults are the paper's.
+#[derive(Args, Clone)]
+struct RunArgs {
+    /// Comma-separated GLUE tasks, e.g. rte,mrpc,sts-b,cola,sst-2.
+    #[arg(long, value_delimiter = ',', required = true)]
+    tasks: Vec<String>,
+    /// pals, low-rank, adapters, shared or separate.
+    #[arg(long, default_value = "pals")]
+    method: String,
+    /// PAL hidden size (default 204 for hidden 768, scaled for other widths).
+    #[arg(long)]
+    pal_dim: Option<usize>,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 128)]
+    max_length: usize,
+    #[arg(long, default_value_t = 2e-5)]
+    lr: f32,
+    #[arg(long, default_value_t = 3)]
+    epochs: usize,
+    /// An epoch is a fixed number of steps, as in the paper (2400 there).
+    #[arg(long, default_value_t = 2400)]
+    steps_per_epoch: usize,
+    /// Fraction of steps of linear warmup.
+    #[arg(long, default_value_t = 0.1)]
+    warmup: f64,
+    /// proportional, sqrt, annealed or round-robin.
+    #[arg(long, default_value = "annealed")]
+    sampling: String,
+    #[arg(long, default_value_t = 42)]
+    seed: u32,
+    /// Dropout for every site (default: the model's config); 0 makes runs comparable
+    /// with another framework.
+    #[arg(long)]
+    dropout: Option<f64>,
+    /// adamw (bias-corrected) or bert-adam (the paper's: no bias correction).
+    #[arg(long, default_value = "adamw")]
+    optimizer: String,
+    /// global, per-tensor (the paper's) or none.
+    #[arg(long, default_value = "global")]
+    clip: String,
+    #[arg(long, default_value_t = 1.0)]
+    max_norm: f32,
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f32,
+    /// Score at most this many dev examples per task during training.
+    #[arg(long)]
+    max_eval_examples: Option<usize>,
+    /// Stop after this many steps (the schedule still spans all epochs).
+    #[arg(long)]
+    stop_after: Option<u64>,
+}
+
+impl RunArgs {
+    fn settings(&self) -> TrainSettings {
+        TrainSettings {
+            tasks: self.tasks.clone(),
+            method: self.method.clone(),
+            pal_dim: self.pal_dim,
+            batch_size: self.batch_size,
+            max_length: self.max_length,
+            lr: self.lr,
+            epochs: self.epochs,
+            steps_per_epoch: self.steps_per_epoch,
+            warmup: self.warmup,
+            sampling: self.sampling.clone(),
+            seed: self.seed,
+            dropout: self.dropout,
+            optimizer: self.optimizer.clone(),
+            clip: self.clip.clone(),
+            max_norm: self.max_norm,
+            weight_decay: self.weight_decay,
+            max_eval_examples: self.max_eval_examples,
+            stop_after: self.stop_after,
+        }
     }
 }
 
@@ -59,6 +139,73 @@ enum Command {
         /// Sequence length for --memory.
         #[arg(long, default_value_t = 128)]
         seq: usize,
+    },
+    /// Train BERT-PALs (or another method) on GLUE tasks, multi-task.
+    Train {
+        #[command(flatten)]
+        adapter: AdapterArgs,
+        /// Model directory (Hugging Face: config.json, model.safetensors, tokenizer).
+        #[arg(long)]
+        model: PathBuf,
+        /// GLUE directory, one folder per task.
+        #[arg(long, env = "PALS_GLUE_DIR")]
+        glue_dir: PathBuf,
+        /// Output directory: checkpoints (last/, best/), metrics.jsonl, training.svg.
+        #[arg(long)]
+        output: PathBuf,
+        #[command(flatten)]
+        run: RunArgs,
+        /// Continue from OUTPUT/last (bit-identical to an uninterrupted run).
+        #[arg(long)]
+        resume: bool,
+        /// Save OUTPUT/init before the first step.
+        #[arg(long)]
+        save_init: bool,
+    },
+    /// Print the dev metrics of a checkpoint (an output directory uses its best/).
+    Eval {
+        #[command(flatten)]
+        adapter: AdapterArgs,
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long, env = "PALS_GLUE_DIR")]
+        glue_dir: PathBuf,
+    },
+    /// Write GLUE submission files (CoLA.tsv, ..., MNLI-m.tsv, AX.tsv) for a checkpoint.
+    Predict {
+        #[command(flatten)]
+        adapter: AdapterArgs,
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long, env = "PALS_GLUE_DIR")]
+        glue_dir: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Shared, per-task and total parameters of a method, and the ratio to one model.
+    Params {
+        /// Model directory or a named size (base, minilm).
+        #[arg(long, default_value = "base")]
+        model: String,
+        #[arg(long, default_value = "pals")]
+        method: String,
+        #[arg(long)]
+        pal_dim: Option<usize>,
+        #[arg(long, value_delimiter = ',', default_value = "cola,sst-2,mrpc,sts-b,qqp,mnli,qnli,rte")]
+        tasks: Vec<String>,
+    },
+    /// A tiny random BERT-PALs learns built-in synthetic tasks: no download, about a minute.
+    Demo {
+        #[command(flatten)]
+        adapter: AdapterArgs,
+        #[arg(long, default_value = "pals-demo")]
+        output: PathBuf,
+        #[arg(long, default_value_t = 150)]
+        steps_per_epoch: usize,
+        #[arg(long, default_value_t = 4)]
+        epochs: usize,
+        #[arg(long, default_value_t = 42)]
+        seed: u32,
     },
     /// Embed each line of standard input (or --input) with a BERT checkpoint.
     Encode {
@@ -95,6 +242,25 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Devices { adapter } => devices(adapter.backend.as_deref()),
+        Command::Train { adapter, model, glue_dir, output, run, resume, save_init } => {
+            let gpu = adapter.open()?;
+            commands::train(&gpu, &model, &glue_dir, &output, run.settings(), resume, save_init)
+        }
+        Command::Eval { adapter, checkpoint, glue_dir } => {
+            commands::eval(&adapter.open()?, &checkpoint, &glue_dir)
+        }
+        Command::Predict { adapter, checkpoint, glue_dir, output } => {
+            commands::predict(&adapter.open()?, &checkpoint, &glue_dir, &output)
+        }
+        Command::Params { model, method, pal_dim, tasks } => {
+            for line in commands::params(&model_config(&model)?, &method, pal_dim, &tasks)? {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        Command::Demo { adapter, output, steps_per_epoch, epochs, seed } => {
+            commands::demo(&adapter.open()?, &output, steps_per_epoch, epochs, seed)
+        }
         Command::Bench { memory: Some(model), batch, seq, .. } => {
             let config = model_config(&model)?;
             for line in pals::model::memory::memory_report(&config, batch, seq) {

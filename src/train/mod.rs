@@ -2,11 +2,14 @@
 //! GLUE metrics, the learning-rate schedule, the JSON-lines metrics log and its SVG plot.
 
 pub mod checkpoint;
+pub mod commands;
+pub mod demo;
 pub mod log;
 pub mod metrics;
 pub mod optim;
 pub mod plot;
 pub mod schedule;
+pub mod trainer;
 
 pub use log::{EvalRecord, LogRecords, LogWriter, Record, StepRecord};
 pub use metrics::{TaskScore, baseline, format_table, glue_average, score_classification, score_regression};

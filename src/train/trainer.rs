@@ -1,0 +1,634 @@
+//! The multi-task training loop: one task's batch per step, the whole step (forward, loss,
+//! backward, optimizer) recorded into one submit, the loss read back a few steps later
+//! (never synchronously every step), evaluation with the official GLUE metrics, the best
+//! checkpoint kept, and bit-identical resumption.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::data::Tokenizer;
+use crate::data::batch::{BatchOptions, Labels, eval_batches, scatter};
+use crate::data::cache::{TokenizedSplit, tokenized_split};
+use crate::data::glue::{Split, Task};
+use crate::data::sampler::{EpochIterator, Sampling, TaskSampler};
+use crate::gpu::{Gpu, Tensor};
+use crate::kernels::elementwise::{self, DropoutSpec};
+use crate::kernels::optimizer::{AdamConfig, ClipMode};
+use crate::model::bert::BatchInputs;
+use crate::model::tasks::{HeadInputs, Method, MultiTaskModel, Targets, TaskActivations, TaskSpec};
+use crate::model::{BertConfig, DropoutKey, Weights};
+use crate::train::checkpoint::{Checkpoint, TrainerState};
+use crate::train::log::{EvalRecord, LogWriter, StepRecord};
+use crate::train::metrics::{TaskScore, glue_average, score_classification, score_regression};
+use crate::train::optim::{Optimizer, OptimizerSettings};
+use crate::train::schedule;
+
+/// Everything `pals train` was asked: saved as the checkpoint's run.json.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainSettings {
+    pub tasks: Vec<String>,
+    /// shared, pals, low-rank, adapters, separate.
+    pub method: String,
+    pub pal_dim: Option<usize>,
+    pub batch_size: usize,
+    pub max_length: usize,
+    pub lr: f32,
+    pub epochs: usize,
+    pub steps_per_epoch: usize,
+    pub warmup: f64,
+    pub sampling: String,
+    pub seed: u32,
+    /// Overrides the config's hidden and attention dropout.
+    pub dropout: Option<f64>,
+    /// adamw or bert-adam.
+    pub optimizer: String,
+    /// global, per-tensor or none.
+    pub clip: String,
+    pub max_norm: f32,
+    pub weight_decay: f32,
+    /// Evaluate at most this many dev examples per task (all when absent).
+    pub max_eval_examples: Option<usize>,
+    /// Stop after this many steps in this run (the schedule still spans the whole run):
+    /// for short checks and for testing resumption.
+    pub stop_after: Option<u64>,
+}
+
+impl Default for TrainSettings {
+    /// The paper's recipe: batch 32, length 128, lr 2e-5, warmup 10%, annealed sampling,
+    /// seed 42, AdamW (bias-corrected) with weight decay 0.01, clipping at global norm 1.
+    fn default() -> Self {
+        TrainSettings {
+            tasks: Vec::new(),
+            method: "pals".into(),
+            pal_dim: None,
+            batch_size: 32,
+            max_length: 128,
+            lr: 2e-5,
+            epochs: 3,
+            steps_per_epoch: 2400,
+            warmup: schedule::DEFAULT_WARMUP,
+            sampling: "annealed".into(),
+            seed: 42,
+            dropout: None,
+            optimizer: "adamw".into(),
+            clip: "global".into(),
+            max_norm: 1.0,
+            weight_decay: 0.01,
+            max_eval_examples: None,
+            stop_after: None,
+        }
+    }
+}
+
+impl TrainSettings {
+    pub fn total_steps(&self) -> u64 {
+        (self.epochs * self.steps_per_epoch) as u64
+    }
+
+    pub fn optimizer_settings(&self) -> Result<OptimizerSettings> {
+        let adam = match self.optimizer.as_str() {
+            "adamw" => AdamConfig::adamw(),
+            "bert-adam" | "bertadam" => AdamConfig::bert_adam(),
+            other => bail!("--optimizer '{other}': use adamw or bert-adam"),
+        };
+        let clip = match self.clip.as_str() {
+            "global" => ClipMode::Global,
+            "per-tensor" => ClipMode::PerTensor,
+            "none" => ClipMode::None,
+            other => bail!("--clip '{other}': use global, per-tensor or none"),
+        };
+        Ok(OptimizerSettings { adam, weight_decay: self.weight_decay, clip, max_norm: self.max_norm })
+    }
+
+    /// The method for a model of `config`; `separate` trains `Shared` models, one per task.
+    pub fn method(&self, config: &BertConfig) -> Result<Method> {
+        let name = if self.method == "separate" { "shared" } else { self.method.as_str() };
+        let mut method = Method::default_for(name, config).map_err(anyhow::Error::msg)?;
+        if let (Method::Pals { dim, .. }, Some(size)) = (&mut method, self.pal_dim) {
+            *dim = size;
+        }
+        method.check().map_err(|e| anyhow::anyhow!("--method {}: {e}", self.method))?;
+        Ok(method)
+    }
+}
+
+/// One task's data: what it trains on and the dev splits it is scored on.
+pub struct TaskData {
+    pub spec: TaskSpec,
+    pub train: TokenizedSplit,
+    /// (score name, split): "MNLI-m" and "MNLI-mm" for MNLI, the task's name else.
+    pub dev: Vec<(String, TokenizedSplit)>,
+}
+
+/// Reads and tokenizes (through the cache) the train and dev splits of `tasks`.
+pub fn load_glue_tasks(
+    tokenizer: &Tokenizer,
+    glue_dir: &Path,
+    tasks: &[String],
+    max_len: usize,
+    cache_dir: Option<&Path>,
+) -> Result<Vec<TaskData>> {
+    let mut data = Vec::new();
+    for name in tasks {
+        let task = Task::from_name(name)?;
+        let train = tokenized_split(tokenizer, glue_dir, task, Split::Train, max_len, cache_dir)?;
+        let mut dev = vec![(
+            dev_name(task, Split::Dev),
+            tokenized_split(tokenizer, glue_dir, task, Split::Dev, max_len, cache_dir)?,
+        )];
+        if task == Task::MNLI {
+            match tokenized_split(tokenizer, glue_dir, task, Split::DevMismatched, max_len, cache_dir) {
+                Ok(split) => dev.push(("MNLI-mm".into(), split)),
+                Err(error) => eprintln!("note: {error}; MNLI is scored on matched dev only"),
+            }
+        }
+        data.push(TaskData { spec: TaskSpec::new(task.name(), task.num_labels()), train, dev });
+    }
+    Ok(data)
+}
+
+fn dev_name(task: Task, split: Split) -> String {
+    match (task, split) {
+        (Task::MNLI, Split::Dev) => "MNLI-m".into(),
+        (Task::MNLI, _) => "MNLI-mm".into(),
+        _ => task.name().into(),
+    }
+}
+
+/// Buffers of one (model, batch, seq) shape, made on first use and reused.
+struct Bucket {
+    acts: TaskActivations,
+    inputs: BatchInputs,
+    head: HeadInputs,
+}
+
+/// Steps whose loss is on the GPU but not yet read.
+const LOSS_RING: usize = 32;
+
+pub struct Trainer<'g> {
+    gpu: &'g Gpu,
+    pub settings: TrainSettings,
+    pub config: BertConfig,
+    /// One model for every method but `separate`, which has one per task.
+    models: Vec<MultiTaskModel>,
+    /// Task i lives in models[place[i].0] as its task place[i].1.
+    place: Vec<(usize, usize)>,
+    pub data: Vec<TaskData>,
+    optimizer: Optimizer,
+    sampler: TaskSampler,
+    iterators: Vec<EpochIterator>,
+    buckets: HashMap<(usize, usize, usize), Bucket>,
+    losses: Vec<Tensor>,
+    pending: Vec<(u64, usize, f32)>,
+    pub state: TrainerState,
+    output: PathBuf,
+    tokenizer_dir: PathBuf,
+    log: Option<LogWriter>,
+    started: Instant,
+    /// The mean of the losses read at the last flush, for the progress line.
+    pub recent_loss: Option<f32>,
+}
+
+/// The optimizer's name for a parameter: model copies of `separate` are told apart.
+fn state_name(separate: bool, task: &str, name: &str) -> String {
+    if separate { format!("{task}/{name}") } else { name.to_string() }
+}
+
+impl<'g> Trainer<'g> {
+    /// A trainer from initial weights: `shared` (encoder + pooler) and, per task, its
+    /// task-specific weights (random ones are made for tasks without).
+    pub fn new(
+        gpu: &'g Gpu,
+        settings: TrainSettings,
+        config: BertConfig,
+        shared: &Weights,
+        task_weights: &BTreeMap<String, Weights>,
+        data: Vec<TaskData>,
+        output: &Path,
+        tokenizer_dir: &Path,
+    ) -> Result<Trainer<'g>> {
+        if data.is_empty() {
+            bail!("no tasks to train (--tasks)");
+        }
+        let method = settings.method(&config)?;
+        let separate = settings.method == "separate";
+        let weights: Vec<Weights> = data
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                task_weights.get(&t.spec.name).cloned().unwrap_or_else(|| {
+                    crate::model::tasks::random_task_weights(
+                        &config,
+                        &method,
+                        &t.spec,
+                        settings.seed ^ (i as u32 + 1),
+                    )
+                })
+            })
+            .collect();
+        let mut models = Vec::new();
+        let mut place = Vec::new();
+        if separate {
+            for (i, t) in data.iter().enumerate() {
+                // A separate task's checkpoint file holds its own encoder too.
+                let encoder =
+                    if weights[i].contains_key("pooler.dense.weight") { &weights[i] } else { shared };
+                models.push(MultiTaskModel::upload(
+                    gpu,
+                    &config,
+                    method,
+                    encoder,
+                    &[(t.spec.clone(), &weights[i])],
+                )?);
+                place.push((i, 0));
+            }
+        } else {
+            let specs: Vec<(TaskSpec, &Weights)> =
+                data.iter().zip(&weights).map(|(t, w)| (t.spec.clone(), w)).collect();
+            models.push(MultiTaskModel::upload(gpu, &config, method, shared, &specs)?);
+            place.extend((0..data.len()).map(|i| (0, i)));
+        }
+        let mut named = Vec::new();
+        for (i, t) in data.iter().enumerate() {
+            let (m, k) = place[i];
+            if separate || i == 0 {
+                for (name, tensor) in &models[m].bert.params.named {
+                    named.push((state_name(separate, &t.spec.name, name), tensor.len()));
+                }
+            }
+            for (name, tensor) in &models[m].tasks[k].params.named {
+                named.push((state_name(separate, &t.spec.name, name), tensor.len()));
+            }
+        }
+        let optimizer = Optimizer::new(gpu, &named, settings.optimizer_settings()?)?;
+        let sampling = Sampling::from_name(&settings.sampling)?;
+        let sizes: Vec<usize> = data.iter().map(|t| t.train.examples.len()).collect();
+        let sampler =
+            TaskSampler::new(&sizes, sampling, settings.epochs, settings.steps_per_epoch, settings.seed)?;
+        let options = train_options(&settings);
+        let iterators = data
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                EpochIterator::new(
+                    t.train.clone(),
+                    options,
+                    settings.seed.wrapping_add(1000 * (i as u32 + 1)),
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let losses =
+            (0..LOSS_RING).map(|i| gpu.zeros(&format!("loss {i}"), &[1])).collect::<Result<Vec<_>, _>>()?;
+        Ok(Trainer {
+            gpu,
+            settings,
+            config,
+            models,
+            place,
+            data,
+            optimizer,
+            sampler,
+            iterators,
+            buckets: HashMap::new(),
+            losses,
+            pending: Vec::new(),
+            state: TrainerState::default(),
+            output: output.to_path_buf(),
+            tokenizer_dir: tokenizer_dir.to_path_buf(),
+            log: None,
+            started: Instant::now(),
+            recent_loss: None,
+        })
+    }
+
+    fn separate(&self) -> bool {
+        self.settings.method == "separate"
+    }
+
+    /// Continues from a checkpoint saved by this trainer: weights, optimizer moments, step,
+    /// and the data iterators replayed to where they were.
+    pub fn restore(&mut self, checkpoint: &Checkpoint) -> Result<()> {
+        let Some(optimizer) = &checkpoint.optimizer else { bail!("the checkpoint has no optimizer state") };
+        for (i, t) in self.data.iter().enumerate() {
+            let (m, k) = self.place[i];
+            let task_weights = checkpoint
+                .tasks
+                .get(&t.spec.name)
+                .with_context(|| format!("no weights for task {}", t.spec.name))?;
+            let shared = if self.separate() { task_weights } else { &checkpoint.shared };
+            for (name, tensor) in &self.models[m].bert.params.named {
+                let saved = shared.get(name).with_context(|| format!("checkpoint lacks '{name}'"))?;
+                self.gpu.write(tensor, &saved.data)?;
+            }
+            for (name, tensor) in &self.models[m].tasks[k].params.named {
+                let saved = task_weights.get(name).with_context(|| format!("checkpoint lacks '{name}'"))?;
+                self.gpu.write(tensor, &saved.data)?;
+            }
+        }
+        self.optimizer.restore(self.gpu, optimizer, &checkpoint.state.adam_steps)?;
+        self.state = checkpoint.state.clone();
+        for step in 0..self.state.step {
+            let task = self.sampler.next(step);
+            self.iterators[task].next_batch();
+        }
+        Ok(())
+    }
+
+    /// Everything a checkpoint holds, read from the GPU.
+    pub fn checkpoint(&self, with_optimizer: bool) -> Result<Checkpoint> {
+        let mut tasks = BTreeMap::new();
+        for (i, t) in self.data.iter().enumerate() {
+            let (m, k) = self.place[i];
+            let mut weights = self.models[m].download_task_weights(self.gpu, k)?;
+            if self.separate() {
+                weights.extend(self.models[m].bert.download_weights(self.gpu)?);
+            }
+            tasks.insert(t.spec.name.clone(), weights);
+        }
+        let shared =
+            if self.separate() { Weights::new() } else { self.models[0].bert.download_weights(self.gpu)? };
+        let (optimizer, adam_steps) = match with_optimizer {
+            true => {
+                let (moments, steps) = self.optimizer.download(self.gpu)?;
+                (Some(moments), steps)
+            }
+            false => (None, BTreeMap::new()),
+        };
+        let state = TrainerState { adam_steps, ..self.state.clone() };
+        Ok(Checkpoint {
+            run: serde_json::to_value(&self.settings)?,
+            config: self.config.clone(),
+            shared,
+            tasks,
+            optimizer,
+            state,
+        })
+    }
+
+    pub fn save(&self, name: &str, with_optimizer: bool) -> Result<()> {
+        self.checkpoint(with_optimizer)?.save(&self.output.join(name), &self.tokenizer_dir)
+    }
+
+    fn bucket(&mut self, model: usize, batch: usize, seq: usize) -> Result<&mut Bucket> {
+        let key = (model, batch, seq);
+        if !self.buckets.contains_key(&key) {
+            let acts = self.models[model].activations(self.gpu, batch, seq)?;
+            let inputs = BatchInputs::new(self.gpu, &self.config, batch, seq)?;
+            let head = HeadInputs::new(self.gpu, batch)?;
+            self.buckets.insert(key, Bucket { acts, inputs, head });
+        }
+        Ok(self.buckets.get_mut(&key).expect("inserted above"))
+    }
+
+    /// Trains until the schedule ends, `stop_after` steps are done, or `interrupted` is
+    /// set; evaluates after every epoch. Returns the last evaluation.
+    pub fn run(
+        &mut self,
+        interrupted: &AtomicBool,
+        progress: &indicatif::ProgressBar,
+    ) -> Result<Vec<TaskScore>> {
+        std::fs::create_dir_all(&self.output)
+            .with_context(|| format!("creating {}", self.output.display()))?;
+        let log_path = self.output.join("metrics.jsonl");
+        self.log = Some(match self.state.step {
+            0 => LogWriter::create(&log_path)?,
+            done => LogWriter::resume(&log_path, done as u32)?,
+        });
+        let total = self.settings.total_steps();
+        let stop = self.settings.stop_after.map_or(total, |n| (self.state.step + n).min(total));
+        let mut last_scores = Vec::new();
+        progress.set_length(total);
+        progress.set_position(self.state.step);
+        while self.state.step < stop {
+            if interrupted.load(Ordering::SeqCst) {
+                progress.println("interrupted: saving a resumable checkpoint");
+                break;
+            }
+            self.train_step()?;
+            progress.set_position(self.state.step);
+            let epoch_done = self.state.step.is_multiple_of(self.settings.steps_per_epoch as u64);
+            if self.pending.len() >= LOSS_RING / 2 || epoch_done || self.state.step == stop {
+                self.flush_losses()?;
+            }
+            if let Some(loss) = self.recent_loss {
+                let task = &self.data[self.pending_task()].spec.name;
+                let lr = schedule::lr(
+                    self.state.step as u32,
+                    total as u32,
+                    self.settings.warmup,
+                    self.settings.lr,
+                );
+                progress.set_message(format!("{task:<6} loss {loss:.4} lr {lr:.2e}"));
+            }
+            if epoch_done {
+                last_scores = self.evaluate()?;
+                self.record_eval(&last_scores, progress)?;
+                self.save("last", true)?;
+            }
+        }
+        self.flush_losses()?;
+        self.save("last", true)?;
+        if let Some(log) = self.log.take() {
+            drop(log);
+        }
+        Ok(last_scores)
+    }
+
+    fn pending_task(&self) -> usize {
+        self.sampler.next(self.state.step.saturating_sub(1))
+    }
+
+    /// One step: the sampled task's batch forward and backward, its loss copied into the
+    /// ring, and the optimizer on the shared parameters and that task's — one submit.
+    pub fn train_step(&mut self) -> Result<()> {
+        let step = self.state.step;
+        let task = self.sampler.next(step);
+        let batch = self.iterators[task].next_batch();
+        let (m, k) = self.place[task];
+        let (gpu, b, s) = (self.gpu, batch.encoder.batch, batch.encoder.seq);
+        let targets = targets(&batch.labels)?;
+        let lr = schedule::lr(
+            step as u32,
+            self.settings.total_steps() as u32,
+            self.settings.warmup,
+            self.settings.lr,
+        );
+        let dropout = Some(DropoutKey { seed: self.settings.seed, step: step as u32 });
+        let slot = self.pending.len() % LOSS_RING;
+        {
+            let bucket = self.bucket(m, b, s)?;
+            bucket.inputs.write(gpu, &batch.encoder)?;
+            bucket.head.write(gpu, &targets, &batch.weights)?;
+        }
+        let bucket = &self.buckets[&(m, b, s)];
+        let model = &self.models[m];
+        let mut rec = gpu.recorder();
+        let loss =
+            model.forward_backward(&mut rec, &bucket.acts, &bucket.inputs, &bucket.head, k, dropout)?;
+        // A copy (dropout with p = 0) keeps this step's loss until it is read back.
+        elementwise::dropout(&mut rec, loss, &self.losses[slot], DropoutSpec { p: 0.0, seed: 0, stream: 0 })?;
+        let separate = self.separate();
+        let name = &self.data[task].spec.name;
+        let shared = model.bert.params.named.iter().zip(&model.bert.grads.named);
+        let own = model.tasks[k].params.named.iter().zip(&model.tasks[k].grads.named);
+        let names: Vec<String> =
+            shared.clone().chain(own.clone()).map(|((n, _), _)| state_name(separate, name, n)).collect();
+        let params: Vec<(&str, &Tensor, &Tensor)> =
+            shared.chain(own).zip(&names).map(|(((_, p), (_, g)), n)| (n.as_str(), p, g)).collect();
+        self.optimizer.step(&mut rec, &params, lr)?;
+        rec.submit()?;
+        self.pending.push((step, task, lr));
+        self.state.step += 1;
+        Ok(())
+    }
+
+    /// Reads the losses of the steps submitted since the last flush (this waits for them)
+    /// and writes their log lines.
+    fn flush_losses(&mut self) -> Result<()> {
+        let mut sum = 0.0;
+        let pending = std::mem::take(&mut self.pending);
+        for (slot, &(step, task, lr)) in pending.iter().enumerate() {
+            let loss = self.gpu.read::<f32>(&self.losses[slot])?[0];
+            if !loss.is_finite() {
+                bail!("the loss of step {step} ({}) is {loss}: training diverged", self.data[task].spec.name);
+            }
+            sum += loss;
+            if let Some(log) = &mut self.log {
+                let task = self.data[task].spec.name.clone();
+                log.step(StepRecord {
+                    step: step as u32,
+                    task,
+                    loss,
+                    lr,
+                    time: self.started.elapsed().as_secs_f64(),
+                })?;
+            }
+        }
+        if !pending.is_empty() {
+            self.recent_loss = Some(sum / pending.len() as f32);
+        }
+        Ok(())
+    }
+
+    fn record_eval(&mut self, scores: &[TaskScore], progress: &indicatif::ProgressBar) -> Result<()> {
+        self.state.evals += 1;
+        let average = glue_average(scores);
+        if let Some(log) = &mut self.log {
+            log.eval(EvalRecord::new(self.state.evals as u32, self.state.step as u32, scores))?;
+        }
+        progress.println(format!(
+            "step {}: dev GLUE average {:.2} ({})",
+            self.state.step,
+            100.0 * average,
+            scores
+                .iter()
+                .map(|s| format!("{} {:.1}", s.task, 100.0 * s.score))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        if self.state.best_score.is_none_or(|best| average > best) {
+            self.state.best_score = Some(average);
+            self.state.best_step = Some(self.state.step);
+            self.save("best", false)?;
+        }
+        Ok(())
+    }
+
+    /// Predictions of task `task` on `split`, in the split's order: class ids (as f32) or
+    /// regression scores (0–5).
+    pub fn predict(&mut self, task: usize, split: &TokenizedSplit) -> Result<Vec<f32>> {
+        let (m, k) = self.place[task];
+        let spec = self.data[task].spec.clone();
+        let mut options = train_options(&self.settings);
+        options.batch_size = self.settings.batch_size;
+        let mut out = vec![0.0f32; split.examples.len()];
+        for batch in eval_batches(split, &options, true) {
+            let (b, s) = (batch.encoder.batch, batch.encoder.seq);
+            let gpu = self.gpu;
+            self.bucket(m, b, s)?.inputs.write(gpu, &batch.encoder)?;
+            let bucket = &self.buckets[&(m, b, s)];
+            let mut rec = self.gpu.recorder();
+            self.models[m].forward(&mut rec, &bucket.acts, &bucket.inputs, k, None)?;
+            rec.submit()?;
+            let logits: Vec<f32> = self.gpu.read(&self.models[m].logits(&bucket.acts, k)?)?;
+            let predictions: Vec<f32> = logits
+                .chunks(spec.num_labels)
+                .map(|row| match spec.is_regression() {
+                    true => row[0] * crate::model::tasks::REGRESSION_SCALE,
+                    false => argmax(row) as f32,
+                })
+                .collect();
+            scatter(&batch, &predictions, &mut out);
+        }
+        Ok(out)
+    }
+
+    /// Every task's dev metrics (at most `max_eval_examples` examples each).
+    pub fn evaluate(&mut self) -> Result<Vec<TaskScore>> {
+        let mut scores = Vec::new();
+        for task in 0..self.data.len() {
+            for d in 0..self.data[task].dev.len() {
+                let (name, mut split) = self.data[task].dev[d].clone();
+                if let Some(limit) = self.settings.max_eval_examples {
+                    split.examples.truncate(limit);
+                }
+                let predictions = self.predict(task, &split)?;
+                scores.push(score_split(&name, &split, &predictions)?);
+            }
+        }
+        Ok(scores)
+    }
+}
+
+fn train_options(settings: &TrainSettings) -> BatchOptions {
+    BatchOptions { batch_size: settings.batch_size, pad_to_batch: true, seq_multiple: 8, pad_id: 0 }
+}
+
+fn targets(labels: &Labels) -> Result<Targets> {
+    match labels {
+        Labels::Class(v) => Ok(Targets::Classes(v.clone())),
+        Labels::Score(v) => Ok(Targets::Scores(v.clone())),
+        Labels::None => bail!("training data without labels"),
+    }
+}
+
+fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// The official metric of a dev split from predictions in its order.
+pub fn score_split(name: &str, split: &TokenizedSplit, predictions: &[f32]) -> Result<TaskScore> {
+    use crate::data::glue::Label;
+    if split.task.is_regression() {
+        let labels: Vec<f32> = split
+            .examples
+            .iter()
+            .map(|e| match e.label {
+                Some(Label::Score(s)) => Ok(s),
+                _ => Err(anyhow::anyhow!("{name}: a dev example without a score")),
+            })
+            .collect::<Result<_>>()?;
+        return Ok(score_regression(name, predictions, &labels));
+    }
+    let labels: Vec<u32> = split
+        .examples
+        .iter()
+        .map(|e| match e.label {
+            Some(Label::Class(c)) => Ok(c),
+            _ => Err(anyhow::anyhow!("{name}: a dev example without a class")),
+        })
+        .collect::<Result<_>>()?;
+    let classes: Vec<u32> = predictions.iter().map(|&p| p as u32).collect();
+    Ok(score_classification(name, &classes, &labels))
+}
