@@ -1,4 +1,4 @@
-// Elementwise activations and dropout, forward and backward.
+// Elementwise activations and dropout, forward and backward, and adds.
 //
 // gelu_forward / tanh_forward:   y[i] = f(x[i])
 //   bindings: 0 params, 1 x (read), 2 y (write)
@@ -6,6 +6,10 @@
 //   bindings: 0 params, 1 x (read), 2 dy (read), 3 dx (write)
 // dropout:                       y[i] = keep(i) ? x[i] * scale : 0   (also its own backward)
 //   bindings: 0 params, 1 x (read), 2 y (write)
+// add_assign:                    y[i] += x[i]
+//   bindings: 0 params, 1 x (read), 2 y (read_write)
+// add:                           total[i] = x[i] + addend[i]
+//   bindings: 0 params, 1 x (read), 2 addend (read), 3 total (write)
 // Dispatch: ceil(n / 256) workgroups of 256, spread over x and y (see gpu::spread).
 // GELU is the exact erf form; erf is Abramowitz-Stegun 7.1.26 refined to f32 precision.
 
@@ -22,6 +26,8 @@ struct Params {
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 @group(0) @binding(2) var<storage, read> dy: array<f32>;
 @group(0) @binding(3) var<storage, read_write> dx: array<f32>;
+@group(0) @binding(2) var<storage, read> addend: array<f32>;
+@group(0) @binding(3) var<storage, read_write> total: array<f32>;
 
 fn linear_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.x + wid.y * nwg.x) * 256u + lid;
@@ -90,4 +96,19 @@ fn dropout(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
         let keep = rng_keep(params.seed, params.stream, i, params.threshold);
         y[i] = select(0.0, x[i] * params.scale, keep);
     }
+}
+
+// One f32 add per element: the result is exactly the rounded sum, on any device.
+@compute @workgroup_size(256)
+fn add_assign(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    if (i < params.n) { y[i] = y[i] + x[i]; }
+}
+
+@compute @workgroup_size(256)
+fn add(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+       @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    if (i < params.n) { total[i] = x[i] + addend[i]; }
 }

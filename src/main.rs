@@ -200,9 +200,9 @@ enum Command {
         adapter: AdapterArgs,
         #[arg(long, default_value = "pals-demo")]
         output: PathBuf,
-        #[arg(long, default_value_t = 150)]
+        #[arg(long, default_value_t = 120)]
         steps_per_epoch: usize,
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = 3)]
         epochs: usize,
         #[arg(long, default_value_t = 42)]
         seed: u32,

@@ -1,8 +1,11 @@
-//! GELU, tanh and dropout on the GPU against the CPU reference.
+//! GELU, tanh, dropout and adds on the GPU against the CPU reference.
+//! Tolerances: GELU and tanh rtol 1e-5 / atol 1e-6; dropout rtol 1e-6 with the mask exact;
+//! adds exact (one f32 add per element is the correctly rounded sum).
 
 mod common;
 
 use common::{assert_close, gpu};
+use pals::gpu::GpuError;
 use pals::kernels::elementwise::{self, DropoutSpec};
 use pals::reference::{self, random_vec};
 
@@ -74,6 +77,53 @@ fn dropout_matches_reference_mask_exactly() {
     }
 }
 
+/// Runs `add` (out = a + b) and `add_assign` (y += x, y starting as b) on the GPU.
+fn gpu_adds(a: &[f32], b: &[f32]) -> (Vec<u32>, Vec<u32>) {
+    let gpu = gpu();
+    let n = a.len();
+    let a_gpu = gpu.upload("a", &[n], a).unwrap();
+    let b_gpu = gpu.upload("b", &[n], b).unwrap();
+    let out = gpu.zeros("out", &[n]).unwrap();
+    let y = gpu.upload("y", &[n], b).unwrap();
+    let mut rec = gpu.recorder();
+    elementwise::add(&mut rec, &a_gpu, &b_gpu, &out).unwrap();
+    elementwise::add_assign(&mut rec, &a_gpu, &y).unwrap();
+    rec.submit().unwrap();
+    let bits = |t| gpu.read::<f32>(t).unwrap().iter().map(|v| v.to_bits()).collect();
+    (bits(&out), bits(&y))
+}
+
+#[test]
+fn adds_match_reference_exactly() {
+    for &n in SIZES {
+        let a = random_vec(n, 6, 3.0);
+        let b = random_vec(n, 7, 0.01);
+        let want: Vec<u32> = reference::elementwise::add(&a, &b).iter().map(|v| v.to_bits()).collect();
+        let (sum, accumulated) = gpu_adds(&a, &b);
+        assert_eq!(sum, want, "add n={n}");
+        assert_eq!(accumulated, want, "add_assign n={n}");
+    }
+}
+
+#[test]
+fn runs_are_bit_identical() {
+    let gpu = gpu();
+    let n = 70_001;
+    let (a, b) = (random_vec(n, 8, 2.0), random_vec(n, 9, 2.0));
+    assert_eq!(gpu_adds(&a, &b), gpu_adds(&a, &b));
+    let run = || {
+        let x = gpu.upload("x", &[n], &a).unwrap();
+        let y = gpu.zeros("y", &[n]).unwrap();
+        let z = gpu.zeros("z", &[n]).unwrap();
+        let mut rec = gpu.recorder();
+        elementwise::gelu(&mut rec, &x, &y).unwrap();
+        elementwise::dropout(&mut rec, &y, &z, DropoutSpec { p: 0.1, seed: 3, stream: 4 }).unwrap();
+        rec.submit().unwrap();
+        gpu.read::<f32>(&z).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    };
+    assert_eq!(run(), run());
+}
+
 #[test]
 fn mismatched_lengths_are_errors() {
     let gpu = gpu();
@@ -82,4 +132,22 @@ fn mismatched_lengths_are_errors() {
     let mut rec = gpu.recorder();
     let error = elementwise::gelu(&mut rec, &x, &y).unwrap_err().to_string();
     assert!(error.contains("'y'") && error.contains("[11]"), "{error}");
+}
+
+#[test]
+fn bad_adds_are_shape_errors() {
+    let gpu = gpu();
+    let x = gpu.zeros("x", &[10]).unwrap();
+    let y = gpu.zeros("y", &[11]).unwrap();
+    let mut rec = gpu.recorder();
+    let error = elementwise::add_assign(&mut rec, &x, &y).unwrap_err();
+    assert!(matches!(error, GpuError::Shape { .. }) && error.to_string().contains("'y'"), "{error}");
+    let error = elementwise::add(&mut rec, &x, &x, &y).unwrap_err();
+    assert!(matches!(error, GpuError::Shape { .. }), "{error}");
+    // One buffer read and written by a dispatch is refused before it reaches the device.
+    let error = elementwise::add_assign(&mut rec, &x, &x).unwrap_err();
+    assert!(error.to_string().contains("one buffer"), "{error}");
+    let error = elementwise::add(&mut rec, &x, &y, &y).unwrap_err();
+    assert!(error.to_string().contains("one buffer"), "{error}");
+    assert!(rec.is_empty());
 }

@@ -23,12 +23,14 @@ const OUT_ATOL: f32 = 1e-6;
 const GRAD_RTOL: f32 = 1e-3;
 const GRAD_ATOL: f32 = 1e-6;
 
-/// PAL width 12 in 6 heads of 2; widths that are no multiple of any tile.
-const METHODS: [Method; 4] = [
+/// PAL width 12 in 6 heads of 2, top-attn six blocks of width 15 in 3 heads of 5; widths
+/// that are no multiple of any tile.
+const METHODS: [Method; 5] = [
     Method::Shared,
     Method::Pals { dim: 12, heads: 6 },
     Method::LowRank { rank: 7 },
     Method::Adapters { size: 5 },
+    Method::TopAttn { dim: 15, heads: 3, blocks: 6 },
 ];
 
 fn tiny() -> BertConfig {
@@ -207,11 +209,26 @@ fn adapters_match_reference() {
     check(METHODS[3], 2, 5, Some(KEY), 90);
 }
 
-/// One sequence of one token, one layer, PALs with one head of 4.
+#[test]
+fn top_attn_matches_reference() {
+    check(METHODS[4], 3, 7, None, 140);
+    check(METHODS[4], 3, 7, Some(KEY), 150);
+    // The default for hidden 32: 12 heads of 1.
+    let default = Method::default_for("top-attn", &tiny()).unwrap();
+    assert_eq!(default, Method::TopAttn { dim: 12, heads: 12, blocks: 6 });
+    check(default, 2, 13, Some(DropoutKey { seed: 5, step: 0 }), 160);
+}
+
+/// One sequence of one token, one layer: PALs with one head of 4, and top-attn with one
+/// block (an odd number: the backward's ping-pong ends on its other buffer).
 #[test]
 fn one_token_matches_reference() {
+    one_token(Method::Pals { dim: 4, heads: 1 });
+    one_token(Method::TopAttn { dim: 4, heads: 2, blocks: 1 });
+}
+
+fn one_token(method: Method) {
     let config = BertConfig::tiny(1, 8, 2);
-    let method = Method::Pals { dim: 4, heads: 1 };
     let task = TaskSpec::new("RTE", 2);
     let shared = perturb(random_weights(&config, 1), 1, 1.0);
     let task_weights = perturb(random_task_weights(&config, &method, &task, 2), 3, 5.0);
@@ -223,16 +240,23 @@ fn one_token_matches_reference() {
     let got = gpu_step(&model, &acts, &encoder, 0, &targets, &weights, Some(KEY));
     let host = TaskBatch { encoder: &encoder, targets: &targets, weights: &weights };
     let want = reference::step(&config, method, &shared, &task, &task_weights, &host, Some(KEY));
-    assert_close("1x1: loss", &[got.loss], &[want.loss as f32], OUT_RTOL, OUT_ATOL);
-    assert_grads("1x1: encoder", &got.shared, &want.shared_grads);
-    assert_grads("1x1: task", &got.task, &want.task_grads);
+    let what = format!("1x1 {}", method.name());
+    assert_close(&format!("{what}: loss"), &[got.loss], &[want.loss as f32], OUT_RTOL, OUT_ATOL);
+    assert_grads(&format!("{what}: encoder"), &got.shared, &want.shared_grads);
+    assert_grads(&format!("{what}: task"), &got.task, &want.task_grads);
 }
 
 /// A step of one task leaves the other's gradients (and everyone's parameters) as they were.
 #[test]
 fn other_tasks_are_untouched() {
+    for method in [METHODS[1], METHODS[4]] {
+        other_task_untouched(method);
+    }
+}
+
+fn other_task_untouched(method: Method) {
     let gpu = gpu();
-    let s = setup(METHODS[1], 100);
+    let s = setup(method, 100);
     let model = s.upload();
     let acts = model.activations(gpu, 2, 5).unwrap();
     let encoder = encoder_batch(&s.config, 2, 5, 101);
@@ -282,6 +306,11 @@ fn shape_errors() {
     let bad = Method::Pals { dim: 10, heads: 6 };
     let error = MultiTaskModel::upload(gpu, &s.config, bad, &s.shared, &[]).err().unwrap();
     assert!(matches!(error, GpuError::Shape { .. }), "{error}");
+    let bad = Method::TopAttn { dim: 15, heads: 4, blocks: 6 };
+    let error = MultiTaskModel::upload(gpu, &s.config, bad, &s.shared, &[]).err().unwrap();
+    assert!(matches!(error, GpuError::Shape { .. }), "{error}");
+    let error = MultiTaskModel::upload(gpu, &s.config, Method::Separate, &s.shared, &[]).err().unwrap();
+    assert!(error.to_string().contains("single-task 'shared' model"), "{error}");
 
     let model = s.upload();
     let acts = model.activations(gpu, 2, 5).unwrap();

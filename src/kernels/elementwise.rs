@@ -1,22 +1,26 @@
-//! GELU (exact erf), tanh and dropout: shaders/elementwise.wgsl.
+//! GELU (exact erf), tanh, dropout and adds: shaders/elementwise.wgsl.
 
 use super::{expect_len, to_u32};
 use crate::gpu::{Binding, GpuError, KernelSpec, Recorder, Tensor, spread};
+use std::sync::Arc;
 
 const SOURCE: &str =
     concat!(include_str!("../../shaders/rng.wgsl"), include_str!("../../shaders/elementwise.wgsl"));
 const UNARY: &[Binding] = &[Binding::Read, Binding::Write];
-const BACKWARD: &[Binding] = &[Binding::Read, Binding::Read, Binding::Write];
+const BINARY: &[Binding] = &[Binding::Read, Binding::Read, Binding::Write];
 
 const GELU_FORWARD: KernelSpec =
     KernelSpec { name: "gelu_forward", source: SOURCE, entry: "gelu_forward", bindings: UNARY };
 const GELU_BACKWARD: KernelSpec =
-    KernelSpec { name: "gelu_backward", source: SOURCE, entry: "gelu_backward", bindings: BACKWARD };
+    KernelSpec { name: "gelu_backward", source: SOURCE, entry: "gelu_backward", bindings: BINARY };
 const TANH_FORWARD: KernelSpec =
     KernelSpec { name: "tanh_forward", source: SOURCE, entry: "tanh_forward", bindings: UNARY };
 const TANH_BACKWARD: KernelSpec =
-    KernelSpec { name: "tanh_backward", source: SOURCE, entry: "tanh_backward", bindings: BACKWARD };
+    KernelSpec { name: "tanh_backward", source: SOURCE, entry: "tanh_backward", bindings: BINARY };
 const DROPOUT: KernelSpec = KernelSpec { name: "dropout", source: SOURCE, entry: "dropout", bindings: UNARY };
+const ADD_ASSIGN: KernelSpec =
+    KernelSpec { name: "add_assign", source: SOURCE, entry: "add_assign", bindings: UNARY };
+const ADD: KernelSpec = KernelSpec { name: "add", source: SOURCE, entry: "add", bindings: BINARY };
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -59,7 +63,8 @@ fn unary(
     rec.dispatch(spec, "", &params, &[x, y], groups)
 }
 
-fn backward(
+/// Two inputs of one length, one output: a backward (x, dy → dx) or an add.
+fn binary(
     rec: &mut Recorder,
     spec: &KernelSpec,
     x: &Tensor,
@@ -85,7 +90,7 @@ pub fn gelu(rec: &mut Recorder, x: &Tensor, y: &Tensor) -> Result<(), GpuError> 
 
 /// dx = dy * GELU'(x).
 pub fn gelu_backward(rec: &mut Recorder, x: &Tensor, dy: &Tensor, dx: &Tensor) -> Result<(), GpuError> {
-    backward(rec, &GELU_BACKWARD, x, dy, dx)
+    binary(rec, &GELU_BACKWARD, x, dy, dx)
 }
 
 /// y = tanh(x).
@@ -95,7 +100,7 @@ pub fn tanh(rec: &mut Recorder, x: &Tensor, y: &Tensor) -> Result<(), GpuError> 
 
 /// dx = dy * (1 - y^2), from the forward output y.
 pub fn tanh_backward(rec: &mut Recorder, y: &Tensor, dy: &Tensor, dx: &Tensor) -> Result<(), GpuError> {
-    backward(rec, &TANH_BACKWARD, y, dy, dx)
+    binary(rec, &TANH_BACKWARD, y, dy, dx)
 }
 
 /// y = mask * x / (1 - p). Dropout is linear: its backward is the same call on dy.
@@ -108,4 +113,27 @@ pub fn dropout(rec: &mut Recorder, x: &Tensor, y: &Tensor, drop: DropoutSpec) ->
         ..plain("dropout", x.len())?
     };
     unary(rec, &DROPOUT, x, y, params)
+}
+
+/// An error when two tensors share a buffer: a dispatch cannot bind one buffer both
+/// read-only and writable.
+fn expect_distinct(op: &str, read: &Tensor, write: &Tensor) -> Result<(), GpuError> {
+    if Arc::ptr_eq(&read.buffer, &write.buffer) {
+        let detail = format!("'{}' and '{}' are one buffer", read.name, write.name);
+        return Err(GpuError::Shape { op: op.into(), detail });
+    }
+    Ok(())
+}
+
+/// y += x.
+pub fn add_assign(rec: &mut Recorder, x: &Tensor, y: &Tensor) -> Result<(), GpuError> {
+    expect_distinct(ADD_ASSIGN.name, x, y)?;
+    unary(rec, &ADD_ASSIGN, x, y, plain("add_assign", x.len())?)
+}
+
+/// out = a + b; `out` must be neither input (use `add_assign` to add in place).
+pub fn add(rec: &mut Recorder, a: &Tensor, b: &Tensor, out: &Tensor) -> Result<(), GpuError> {
+    expect_distinct(ADD.name, a, out)?;
+    expect_distinct(ADD.name, b, out)?;
+    binary(rec, &ADD, a, b, out)
 }

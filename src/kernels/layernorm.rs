@@ -80,7 +80,7 @@ fn check<'t>(
     x: &'t Tensor,
     residual: Option<&'t Tensor>,
     stats: &LayerNormStats,
-) -> Result<(usize, usize, &'t Tensor, &'static str), GpuError> {
+) -> Result<(usize, usize, &'t Tensor, String), GpuError> {
     let n = ln.gamma.len();
     if n == 0 {
         return Err(GpuError::Shape {
@@ -93,13 +93,18 @@ fn check<'t>(
     let m = rows_of(op, x, n)?;
     expect_len(op, stats.mean, m)?;
     expect_len(op, stats.rstd, m)?;
-    match residual {
+    // A workgroup as wide as the row (32..256 invocations): narrow rows waste no
+    // invocations, and the tree reductions take fewer barriers.
+    let width = n.next_power_of_two().clamp(32, 256);
+    let bound = match residual {
         Some(r) => {
             expect_shape(op, r, &x.shape)?;
-            Ok((m, n, r, "const HAS_RESIDUAL: bool = true;"))
+            r
         }
-        None => Ok((m, n, x, "const HAS_RESIDUAL: bool = false;")),
-    }
+        None => x,
+    };
+    let defines = format!("const HAS_RESIDUAL: bool = {};\nconst WG: u32 = {width}u;\n", residual.is_some());
+    Ok((m, n, bound, defines))
 }
 
 /// y = LayerNorm(x + residual) with gamma and beta over the last dimension N of x [.., N];
@@ -118,7 +123,7 @@ pub fn layernorm_forward(
     let params = Params { m: to_u32(op, "rows", m)?, n: to_u32(op, "columns", n)?, eps: ln.eps, groups: 0 };
     let tensors = [x, residual, ln.gamma, ln.beta, y, stats.mean, stats.rstd];
     let groups = spread(rec.gpu, params.m);
-    rec.dispatch(&FORWARD, defines, &params, &tensors, groups)
+    rec.dispatch(&FORWARD, &defines, &params, &tensors, groups)
 }
 
 /// From dy and the forward's inputs and stats: dx (= d residual), dgamma and dbeta.
@@ -193,7 +198,7 @@ pub fn layernorm_backward_with_scratch(
     };
     let tensors = [x, residual, ln.gamma, dy, stats.mean, stats.rstd, grads.dx, partials];
     let dispatch = spread(rec.gpu, params.groups);
-    rec.dispatch(&BACKWARD, defines, &params, &tensors, dispatch)?;
+    rec.dispatch(&BACKWARD, &defines, &params, &tensors, dispatch)?;
     colsum_rows_in(rec, partials, 0, groups, n, grads.dgamma, false, scratch.colsum)?;
     colsum_rows_in(rec, partials, groups * n, groups, n, grads.dbeta, false, scratch.colsum)
 }

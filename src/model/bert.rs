@@ -547,9 +547,10 @@ pub(crate) fn linear_backward(
     }
 }
 
-/// Terms that a method adds inside every encoder layer (model/tasks.rs implements them for
-/// PALs, low-rank layers and adapters). Every point defaults to doing nothing, which is the
-/// plain encoder ([`NoHook`]). In layer l's forward, with the hook's terms written T1, T2:
+/// Terms that a method adds inside every encoder layer, or after the last one (model/tasks.rs
+/// implements them for PALs, low-rank layers, adapters and top projected attention). Every
+/// point defaults to doing nothing, which is the plain encoder ([`NoHook`]). In layer l's
+/// forward, with the hook's terms written T1, T2:
 ///
 /// ```text
 /// a   = LN1(attn_drop + h),  attn_drop = Dropout_ao(ctx·Woᵀ + bo) + T1   (attention_output)
@@ -565,9 +566,13 @@ pub(crate) fn linear_backward(
 ///    d Dropout_ao(…) (`grad_x` itself, or a hook buffer with the hook's share added).
 /// 4. `input_backward`: `acts.grad_x` holds d h; add the hook's share.
 ///
-/// A term that replaces the sequence output (top projected attention) would need two more
-/// points: after the last layer (overwriting `hidden[L]` after saving it) and before the
-/// pooler's backward.
+/// Two more points let a hook replace the sequence output (top projected attention):
+/// - `sequence_output`, after the last layer and before the pooler: `acts.hidden[L]` holds
+///   the last layer's output; the hook may overwrite it (saving what its backward needs),
+///   and the pooler and the caller then read the replacement there.
+/// - `sequence_output_backward`, first in the backward after the pooler's: `acts.grad_x`
+///   holds d(sequence output) (d_seq plus the pooler's share); the hook leaves d(last
+///   layer's output) there. `acts.colsum` is free to use.
 pub trait LayerHook {
     fn attention_output(
         &self,
@@ -625,6 +630,26 @@ pub trait LayerHook {
         _rec: &mut Recorder,
         _acts: &Activations,
         _layer: usize,
+    ) -> Result<(), GpuError> {
+        Ok(())
+    }
+
+    fn sequence_output(
+        &self,
+        _rec: &mut Recorder,
+        _acts: &Activations,
+        _inputs: &BatchInputs,
+        _key: Option<DropoutKey>,
+    ) -> Result<(), GpuError> {
+        Ok(())
+    }
+
+    fn sequence_output_backward(
+        &self,
+        _rec: &mut Recorder,
+        _acts: &Activations,
+        _inputs: &BatchInputs,
+        _key: Option<DropoutKey>,
     ) -> Result<(), GpuError> {
         Ok(())
     }
@@ -838,6 +863,7 @@ impl Bert {
         for l in 0..self.config.num_hidden_layers {
             self.layer_forward(rec, acts, inputs, l, dropout, hook)?;
         }
+        hook.sequence_output(rec, acts, inputs, dropout)?;
         self.pooler_forward(rec, acts)
     }
 
@@ -930,6 +956,7 @@ impl Bert {
     ) -> Result<(), GpuError> {
         self.check_bucket("Bert::backward", acts, inputs)?;
         self.pooler_backward(rec, acts, d_seq, d_pooled)?;
+        hook.sequence_output_backward(rec, acts, inputs, dropout)?;
         for l in (0..self.config.num_hidden_layers).rev() {
             self.layer_backward(rec, acts, inputs, l, dropout, hook)?;
         }

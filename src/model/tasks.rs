@@ -12,7 +12,22 @@
 //! low-rank  the same placement, TS(h) = V^D_l·GELU(V^E_l·h + b_E) + b_D, V^E_l [r, H], V^D_l [H, r]
 //! adapters  a = LN1(h + x + A1_l(x)),  out = LN2(a + Dropout_ffn(FFN(a)) + A2_l(a)),
 //!           A(x) = U·GELU(D·x + b_D) + b_U with D [s, H], U [H, s]
+//! top-attn  nothing inside the layers; the last layer's output y is replaced by
+//!           up(B_{n-1}(…B_0(down(y)))), down [P, H], up [H, P], with n blocks in P dims:
+//!           B_i(x) = LN_i(Dropout(MHA_i(x)·W_Oᵀ + b_O) + x), MHA_i with Q, K, V [P, P] and
+//!           biases, `heads` heads of P/heads, the encoder's mask and attention-probability
+//!           dropout; LN_i over P. The pooler reads the replaced output ([CLS] row).
+//! separate  one full encoder copy per task: each task is trained as its own single-task
+//!           `shared` model (no task-specific terms), so this module only counts it.
 //! ```
+//! The original top-attn code (Bert-n-Pals, `config.top`) is the same: down, six
+//! `BERTAttention(config, 12)` blocks, up, no activation. Its block LayerNorms start from
+//! N(0, 0.02) for γ and β, close to zero; we start them as BERT's, γ = 1 and β = 0. The
+//! width P scales 204 (at hidden 768) with the model, rounded to a multiple of the 12 heads,
+//! ties up: 108 = 12·9 at hidden 384 (204·384/768 = 102 = 12·8.5), 12 at hidden 32.
+//! Dropout: block i draws its attention probabilities at site(L + 2i, TaskSpecific) and its
+//! output at site(L + 2i + 1, TaskSpecific), virtual layers past the encoder's L (see
+//! [`top_dropout_sites`]); with hidden_dropout_prob and attention_probs_dropout_prob.
 //! Head: logits = Dropout_head(pooled)·Wᵀ + b, W [k, H] (the pooler is shared); dropout
 //! hidden_dropout_prob at site [`SITE_HEAD`]. Loss: the weighted mean cross-entropy over k ≥ 2
 //! classes, or for k = 1 (STS-B) the weighted mean squared error against score / 5 (the
@@ -30,8 +45,14 @@
 //! tasks.<T>.low_rank.layer.<l>.decoder.{weight,bias}                   [H, r], [H]
 //! tasks.<T>.adapter.layer.<l>.{attention,ffn}.down.{weight,bias}       [s, H], [s]
 //! tasks.<T>.adapter.layer.<l>.{attention,ffn}.up.{weight,bias}         [H, s], [H]
+//! tasks.<T>.top.down.{weight,bias}                                     [P, H], [P]
+//! tasks.<T>.top.block.<i>.{query,key,value,output}.{weight,bias}       [P, P], [P]
+//! tasks.<T>.top.block.<i>.LayerNorm.{weight,bias}                      [P], [P]
+//! tasks.<T>.top.up.{weight,bias}                                       [H, P], [H]
 //! ```
-//! New parameters start as BERT's: weights N(0, 0.02)-like, biases 0.
+//! New parameters start as BERT's: weights N(0, 0.02)-like, biases 0, LayerNorm γ = 1 and
+//! β = 0. The top's LayerNorm names contain "LayerNorm" so that the optimizer's no-decay rule
+//! covers them.
 //!
 //! # A training step
 //! One step trains ONE task's batch ([`MultiTaskModel::forward_backward`]): the encoder runs
@@ -40,14 +61,11 @@
 //! hold whatever their last step left: an optimizer must update only the sampled task (the
 //! original code's momentum and weight decay on unsampled tasks is not to be copied).
 //!
-//! Adding a term into LN1's or LN2's input is y += x·I with a w×w identity (w the largest
-//! power of two up to 64 dividing the length): exact for finite x, since every other
-//! product is a zero, and it needs no kernel of its own. At 2w flops per element it costs
-//! about 0.7% of a BERT-base layer's forward; a dedicated add kernel would be cheaper.
+//! A term joins LN1's or LN2's input by `elementwise::add_assign` (y += x).
 
 use super::bert::{
     Activations, Alloc, BatchInputs, Bert, LayerHook, LinearGrads, allocate, copy, dropout_backward,
-    dropout_spec, linear, linear_backward, plan_of, shape_error,
+    dropout_spec, linear, linear_backward, plan_of, shape_error, stats,
 };
 use super::{
     BertConfig, DropoutKey, HostTensor, SITE_HEAD, Site, Weights, param_count as bert_param_count, site,
@@ -55,8 +73,10 @@ use super::{
 use crate::gpu::{Gpu, GpuError, Recorder, Tensor};
 use crate::kernels::attention::{self, AttentionShape, MAX_HEAD_DIM};
 use crate::kernels::elementwise::{self, DropoutSpec};
+use crate::kernels::layernorm::{self, LayerNorm, LayerNormGrads, LayerNormScratch};
 use crate::kernels::loss;
 use crate::kernels::matmul::{Epilogue, Matmul, matmul};
+use crate::kernels::reduce;
 use std::collections::BTreeMap;
 
 /// The paper's sizes for BERT-base (hidden 768); other widths scale them.
@@ -65,6 +85,9 @@ pub const PAL_DIM_BASE: usize = 204;
 pub const PAL_HEADS: usize = 6;
 pub const LOW_RANK_BASE: usize = 100;
 pub const ADAPTER_BASE: usize = 50;
+pub const TOP_DIM_BASE: usize = 204;
+pub const TOP_HEADS: usize = 12;
+pub const TOP_BLOCKS: usize = 6;
 
 /// Regression targets are score / 5, as in the original code: STS-B's 0–5 scale to 0–1.
 pub const REGRESSION_SCALE: f32 = 5.0;
@@ -80,6 +103,14 @@ pub enum Method {
     LowRank { rank: usize },
     /// Two Houlsby-style adapters of width `size` per layer.
     Adapters { size: usize },
+    /// Top projected attention: `blocks` attention blocks of width `dim` with `heads` heads
+    /// after the last layer, replacing the sequence output.
+    TopAttn { dim: usize, heads: usize, blocks: usize },
+    /// The paper's "BERT-base 8×" baseline: a full encoder per task and no task-specific
+    /// terms. Not a multi-task model: the trainer trains each task as its own single-task
+    /// [`Method::Shared`] model, and [`MultiTaskModel::upload`] refuses it; it exists here
+    /// for its name and its parameter count.
+    Separate,
 }
 
 /// round(hidden · base / 768) to a multiple of `multiple`, at least `multiple`.
@@ -89,11 +120,12 @@ fn scaled(hidden: usize, base: usize, multiple: usize) -> usize {
 }
 
 impl Method {
-    pub const NAMES: [&str; 4] = ["shared", "pals", "low-rank", "adapters"];
+    pub const NAMES: [&str; 6] = ["shared", "pals", "low-rank", "adapters", "top-attn", "separate"];
 
     /// The method called `name` (one of [`Method::NAMES`]) with the paper's sizes scaled to
     /// the model's width: PALs 204 (6 heads of 34) at hidden 768, 102 (6 × 17) at 384;
-    /// low-rank 100 and adapters 50 at 768.
+    /// low-rank 100 and adapters 50 at 768; top-attn 6 blocks of 204 (12 heads of 17) at
+    /// 768, 108 (12 × 9) at 384.
     pub fn default_for(name: &str, c: &BertConfig) -> Result<Method, String> {
         let h = c.hidden_size;
         match name {
@@ -101,6 +133,12 @@ impl Method {
             "pals" => Ok(Method::Pals { dim: scaled(h, PAL_DIM_BASE, PAL_HEADS), heads: PAL_HEADS }),
             "low-rank" => Ok(Method::LowRank { rank: scaled(h, LOW_RANK_BASE, 1) }),
             "adapters" => Ok(Method::Adapters { size: scaled(h, ADAPTER_BASE, 1) }),
+            "top-attn" => Ok(Method::TopAttn {
+                dim: scaled(h, TOP_DIM_BASE, TOP_HEADS),
+                heads: TOP_HEADS,
+                blocks: TOP_BLOCKS,
+            }),
+            "separate" => Ok(Method::Separate),
             _ => Err(format!("unknown method '{name}': expected one of {}", Method::NAMES.join(", "))),
         }
     }
@@ -111,29 +149,54 @@ impl Method {
             Method::Pals { .. } => "pals",
             Method::LowRank { .. } => "low-rank",
             Method::Adapters { .. } => "adapters",
+            Method::TopAttn { .. } => "top-attn",
+            Method::Separate => "separate",
         }
     }
 
-    /// An error unless the sizes are usable: non-zero, PAL heads dividing the PAL width, and
-    /// a PAL head no wider than the attention kernel allows.
+    /// An error unless the sizes are usable: non-zero, attention heads dividing their
+    /// width (PALs, top-attn), and a head no wider than the attention kernel allows.
     pub fn check(&self) -> Result<(), String> {
         match *self {
-            Method::Shared => Ok(()),
-            Method::Pals { dim, heads } => {
-                if heads == 0 || dim == 0 || !dim.is_multiple_of(heads) {
-                    return Err(format!("PAL width {dim} is not a positive multiple of {heads} heads"));
-                }
-                if dim / heads > MAX_HEAD_DIM {
-                    return Err(format!("PAL head width {} exceeds {MAX_HEAD_DIM}", dim / heads));
-                }
-                Ok(())
-            }
+            Method::Pals { dim, heads } => check_heads("PAL", dim, heads),
+            Method::TopAttn { blocks: 0, .. } => Err("top-attn needs at least one block".into()),
+            Method::TopAttn { dim, heads, .. } => check_heads("top-attn", dim, heads),
             Method::LowRank { rank: 0 } | Method::Adapters { size: 0 } => {
                 Err(format!("{} needs a non-zero width", self.name()))
             }
             _ => Ok(()),
         }
     }
+
+    /// `check`, and for top-attn that every dropout site fits below the head's.
+    pub fn check_for(&self, c: &BertConfig) -> Result<(), String> {
+        self.check()?;
+        if let Method::TopAttn { blocks, .. } = *self {
+            let last = top_dropout_sites(c, blocks - 1).1;
+            if last >= SITE_HEAD {
+                let detail = format!("{blocks} blocks after {} layers", c.num_hidden_layers);
+                return Err(format!("top-attn has more dropout sites than a step has: {detail}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_heads(what: &str, dim: usize, heads: usize) -> Result<(), String> {
+    if heads == 0 || dim == 0 || !dim.is_multiple_of(heads) {
+        return Err(format!("{what} width {dim} is not a positive multiple of {heads} heads"));
+    }
+    if dim / heads > MAX_HEAD_DIM {
+        return Err(format!("{what} head width {} exceeds {MAX_HEAD_DIM}", dim / heads));
+    }
+    Ok(())
+}
+
+/// The dropout sites of top-attn block `block`: (attention probabilities, block output),
+/// the task-specific sites of virtual layers L + 2·block and L + 2·block + 1.
+pub fn top_dropout_sites(c: &BertConfig, block: usize) -> (u32, u32) {
+    let layer = c.num_hidden_layers + 2 * block;
+    (site(layer, Site::TaskSpecific), site(layer + 1, Site::TaskSpecific))
 }
 
 /// A task: its name (used in parameter names) and its number of outputs; 1 is regression.
@@ -214,7 +277,7 @@ pub fn task_param_shapes(c: &BertConfig, method: &Method, task: &TaskSpec) -> Ve
     let mut shapes = Vec::new();
     let layers = 0..c.num_hidden_layers;
     match *method {
-        Method::Shared => {}
+        Method::Shared | Method::Separate => {}
         Method::Pals { dim, .. } => {
             shapes.extend(linear_shapes(format!("{p}pal.encoder"), dim, h));
             shapes.extend(linear_shapes(format!("{p}pal.decoder"), h, dim));
@@ -238,6 +301,17 @@ pub fn task_param_shapes(c: &BertConfig, method: &Method, task: &TaskSpec) -> Ve
                 }
             }
         }
+        Method::TopAttn { dim, blocks, .. } => {
+            shapes.extend(linear_shapes(format!("{p}top.down"), dim, h));
+            for i in 0..blocks {
+                for which in ["query", "key", "value", "output"] {
+                    shapes.extend(linear_shapes(format!("{p}top.block.{i}.{which}"), dim, dim));
+                }
+                let norm = format!("{p}top.block.{i}.LayerNorm");
+                shapes.extend([(format!("{norm}.weight"), vec![dim]), (format!("{norm}.bias"), vec![dim])]);
+            }
+            shapes.extend(linear_shapes(format!("{p}top.up"), h, dim));
+        }
     }
     shapes.extend(linear_shapes(format!("{p}head"), task.num_labels, h));
     shapes
@@ -247,16 +321,24 @@ fn count(shapes: &[(String, Vec<usize>)]) -> usize {
     shapes.iter().map(|(_, s)| s.iter().product::<usize>()).sum()
 }
 
-/// Parameters of one task: (layer terms, head).
+/// Parameters of one task: (its own parameters besides the head, head). For separate
+/// models the first is the task's own encoder and pooler.
 pub fn task_param_count(c: &BertConfig, method: &Method, task: &TaskSpec) -> (usize, usize) {
     let total = count(&task_param_shapes(c, method, task));
     let head = task.num_labels * (c.hidden_size + 1);
-    (total - head, head)
+    let own_encoder = if *method == Method::Separate { bert_param_count(c) } else { 0 };
+    (total - head + own_encoder, head)
 }
 
-/// Every parameter of the multi-task model: the encoder and pooler, plus each task's.
+/// Every parameter of the model: the shared encoder and pooler (none for separate models,
+/// which count one per task), plus each task's.
 pub fn param_count(c: &BertConfig, method: &Method, tasks: &[TaskSpec]) -> usize {
-    bert_param_count(c) + tasks.iter().map(|t| count(&task_param_shapes(c, method, t))).sum::<usize>()
+    let shared = if *method == Method::Separate { 0 } else { bert_param_count(c) };
+    let per_task = |t| {
+        let (own, head) = task_param_count(c, method, t);
+        own + head
+    };
+    shared + tasks.iter().map(per_task).sum::<usize>()
 }
 
 /// A seed for each task from its name, so that tasks initialised from one seed differ.
@@ -265,7 +347,7 @@ fn task_seed(seed: u32, task: &str) -> u32 {
 }
 
 /// Random task parameters as [`super::random_weights`] draws BERT's: weights uniform with
-/// standard deviation 0.02, biases 0.
+/// standard deviation 0.02, biases 0, LayerNorm γ = 1 (and β = 0).
 pub fn random_task_weights(c: &BertConfig, method: &Method, task: &TaskSpec, seed: u32) -> Weights {
     let seed = task_seed(seed, &task.name);
     task_param_shapes(c, method, task)
@@ -273,7 +355,9 @@ pub fn random_task_weights(c: &BertConfig, method: &Method, task: &TaskSpec, see
         .enumerate()
         .map(|(index, (name, shape))| {
             let len = shape.iter().product();
-            let data = if name.ends_with(".bias") {
+            let data = if name.ends_with("LayerNorm.weight") {
+                vec![1.0; len]
+            } else if name.ends_with(".bias") {
                 vec![0.0; len]
             } else {
                 // Uniform on [-a, a] has standard deviation a/√3.
@@ -301,6 +385,15 @@ pub struct Bottleneck {
     pub up: Linear,
 }
 
+/// One top-attn block: [query, key, value], the output dense, and the LayerNorm's γ (in
+/// `norm.w`) and β (in `norm.b`).
+#[derive(Clone)]
+pub struct TopBlock {
+    pub qkv: [Linear; 3],
+    pub output: Linear,
+    pub norm: Linear,
+}
+
 /// A method's terms inside the layers, by role.
 // One per task, made once: the size of the variants does not matter.
 #[allow(clippy::large_enum_variant)]
@@ -320,6 +413,12 @@ pub enum Terms {
     /// Per layer [attention, ffn] adapters.
     Adapters {
         layers: Vec<[Bottleneck; 2]>,
+    },
+    /// The down- and up-projections and the blocks between them.
+    Top {
+        down: Linear,
+        up: Linear,
+        blocks: Vec<TopBlock>,
     },
 }
 
@@ -352,8 +451,8 @@ impl TaskTensors {
             Linear { w: tensor("weight"), b: tensor("bias") }
         };
         let layers = 0..c.num_hidden_layers;
-        let terms = match method {
-            Method::Shared => Terms::Shared,
+        let terms = match *method {
+            Method::Shared | Method::Separate => Terms::Shared,
             Method::Pals { .. } => Terms::Pals {
                 encoder: get("pal.encoder"),
                 decoder: get("pal.decoder"),
@@ -376,6 +475,20 @@ impl TaskTensors {
                             down: get(&format!("adapter.layer.{l}.{site}.down")),
                             up: get(&format!("adapter.layer.{l}.{site}.up")),
                         })
+                    })
+                    .collect(),
+            },
+            Method::TopAttn { blocks, .. } => Terms::Top {
+                down: get("top.down"),
+                up: get("top.up"),
+                blocks: (0..blocks)
+                    .map(|i| {
+                        let get = |which: &str| get(&format!("top.block.{i}.{which}"));
+                        TopBlock {
+                            qkv: ["query", "key", "value"].map(get),
+                            output: get("output"),
+                            norm: get("LayerNorm"),
+                        }
                     })
                     .collect(),
             },
@@ -416,6 +529,49 @@ pub struct PalLayerActs<T> {
     pub pre: T,
 }
 
+/// What one top-attn block's forward keeps for its backward (rows = B·S, width P).
+pub struct TopBlockActs<T> {
+    /// [rows, P] = [B, S, heads, P/heads]
+    pub q: T,
+    pub k: T,
+    pub v: T,
+    /// The attention output [rows, P] and its log-sum-exps [B, heads, S].
+    pub ctx: T,
+    pub lse: T,
+    /// Dropout(ctx·W_Oᵀ + b_O) [rows, P]: the LayerNorm's input (the block input is its
+    /// residual).
+    pub out: T,
+    pub ln_mean: T,
+    pub ln_rstd: T,
+}
+
+/// Top-attn's buffers.
+pub struct TopActs<T> {
+    /// The last layer's output [rows, H], kept before the top's output replaces it.
+    pub input: T,
+    /// Block inputs [rows, P]: xs[0] = down(input), xs[i + 1] block i's output; the last is
+    /// the up-projection's input.
+    pub xs: Vec<T>,
+    pub blocks: Vec<TopBlockActs<T>>,
+    // Scratch, shared by the blocks.
+    /// [rows, P]: forward, an output before its dropout; backward, a gradient after
+    /// dropout's backward.
+    pub sub: T,
+    /// [rows, P] each: the backward's ping-pong pair (d of a block's output, then of its
+    /// input), d ctx, dq, dk, dv.
+    pub d_a: T,
+    pub d_b: T,
+    pub d_ctx: T,
+    pub dq: T,
+    pub dk: T,
+    pub dv: T,
+    /// [B, heads, S]
+    pub delta: T,
+    /// LayerNorm backward's partials and the column sums' partials, sized for width P.
+    pub ln_partials: T,
+    pub colsum: T,
+}
+
 /// Buffers of the terms, per method. Scratch is shared by all layers.
 pub enum TermActs<T> {
     Shared,
@@ -449,6 +605,7 @@ pub enum TermActs<T> {
         /// [rows, H]: d x of the attention adapter's input (adapters; [0, H] for low-rank).
         d_x: T,
     },
+    Top(TopActs<T>),
 }
 
 /// Every buffer a multi-task step of one (batch, seq) bucket uses: the encoder's, the
@@ -476,11 +633,7 @@ pub struct HeadActs<T> {
     pub d_logits: T,
     /// The step's loss [1].
     pub loss: T,
-    /// A 64×64 identity, for y += x.
-    pub identity: T,
 }
-
-const IDENTITY: usize = 64;
 
 fn build_terms<T>(
     c: &BertConfig,
@@ -492,7 +645,7 @@ fn build_terms<T>(
     let (h, rows, layers) = (c.hidden_size, batch * seq, c.num_hidden_layers);
     let mut a = |name: &str, shape: &[usize]| alloc(format!("tasks.{name}"), shape);
     Ok(match *method {
-        Method::Shared => TermActs::Shared,
+        Method::Shared | Method::Separate => TermActs::Shared,
         Method::Pals { dim, heads } => {
             let mut acts = Vec::with_capacity(layers);
             for l in 0..layers {
@@ -538,6 +691,57 @@ fn build_terms<T>(
                 d_x: a("scratch.bottleneck.d_x", &[h2, h])?,
             }
         }
+        Method::TopAttn { dim, heads, blocks } => {
+            TermActs::Top(build_top(dim, heads, blocks, h, batch, seq, &mut a)?)
+        }
+    })
+}
+
+/// An allocator of buffers named within the tasks' namespace.
+type NamedAlloc<'a, T> = &'a mut dyn FnMut(&str, &[usize]) -> Result<T, GpuError>;
+
+fn build_top<T>(
+    dim: usize,
+    heads: usize,
+    blocks: usize,
+    h: usize,
+    batch: usize,
+    seq: usize,
+    a: NamedAlloc<T>,
+) -> Result<TopActs<T>, GpuError> {
+    let rows = batch * seq;
+    let input = a("top.input", &[rows, h])?;
+    let xs = (0..=blocks).map(|i| a(&format!("top.x.{i}"), &[rows, dim])).collect::<Result<Vec<_>, _>>()?;
+    let mut acts = Vec::with_capacity(blocks);
+    for i in 0..blocks {
+        let mut a = |name: &str, shape: &[usize]| a(&format!("top.block.{i}.{name}"), shape);
+        acts.push(TopBlockActs {
+            q: a("q", &[rows, dim])?,
+            k: a("k", &[rows, dim])?,
+            v: a("v", &[rows, dim])?,
+            ctx: a("ctx", &[rows, dim])?,
+            lse: a("lse", &[batch, heads, seq])?,
+            out: a("out", &[rows, dim])?,
+            ln_mean: a("ln_mean", &[rows])?,
+            ln_rstd: a("ln_rstd", &[rows])?,
+        });
+    }
+    let (ln_partials, ln_colsum) = layernorm::backward_scratch_len(rows, dim);
+    let colsum = reduce::colsum_scratch_len(rows, dim).max(ln_colsum);
+    Ok(TopActs {
+        input,
+        xs,
+        blocks: acts,
+        sub: a("scratch.top.sub", &[rows, dim])?,
+        d_a: a("scratch.top.d_a", &[rows, dim])?,
+        d_b: a("scratch.top.d_b", &[rows, dim])?,
+        d_ctx: a("scratch.top.d_ctx", &[rows, dim])?,
+        dq: a("scratch.top.dq", &[rows, dim])?,
+        dk: a("scratch.top.dk", &[rows, dim])?,
+        dv: a("scratch.top.dv", &[rows, dim])?,
+        delta: a("scratch.top.delta", &[batch, heads, seq])?,
+        ln_partials: a("scratch.top.ln_partials", &[ln_partials])?,
+        colsum: a("scratch.top.colsum", &[colsum])?,
     })
 }
 
@@ -558,7 +762,6 @@ fn build_head<T>(
         logits: a("head.logits", &[batch, max_labels])?,
         d_logits: a("head.d_logits", &[batch, max_labels])?,
         loss: a("head.loss", &[1])?,
-        identity: a("identity", &[IDENTITY, IDENTITY])?,
     })
 }
 
@@ -591,21 +794,6 @@ impl TaskActivations {
 /// take their counts from the shape.
 fn view(tensor: &Tensor, shape: &[usize]) -> Tensor {
     Tensor { buffer: tensor.buffer.clone(), shape: shape.to_vec(), name: tensor.name.clone() }
-}
-
-/// y += x for tensors of one length, as y += x·I (see the module's notes).
-fn add_into(rec: &mut Recorder, identity: &Tensor, x: &Tensor, y: &Tensor) -> Result<(), GpuError> {
-    if x.len() != y.len() {
-        let detail = format!("'{}' has {} elements, '{}' {}", x.name, x.len(), y.name, y.len());
-        return Err(shape_error("add_into", detail));
-    }
-    let w = (0..=IDENTITY.trailing_zeros())
-        .rev()
-        .map(|e| 1 << e)
-        .find(|w| x.len().is_multiple_of(*w))
-        .unwrap_or(1);
-    let op = Matmul { ldb: Some(IDENTITY), ..Matmul::new(x.len() / w, w, w) };
-    matmul(rec, x, identity, y, &op, Epilogue::Accumulate)
 }
 
 // ----------------------------------------------------------------------------------------
@@ -655,7 +843,8 @@ pub struct MultiTaskModel {
 impl MultiTaskModel {
     /// Uploads the encoder's weights and each task's (named as `task_param_shapes`; extra
     /// entries are ignored) and allocates zeroed gradients. An error names any missing or
-    /// mis-shaped tensor, or a method whose sizes do not fit.
+    /// mis-shaped tensor, or a method whose sizes do not fit. [`Method::Separate`] is an
+    /// error: separate models are trained as one single-task `Shared` model per task.
     pub fn upload(
         gpu: &Gpu,
         config: &BertConfig,
@@ -664,7 +853,12 @@ impl MultiTaskModel {
         tasks: &[(TaskSpec, &Weights)],
     ) -> Result<MultiTaskModel, GpuError> {
         let op = "MultiTaskModel::upload";
-        method.check().map_err(|detail| shape_error(op, detail))?;
+        if method == Method::Separate {
+            let detail = "method 'separate' is not one multi-task model: train each task as its own \
+                          single-task 'shared' model (the trainer does that)";
+            return Err(shape_error(op, detail.into()));
+        }
+        method.check_for(config).map_err(|detail| shape_error(op, detail))?;
         let bert = Bert::upload(gpu, config, shared)?;
         let mut modules = Vec::with_capacity(tasks.len());
         for (spec, weights) in tasks {
@@ -707,9 +901,6 @@ impl MultiTaskModel {
                 build_head(c, self.max_labels(), batch, seq, alloc)?,
             ))
         })?;
-        let eye: Vec<f32> =
-            (0..IDENTITY * IDENTITY).map(|i| f32::from(i / IDENTITY == i % IDENTITY)).collect();
-        gpu.write(&head.identity, &eye)?;
         Ok(TaskActivations { method: self.method, max_labels: self.max_labels(), encoder, terms, head, all })
     }
 
@@ -862,6 +1053,12 @@ fn bottleneck_backward(
     linear_backward(rec, rows, x, &p.down.w, d_pre, down, None, colsum)
 }
 
+/// Attention-probability dropout at `site`: none (p = 0) without a key.
+fn attention_dropout(c: &BertConfig, key: Option<DropoutKey>, site: u32) -> DropoutSpec {
+    let none = DropoutSpec { p: 0.0, seed: 0, stream: 0 };
+    dropout_spec(key, c.attention_probs_dropout_prob, site).unwrap_or(none)
+}
+
 /// dx += dy·W for y = x·Wᵀ + b.
 fn add_input_grad(
     rec: &mut Recorder,
@@ -880,7 +1077,7 @@ impl TaskHook<'_> {
     }
 
     fn add_term(&self, rec: &mut Recorder, into: &Tensor) -> Result<(), GpuError> {
-        add_into(rec, &self.acts.head.identity, &self.acts.head.term, into)
+        elementwise::add_assign(rec, &self.acts.head.term, into)
     }
 
     fn pal_shape(&self) -> (AttentionShape, f32) {
@@ -894,12 +1091,7 @@ impl TaskHook<'_> {
     }
 
     fn pal_dropout(&self, key: Option<DropoutKey>, layer: usize) -> DropoutSpec {
-        let p = self.config.attention_probs_dropout_prob;
-        dropout_spec(key, p, site(layer, Site::TaskSpecific)).unwrap_or(DropoutSpec {
-            p: 0.0,
-            seed: 0,
-            stream: 0,
-        })
+        attention_dropout(self.config, key, site(layer, Site::TaskSpecific))
     }
 
     /// TS(h) of PALs into the term buffer.
@@ -975,7 +1167,157 @@ impl TaskHook<'_> {
     }
 }
 
+/// A Linear's gradients, overwritten.
+fn overwrite(g: &Linear) -> LinearGrads<'_> {
+    LinearGrads { dw: &g.w, db: &g.b, accumulate: false }
+}
+
+/// Top-attn's parameters and buffers, when that is the method.
+type Top<'a> = (&'a Linear, &'a Linear, &'a [TopBlock], &'a TopActs<Tensor>);
+
+impl TaskHook<'_> {
+    fn top_params(&self) -> Option<Top<'_>> {
+        match (&self.module.params.terms, &self.acts.terms) {
+            (Terms::Top { down, up, blocks }, TermActs::Top(acts)) => Some((down, up, blocks, acts)),
+            _ => None,
+        }
+    }
+
+    /// (attention shape, scale) of the top's blocks.
+    fn top_shape(&self) -> (AttentionShape, f32) {
+        let (dim, heads) = match *self.method {
+            Method::TopAttn { dim, heads, .. } => (dim, heads),
+            _ => (0, 1),
+        };
+        let (e, head_dim) = (&self.acts.encoder, dim / heads.max(1));
+        let shape = AttentionShape { batch: e.batch, seq: e.seq, heads, head_dim };
+        (shape, (1.0 / (head_dim as f64).sqrt()) as f32)
+    }
+
+    /// (attention-probability dropout, output dropout) of block i.
+    fn top_dropout(&self, key: Option<DropoutKey>, i: usize) -> (DropoutSpec, Option<DropoutSpec>) {
+        let (attention, output) = top_dropout_sites(self.config, i);
+        let hidden = dropout_spec(key, self.config.hidden_dropout_prob, output);
+        (attention_dropout(self.config, key, attention), hidden)
+    }
+
+    fn top_norm<'n>(&self, block: &'n TopBlock) -> LayerNorm<'n> {
+        LayerNorm { gamma: &block.norm.w, beta: &block.norm.b, eps: self.config.layer_norm_eps as f32 }
+    }
+
+    /// Replaces the sequence output hidden[L] by up(blocks(down(hidden[L]))), keeping
+    /// hidden[L] in `input`.
+    fn top_forward(
+        &self,
+        rec: &mut Recorder,
+        inputs: &BatchInputs,
+        key: Option<DropoutKey>,
+    ) -> Result<(), GpuError> {
+        let Some((down, up, blocks, t)) = self.top_params() else {
+            return Ok(());
+        };
+        let (rows, e) = (self.rows(), &self.acts.encoder);
+        let sequence = &e.hidden[self.config.num_hidden_layers];
+        let ((shape, scale), mask) = (self.top_shape(), &inputs.buffers.mask);
+        copy(rec, sequence, &t.input)?;
+        linear(rec, rows, &t.input, &down.w, &t.xs[0], Epilogue::Bias(&down.b))?;
+        for (i, (p, x)) in blocks.iter().zip(&t.blocks).enumerate() {
+            for (w, out) in p.qkv.iter().zip([&x.q, &x.k, &x.v]) {
+                linear(rec, rows, &t.xs[i], &w.w, out, Epilogue::Bias(&w.b))?;
+            }
+            let (attention_drop, output_drop) = self.top_dropout(key, i);
+            #[rustfmt::skip]
+            attention::attention_forward(
+                rec, shape, &x.q, &x.k, &x.v, mask, &x.ctx, &x.lse, scale, attention_drop,
+            )?;
+            let target = if output_drop.is_some() { &t.sub } else { &x.out };
+            linear(rec, rows, &x.ctx, &p.output.w, target, Epilogue::Bias(&p.output.b))?;
+            if let Some(spec) = output_drop {
+                elementwise::dropout(rec, &t.sub, &x.out, spec)?;
+            }
+            let ln_stats = stats(&x.ln_mean, &x.ln_rstd);
+            layernorm::layernorm_forward(
+                rec,
+                &self.top_norm(p),
+                &x.out,
+                Some(&t.xs[i]),
+                &t.xs[i + 1],
+                &ln_stats,
+            )?;
+        }
+        linear(rec, rows, &t.xs[blocks.len()], &up.w, sequence, Epilogue::Bias(&up.b))
+    }
+
+    /// The top's gradients from d(sequence output) in grad_x; leaves d(last layer's output)
+    /// there. Each parameter serves once: its gradient is overwritten.
+    fn top_backward(
+        &self,
+        rec: &mut Recorder,
+        inputs: &BatchInputs,
+        key: Option<DropoutKey>,
+    ) -> Result<(), GpuError> {
+        let (Some((down, up, blocks, t)), Terms::Top { down: g_down, up: g_up, blocks: g_blocks }) =
+            (self.top_params(), &self.module.grads.terms)
+        else {
+            return Ok(());
+        };
+        let (rows, e) = (self.rows(), &self.acts.encoder);
+        let ((shape, scale), mask) = (self.top_shape(), &inputs.buffers.mask);
+        // d of a block's output in d_out, of its input in d_in; they swap after each block.
+        let (mut d_out, mut d_in) = (&t.d_a, &t.d_b);
+        let dx = Some((d_out, Epilogue::None));
+        linear_backward(rec, rows, &t.xs[blocks.len()], &up.w, &e.grad_x, overwrite(g_up), dx, &e.colsum)?;
+        for i in (0..blocks.len()).rev() {
+            let (p, g, x) = (&blocks[i], &g_blocks[i], &t.blocks[i]);
+            let (attention_drop, output_drop) = self.top_dropout(key, i);
+            // xs[i + 1] = LN(out + xs[i]): d out = d xs[i] through the residual, into d_in.
+            let grads = LayerNormGrads { dx: d_in, dgamma: &g.norm.w, dbeta: &g.norm.b };
+            let scratch = LayerNormScratch { partials: &t.ln_partials, colsum: Some(&t.colsum) };
+            let ln_stats = stats(&x.ln_mean, &x.ln_rstd);
+            #[rustfmt::skip]
+            layernorm::layernorm_backward_with_scratch(
+                rec, &self.top_norm(p), &x.out, Some(&t.xs[i]), &ln_stats, d_out, &grads, &scratch,
+            )?;
+            let d_proj = dropout_backward(rec, d_in, &t.sub, output_drop)?;
+            let dx = Some((&t.d_ctx, Epilogue::None));
+            linear_backward(rec, rows, &x.ctx, &p.output.w, d_proj, overwrite(&g.output), dx, &t.colsum)?;
+            #[rustfmt::skip]
+            attention::attention_backward(
+                rec, shape, &x.q, &x.k, &x.v, &x.ctx, &t.d_ctx, mask, &x.lse, &t.delta,
+                &t.dq, &t.dk, &t.dv, scale, attention_drop,
+            )?;
+            for ((w, g), dy) in p.qkv.iter().zip(&g.qkv).zip([&t.dq, &t.dk, &t.dv]) {
+                let dx = Some((d_in, Epilogue::Accumulate));
+                linear_backward(rec, rows, &t.xs[i], &w.w, dy, overwrite(g), dx, &t.colsum)?;
+            }
+            std::mem::swap(&mut d_out, &mut d_in);
+        }
+        let dx = Some((&e.grad_x, Epilogue::None));
+        linear_backward(rec, rows, &t.input, &down.w, d_out, overwrite(g_down), dx, &t.colsum)
+    }
+}
+
 impl LayerHook for TaskHook<'_> {
+    fn sequence_output(
+        &self,
+        rec: &mut Recorder,
+        _acts: &Activations,
+        inputs: &BatchInputs,
+        key: Option<DropoutKey>,
+    ) -> Result<(), GpuError> {
+        self.top_forward(rec, inputs, key)
+    }
+
+    fn sequence_output_backward(
+        &self,
+        rec: &mut Recorder,
+        _acts: &Activations,
+        inputs: &BatchInputs,
+        key: Option<DropoutKey>,
+    ) -> Result<(), GpuError> {
+        self.top_backward(rec, inputs, key)
+    }
+
     fn attention_output(
         &self,
         rec: &mut Recorder,
@@ -1012,7 +1354,7 @@ impl LayerHook for TaskHook<'_> {
     ) -> Result<(), GpuError> {
         let (rows, x, term) = (self.rows(), &acts.layers[l], &self.acts.head.term);
         match (&self.module.params.terms, &self.acts.terms) {
-            (Terms::Shared, _) => return Ok(()),
+            (Terms::Shared | Terms::Top { .. }, _) => return Ok(()),
             (Terms::Pals { .. }, _) => self.pal_forward(rec, inputs, l, key)?,
             (Terms::LowRank { layers }, TermActs::Bottlenecks { pre, g, .. }) => {
                 bottleneck_forward(rec, rows, &layers[l], &acts.hidden[l], (&pre[l], g), term)?
@@ -1154,6 +1496,21 @@ mod tests {
         let adapters = ratio(&method("adapters"));
         assert!((adapters - 1.136).abs() < 0.0005, "adapters {adapters}");
         assert!((ratio(&method("shared")) - 1.0001).abs() < 0.0001);
+        // Top-attn: down 768·204 + 204, six blocks of 4·(204² + 204) + 2·204, up 204·768 + 768.
+        let top = method("top-attn");
+        assert_eq!(top, Method::TopAttn { dim: 204, heads: 12, blocks: 6 });
+        for task in &glue {
+            assert_eq!(task_param_count(&c, &top, task).0, 1_320_444, "{}", task.name);
+        }
+        assert_eq!(param_count(&c, &top, &glue), 109_482_240 + 12_304 + 8 * 1_320_444);
+        let top = ratio(&top);
+        assert!((top - 1.0966).abs() < 0.00005, "top-attn {top}");
+        // Separate: eight encoders with poolers, and the heads.
+        let separate = method("separate");
+        assert_eq!(task_param_count(&c, &separate, &glue[0]), (109_482_240, 1538));
+        assert_eq!(param_count(&c, &separate, &glue), 8 * 109_482_240 + 12_304);
+        let separate = ratio(&separate);
+        assert!((separate - 8.0).abs() < 0.0002, "separate {separate}");
     }
 
     #[test]
@@ -1162,9 +1519,24 @@ mod tests {
         assert_eq!(Method::default_for("pals", &minilm).unwrap(), Method::Pals { dim: 102, heads: 6 });
         assert_eq!(Method::default_for("low-rank", &minilm).unwrap(), Method::LowRank { rank: 50 });
         assert_eq!(Method::default_for("adapters", &minilm).unwrap(), Method::Adapters { size: 25 });
+        // 204·384/768 = 102 = 12·8.5 heads of 12: ties round up, to 108.
+        assert_eq!(
+            Method::default_for("top-attn", &minilm).unwrap(),
+            Method::TopAttn { dim: 108, heads: 12, blocks: 6 }
+        );
         let tiny = BertConfig::tiny(2, 32, 4);
         assert_eq!(Method::default_for("pals", &tiny).unwrap(), Method::Pals { dim: 6, heads: 6 });
-        assert!(Method::default_for("top-attn", &tiny).is_err());
+        assert_eq!(
+            Method::default_for("top-attn", &tiny).unwrap(),
+            Method::TopAttn { dim: 12, heads: 12, blocks: 6 }
+        );
+        assert!(Method::default_for("top", &tiny).is_err());
+        assert!(Method::TopAttn { dim: 18, heads: 12, blocks: 6 }.check().is_err());
+        assert!(Method::TopAttn { dim: 12, heads: 12, blocks: 0 }.check().is_err());
+        // 6 blocks take 12 virtual layers of dropout sites: 50 layers leave room, 52 do not.
+        let top = Method::default_for("top-attn", &tiny).unwrap();
+        assert!(top.check_for(&BertConfig::tiny(50, 32, 4)).is_ok());
+        assert!(top.check_for(&BertConfig::tiny(52, 32, 4)).is_err());
         assert!(Method::Pals { dim: 10, heads: 6 }.check().is_err());
         assert!(Method::Pals { dim: 6 * 129, heads: 6 }.check().is_err());
         assert!(Method::LowRank { rank: 0 }.check().is_err());
@@ -1187,6 +1559,27 @@ mod tests {
         let w = &a[&format!("tasks.STS-B.{enc}")].data;
         let std = (w.iter().map(|v| (v * v) as f64).sum::<f64>() / w.len() as f64).sqrt();
         assert!((std - 0.02).abs() < 0.004, "std {std}");
+    }
+
+    #[test]
+    fn top_attn_names_and_initialisation() {
+        let c = BertConfig::tiny(2, 32, 4);
+        let method = Method::TopAttn { dim: 12, heads: 4, blocks: 2 };
+        let task = TaskSpec::new("QQP", 2);
+        let shapes = task_param_shapes(&c, &method, &task);
+        assert_eq!(shapes.len(), 4 + 2 * 10 + 2);
+        assert_eq!(shapes[0], ("tasks.QQP.top.down.weight".into(), vec![12, 32]));
+        assert!(shapes.contains(&("tasks.QQP.top.block.1.output.weight".into(), vec![12, 12])));
+        assert!(shapes.contains(&("tasks.QQP.top.block.0.LayerNorm.bias".into(), vec![12])));
+        assert!(shapes.contains(&("tasks.QQP.top.up.weight".into(), vec![32, 12])));
+        let w = random_task_weights(&c, &method, &task, 3);
+        assert!(w["tasks.QQP.top.block.1.LayerNorm.weight"].data.iter().all(|&v| v == 1.0));
+        assert!(w["tasks.QQP.top.block.1.LayerNorm.bias"].data.iter().all(|&v| v == 0.0));
+        assert!(w["tasks.QQP.top.block.1.query.weight"].data.iter().any(|&v| v != 0.0));
+        // Separate models have only their heads here: the rest is a single-task model's.
+        let separate = task_param_shapes(&c, &Method::Separate, &task);
+        assert_eq!(separate, task_param_shapes(&c, &Method::Shared, &task));
+        assert_eq!(Method::default_for("separate", &c).unwrap().name(), "separate");
     }
 
     #[test]

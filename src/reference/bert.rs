@@ -44,6 +44,8 @@ pub struct BertCache {
     pub emb_sum: Vec<f64>,
     pub layers: Vec<LayerCache>,
     /// The last layer's output [B·S, H].
+    pub encoder_output: Vec<f64>,
+    /// The sequence output [B·S, H]: the last layer's, or what the hook replaced it with.
     pub sequence: Vec<f64>,
     /// Row 0 of each sequence [B, H] and tanh(cls·Wpᵀ + bp) [B, H].
     pub cls: Vec<f64>,
@@ -155,6 +157,9 @@ impl HookContext<'_> {
 /// out = LN2(Dropout_ffn(FFN(a)) + a + ffn_term(h, a))
 /// ```
 ///
+/// After the last layer, `sequence_output` may replace the sequence output (top projected
+/// attention); its context has `layer` = L, the number of layers.
+///
 /// The backward of each term gets its output's gradient, stores its parameters'
 /// gradients in `g` (adding to what is there for a parameter shared by several layers) and
 /// returns its inputs' gradients. A hook recomputes its intermediates from the inputs.
@@ -188,6 +193,22 @@ pub trait LayerHook {
         _g: &mut Grads,
     ) -> (Option<Vec<f64>>, Option<Vec<f64>>) {
         (None, None)
+    }
+
+    /// What replaces the last layer's output `h` as the sequence output, or None to keep it.
+    fn sequence_output(&self, _ctx: &HookContext, _h: &[f64]) -> Option<Vec<f64>> {
+        None
+    }
+
+    /// d h from d(sequence output), when `sequence_output` replaced it.
+    fn sequence_output_backward(
+        &self,
+        _ctx: &HookContext,
+        _h: &[f64],
+        _d_sequence: &[f64],
+        _g: &mut Grads,
+    ) -> Option<Vec<f64>> {
+        None
     }
 }
 
@@ -347,16 +368,18 @@ pub fn forward_with(
     let mask: Vec<f64> = batch.additive_mask().iter().map(|&m| m as f64).collect();
     let (emb_sum, mut h) = embeddings_forward(config, weights, batch, &drop);
     let mut layers = Vec::with_capacity(config.num_hidden_layers);
+    let context = |layer| HookContext { layer, batch: batch.batch, seq: batch.seq, mask: &mask, dropout };
     for l in 0..config.num_hidden_layers {
-        let ctx = HookContext { layer: l, batch: batch.batch, seq: batch.seq, mask: &mask, dropout };
+        let ctx = context(l);
         let (cache, out) = layer_forward(config, &LayerParams::load(weights, l), &h, &ctx, &d, &drop, hook);
         layers.push(cache);
         h = out;
     }
-    let (cls, pooled) = pooler_forward(weights, &h, batch, d.hidden);
+    let sequence = hook.sequence_output(&context(config.num_hidden_layers), &h).unwrap_or_else(|| h.clone());
+    let (cls, pooled) = pooler_forward(weights, &sequence, batch, d.hidden);
     let narrow = |x: &[f64]| x.iter().map(|&v| v as f32).collect::<Vec<f32>>();
-    let (sequence_out, pooled_out) = (narrow(&h), narrow(&pooled));
-    let cache = BertCache { dropout, emb_sum, layers, sequence: h, cls, pooled };
+    let (sequence_out, pooled_out) = (narrow(&sequence), narrow(&pooled));
+    let cache = BertCache { dropout, emb_sum, layers, encoder_output: h, sequence, cls, pooled };
     (cache, sequence_out, pooled_out)
 }
 
@@ -510,11 +533,20 @@ pub fn backward_with(
         let row = &mut d_h[b * batch.seq * d.hidden..][..d.hidden];
         row.iter_mut().zip(d_row).for_each(|(x, y)| *x += y);
     }
+    let context = |layer| HookContext {
+        layer,
+        batch: batch.batch,
+        seq: batch.seq,
+        mask: &mask,
+        dropout: cache.dropout,
+    };
+    let top = context(config.num_hidden_layers);
+    if let Some(d_last) = hook.sequence_output_backward(&top, &cache.encoder_output, &d_h, &mut g) {
+        d_h = d_last;
+    }
     for l in (0..config.num_hidden_layers).rev() {
         let p = LayerParams::load(weights, l);
-        let ctx =
-            HookContext { layer: l, batch: batch.batch, seq: batch.seq, mask: &mask, dropout: cache.dropout };
-        d_h = layer_backward(config, &p, &cache.layers[l], &ctx, &d, &drop, hook, &d_h, &mut g);
+        d_h = layer_backward(config, &p, &cache.layers[l], &context(l), &d, &drop, hook, &d_h, &mut g);
     }
     embeddings_backward(config, weights, batch, cache, &drop, &d_h, &mut g);
 

@@ -1,4 +1,4 @@
-//! GELU (exact erf), tanh and dropout on the CPU, in f64.
+//! GELU (exact erf), tanh, dropout and adds on the CPU, in f64.
 
 use super::rng;
 
@@ -73,6 +73,14 @@ pub fn dropout(x: &[f32], p: f32, seed: u32, stream: u32) -> Vec<f32> {
     dropout_f64(&x, p, seed, stream).into_iter().map(|v| v as f32).collect()
 }
 
+/// a + b in f64, rounded once to f32: the correctly rounded f32 sum (f64 has more than
+/// twice f32's precision, so the double rounding is harmless), which the GPU's one f32 add
+/// must match exactly.
+pub fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
+    assert_eq!(a.len(), b.len(), "add: lengths");
+    a.iter().zip(b).map(|(&x, &y)| (x as f64 + y as f64) as f32).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,5 +114,18 @@ mod tests {
         let dropped = y.iter().filter(|&&v| v == 0.0).count() as f64 / x.len() as f64;
         assert!((dropped - 0.1).abs() < 0.005, "dropped fraction {dropped}");
         assert!(y.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.9).abs() < 1e-6));
+    }
+
+    #[test]
+    fn add_is_the_rounded_f32_sum() {
+        let a = crate::reference::random_vec(1000, 1, 3.0);
+        let mut b = crate::reference::random_vec(1000, 2, 1e-3);
+        b[0] = -a[0];
+        b[1] = f32::MAX;
+        let sum = add(&a, &b);
+        for ((x, y), s) in a.iter().zip(&b).zip(&sum) {
+            assert_eq!(s.to_bits(), (x + y).to_bits(), "{x} + {y}");
+        }
+        assert_eq!(sum[0], 0.0);
     }
 }

@@ -4,10 +4,10 @@
 //! gradient (the encoder's and the task's).
 
 use super::bert::{self as encoder, Grads, HookContext, LayerHook};
-use super::{attention, elementwise, loss, matmul};
+use super::{attention, elementwise, layernorm, loss, matmul};
 use crate::kernels::attention::AttentionShape;
 use crate::kernels::elementwise::DropoutSpec;
-use crate::model::tasks::{Method, Targets, TaskSpec, task_param_shapes, task_prefix};
+use crate::model::tasks::{Method, Targets, TaskSpec, task_param_shapes, task_prefix, top_dropout_sites};
 use crate::model::{
     BertConfig, DropoutKey, EncoderBatch, HostTensor, SITE_HEAD, Site, Weights, dropout_stream, site,
 };
@@ -66,6 +66,24 @@ pub struct TaskTerms<'a> {
     weights: &'a Weights,
 }
 
+/// What one top-attn block's forward computes, for its backward.
+struct TopBlockCache {
+    q: Vec<f64>,
+    k: Vec<f64>,
+    v: Vec<f64>,
+    ctx: Vec<f64>,
+    /// The LayerNorm's input: Dropout(ctx·W_Oᵀ + b_O) + the block input.
+    s: Vec<f64>,
+}
+
+/// The top's forward: block inputs xs (xs[n] is the up-projection's input), the blocks'
+/// caches and the output.
+struct TopCache {
+    xs: Vec<Vec<f64>>,
+    blocks: Vec<TopBlockCache>,
+    out: Vec<f64>,
+}
+
 /// What the PAL forward computes, for its backward.
 struct PalCache {
     enc: Vec<f64>,
@@ -84,6 +102,21 @@ impl<'a> TaskTerms<'a> {
         weights: &'a Weights,
     ) -> TaskTerms<'a> {
         TaskTerms { config, method, prefix: task_prefix(&task.name), weights }
+    }
+
+    /// A parameter vector (a LayerNorm's γ or β) by its name after the task's prefix.
+    fn vector(&self, name: &str) -> Vec<f64> {
+        let full = format!("{}{name}", self.prefix);
+        let t = self.weights.get(&full).unwrap_or_else(|| panic!("missing parameter {full}"));
+        t.data.iter().map(|&v| v as f64).collect()
+    }
+
+    /// Dropout at `site` with probability `p`: none (p = 0) without a key.
+    fn dropout_spec(&self, ctx: &HookContext, site: u32, p: f64) -> DropoutSpec {
+        match ctx.dropout {
+            Some(key) => DropoutSpec { p: p as f32, seed: key.seed, stream: dropout_stream(key.step, site) },
+            None => DropoutSpec { p: 0.0, seed: 0, stream: 0 },
+        }
     }
 
     fn linear(&self, name: &str) -> Linear {
@@ -135,14 +168,8 @@ impl<'a> TaskTerms<'a> {
     fn pal_attention(&self, ctx: &HookContext) -> (AttentionShape, f64, DropoutSpec) {
         let Method::Pals { dim, heads } = self.method else { panic!("not PALs") };
         let shape = AttentionShape { batch: ctx.batch, seq: ctx.seq, heads, head_dim: dim / heads };
-        let drop = match ctx.dropout {
-            Some(key) => DropoutSpec {
-                p: self.config.attention_probs_dropout_prob as f32,
-                seed: key.seed,
-                stream: dropout_stream(key.step, site(ctx.layer, Site::TaskSpecific)),
-            },
-            None => DropoutSpec { p: 0.0, seed: 0, stream: 0 },
-        };
+        let p = self.config.attention_probs_dropout_prob;
+        let drop = self.dropout_spec(ctx, site(ctx.layer, Site::TaskSpecific), p);
         (shape, 1.0 / ((dim / heads) as f64).sqrt(), drop)
     }
 
@@ -174,6 +201,78 @@ impl<'a> TaskTerms<'a> {
         }
         self.linear("pal.encoder").backward(h, &d_enc, rows, g)
     }
+
+    /// Block i's parameters: [query, key, value], output, and the LayerNorm's name.
+    fn top_block(&self, i: usize) -> ([Linear; 3], Linear, String) {
+        let name = |which: &str| format!("top.block.{i}.{which}");
+        (
+            ["query", "key", "value"].map(|w| self.linear(&name(w))),
+            self.linear(&name("output")),
+            name("LayerNorm"),
+        )
+    }
+
+    /// Block i's (attention shape, scale, attention dropout, output dropout).
+    fn top_attention(&self, ctx: &HookContext, i: usize) -> (AttentionShape, f64, DropoutSpec, DropoutSpec) {
+        let Method::TopAttn { dim, heads, .. } = self.method else { panic!("not top-attn") };
+        let shape = AttentionShape { batch: ctx.batch, seq: ctx.seq, heads, head_dim: dim / heads };
+        let (attention, output) = top_dropout_sites(self.config, i);
+        let c = self.config;
+        let attention = self.dropout_spec(ctx, attention, c.attention_probs_dropout_prob);
+        let output = self.dropout_spec(ctx, output, c.hidden_dropout_prob);
+        (shape, 1.0 / (shape.head_dim as f64).sqrt(), attention, output)
+    }
+
+    fn top_forward(&self, ctx: &HookContext, h: &[f64]) -> TopCache {
+        let Method::TopAttn { blocks, .. } = self.method else { panic!("not top-attn") };
+        let (rows, eps) = (ctx.rows(), self.config.layer_norm_eps);
+        let mut xs = vec![self.linear("top.down").forward(h, rows)];
+        let mut caches = Vec::with_capacity(blocks);
+        for i in 0..blocks {
+            let ([wq, wk, wv], output, norm) = self.top_block(i);
+            let x = &xs[i];
+            let (q, k, v) = (wq.forward(x, rows), wk.forward(x, rows), wv.forward(x, rows));
+            let (shape, scale, attention_drop, output_drop) = self.top_attention(ctx, i);
+            let (attn, _) = attention::forward_f64(&shape, &q, &k, &v, ctx.mask, scale, &attention_drop);
+            let proj = output.forward(&attn, rows);
+            let s = add(&dropout(&proj, &output_drop), x);
+            let gamma = self.vector(&format!("{norm}.weight"));
+            let (y, _, _) = layernorm::forward_f64(&s, &gamma, &self.vector(&format!("{norm}.bias")), eps);
+            caches.push(TopBlockCache { q, k, v, ctx: attn, s });
+            xs.push(y);
+        }
+        let out = self.linear("top.up").forward(&xs[blocks], rows);
+        TopCache { xs, blocks: caches, out }
+    }
+
+    /// Stores the top's gradients; returns d h.
+    fn top_backward(&self, ctx: &HookContext, h: &[f64], d_out: &[f64], g: &mut Grads) -> Vec<f64> {
+        let (rows, eps) = (ctx.rows(), self.config.layer_norm_eps);
+        let c = self.top_forward(ctx, h);
+        let mut d_x = self.linear("top.up").backward(&c.xs[c.blocks.len()], d_out, rows, g);
+        for (i, block) in c.blocks.iter().enumerate().rev() {
+            let ([wq, wk, wv], output, norm) = self.top_block(i);
+            let gamma = self.vector(&format!("{norm}.weight"));
+            let (d_s, d_gamma, d_beta) = layernorm::backward_f64(&block.s, &gamma, &d_x, eps);
+            accumulate(g, &format!("{}{norm}.weight", self.prefix), d_gamma);
+            accumulate(g, &format!("{}{norm}.bias", self.prefix), d_beta);
+            let (shape, scale, attention_drop, output_drop) = self.top_attention(ctx, i);
+            let d_attn = output.backward(&block.ctx, &dropout(&d_s, &output_drop), rows, g);
+            let (b, mask) = (block, ctx.mask);
+            let (dq, dk, dv) =
+                attention::backward_f64(&shape, &b.q, &b.k, &b.v, mask, &d_attn, scale, &attention_drop);
+            d_x = d_s;
+            for (w, dy) in [(wq, dq), (wk, dk), (wv, dv)] {
+                d_x = add(&d_x, &w.backward(&c.xs[i], &dy, rows, g));
+            }
+        }
+        self.linear("top.down").backward(h, &d_x, rows, g)
+    }
+}
+
+/// Dropout with `spec`; on a gradient it is its own backward.
+fn dropout(x: &[f64], spec: &DropoutSpec) -> Vec<f64> {
+    elementwise::dropout_f64(x, spec.p, spec.seed, spec.stream)
 }
 
 impl LayerHook for TaskTerms<'_> {
@@ -186,7 +285,7 @@ impl LayerHook for TaskTerms<'_> {
 
     fn ffn_term(&self, ctx: &HookContext, h: &[f64], a: &[f64]) -> Option<Vec<f64>> {
         match self.method {
-            Method::Shared => None,
+            Method::Shared | Method::Separate | Method::TopAttn { .. } => None,
             Method::Pals { .. } => Some(gelu(&self.pal_forward(ctx, h).pre)),
             Method::LowRank { .. } => Some(self.bottleneck_forward(ctx, h, "")),
             Method::Adapters { .. } => Some(self.bottleneck_forward(ctx, a, "ffn")),
@@ -215,11 +314,25 @@ impl LayerHook for TaskTerms<'_> {
         g: &mut Grads,
     ) -> (Option<Vec<f64>>, Option<Vec<f64>>) {
         match self.method {
-            Method::Shared => (None, None),
+            Method::Shared | Method::Separate | Method::TopAttn { .. } => (None, None),
             Method::Pals { .. } => (Some(self.pal_backward(ctx, h, d, g)), None),
             Method::LowRank { .. } => (Some(self.bottleneck_backward(ctx, h, d, "", g)), None),
             Method::Adapters { .. } => (None, Some(self.bottleneck_backward(ctx, a, d, "ffn", g))),
         }
+    }
+
+    fn sequence_output(&self, ctx: &HookContext, h: &[f64]) -> Option<Vec<f64>> {
+        matches!(self.method, Method::TopAttn { .. }).then(|| self.top_forward(ctx, h).out)
+    }
+
+    fn sequence_output_backward(
+        &self,
+        ctx: &HookContext,
+        h: &[f64],
+        d_sequence: &[f64],
+        g: &mut Grads,
+    ) -> Option<Vec<f64>> {
+        matches!(self.method, Method::TopAttn { .. }).then(|| self.top_backward(ctx, h, d_sequence, g))
     }
 }
 
@@ -349,11 +462,12 @@ mod tests {
         }
     }
 
-    const METHODS: [Method; 4] = [
+    const METHODS: [Method; 5] = [
         Method::Shared,
         Method::Pals { dim: 6, heads: 3 },
         Method::LowRank { rank: 4 },
         Method::Adapters { size: 3 },
+        Method::TopAttn { dim: 6, heads: 2, blocks: 3 },
     ];
 
     /// Weights large enough that every term matters: BERT's initialisation scaled up, with
@@ -468,11 +582,60 @@ mod tests {
 
     #[test]
     fn low_rank_and_adapters_match_finite_differences() {
-        for method in &METHODS[2..] {
+        for method in &METHODS[2..4] {
             for task in &tasks() {
                 check(*method, task, None);
                 check(*method, task, Some(KEY));
             }
+        }
+    }
+
+    #[test]
+    fn top_attn_matches_finite_differences() {
+        for task in &tasks() {
+            check(METHODS[4], task, None);
+            check(METHODS[4], task, Some(KEY));
+        }
+    }
+
+    /// Top-attn replaces the sequence output that the pooler reads; its dropout draws from
+    /// the task-specific sites of virtual layers past the encoder's, and each site matters.
+    #[test]
+    fn top_attn_replaces_the_sequence_output() {
+        let c = config();
+        let method = METHODS[4];
+        let task = TaskSpec::new("RTE", 2);
+        let shared = perturbed(random_weights(&c, 1), 100);
+        let task_weights = perturbed(random_task_weights(&c, &method, &task, 2), 200);
+        let encoder = encoder_batch(&c, 3, 5);
+        let terms = TaskTerms::new(&c, method, &task, &task_weights);
+        let (plain, _, _) = encoder::forward(&c, &shared, &encoder, None);
+        let (top, sequence, _) = encoder::forward_with(&c, &shared, &encoder, None, &terms);
+        assert_eq!(top.encoder_output, plain.sequence);
+        assert_ne!(top.sequence, plain.sequence);
+        assert_eq!(sequence, top.sequence.iter().map(|&v| v as f32).collect::<Vec<_>>());
+        let mask: Vec<f64> = encoder.additive_mask().iter().map(|&m| m as f64).collect();
+        let ctx = HookContext { layer: 2, batch: 3, seq: 5, mask: &mask, dropout: Some(KEY) };
+        assert_eq!(
+            top.sequence,
+            terms.top_forward(&HookContext { dropout: None, ..ctx }, &plain.sequence).out
+        );
+        for i in 0..3 {
+            let (_, _, attention, output) = terms.top_attention(&ctx, i);
+            assert_eq!(attention.stream, dropout_stream(KEY.step, site(2 + 2 * i, Site::TaskSpecific)));
+            assert_eq!(output.stream, dropout_stream(KEY.step, site(3 + 2 * i, Site::TaskSpecific)));
+        }
+        // Each of the top's two dropouts changes its output.
+        for (hidden, attention) in [(0.2, 0.0), (0.0, 0.25)] {
+            let c = BertConfig {
+                hidden_dropout_prob: hidden,
+                attention_probs_dropout_prob: attention,
+                ..c.clone()
+            };
+            let terms = TaskTerms::new(&c, method, &task, &task_weights);
+            let with = terms.top_forward(&ctx, &plain.sequence).out;
+            let without = terms.top_forward(&HookContext { dropout: None, ..ctx }, &plain.sequence).out;
+            assert_ne!(with, without, "hidden {hidden}, attention {attention}");
         }
     }
 

@@ -273,11 +273,12 @@ pub fn demo(gpu: &Gpu, output: &Path, steps_per_epoch: usize, epochs: usize, see
     let shared: Weights = crate::model::random_weights(&config, seed);
     eprintln!("pals demo on {}", gpu.describe());
     eprintln!(
-        "a random 2-layer BERT (width 64) with PALs learns: contains (classification), overlap (regression), same-start (pair classification)"
+        "a random 2-layer BERT (width 64) with PALs learns: contains (is the marker word in the sentence?), \
+         count (how many markers in the pair, 0-5), longer (is B longer than A?)"
     );
     let mut trainer = Trainer::new(gpu, settings, config, &shared, &BTreeMap::new(), data, output, output)?;
     finish(&mut trainer, output)?;
-    let baseline = "chance: contains acc 50, overlap pearson 0, same-start acc 50";
+    let baseline = "chance: contains acc 50, count pearson/spearman 0, longer acc 50";
     eprintln!("{baseline}");
     Ok(())
 }

@@ -67,31 +67,35 @@ fn contains(draw: &mut Draw) -> (Vec<u32>, Vec<u32>, Label) {
     (ids, types, Label::Class(positive as u32))
 }
 
-/// Pairs; the score (0–5) is 5 × the fraction of B's words copied from A.
-fn overlap(draw: &mut Draw) -> (Vec<u32>, Vec<u32>, Label) {
-    let a = draw.sentence(5, 8);
-    let mut b = draw.sentence(5, 5);
-    let shared = draw.below(6) as usize;
-    for (i, word) in b.iter_mut().enumerate().take(shared) {
-        *word = a[i % a.len()];
+/// Pairs; the score (0–5) is how often the marker word occurs in A and B together.
+fn count(draw: &mut Draw) -> (Vec<u32>, Vec<u32>, Label) {
+    let mut a = draw.sentence(5, 8);
+    let mut b = draw.sentence(5, 8);
+    let markers = draw.below(6);
+    for _ in 0..markers {
+        // Distinct positions: a marker only ever replaces another word.
+        loop {
+            let side = if draw.below(2) == 0 { &mut a } else { &mut b };
+            let at = draw.below(side.len() as u32) as usize;
+            if side[at] != MARKER {
+                side[at] = MARKER;
+                break;
+            }
+        }
     }
-    let score = 5.0 * shared as f32 / 5.0;
     let (ids, types) = pack(&a, Some(&b));
-    (ids, types, Label::Score(score))
+    (ids, types, Label::Score(markers as f32))
 }
 
-/// Pairs; class 1 when both sentences start with the same word (half of them).
-fn same_start(draw: &mut Draw) -> (Vec<u32>, Vec<u32>, Label) {
-    let a = draw.sentence(3, 7);
-    let mut b = draw.sentence(3, 7);
-    let positive = draw.below(2) == 1;
-    if positive {
-        b[0] = a[0];
-    } else if b[0] == a[0] {
-        b[0] = if a[0] + 1 < VOCAB as u32 { a[0] + 1 } else { FIRST_WORD + 1 };
+/// Pairs; class 1 when B is longer than A (never equal).
+fn longer(draw: &mut Draw) -> (Vec<u32>, Vec<u32>, Label) {
+    let a = draw.sentence(3, 10);
+    let mut b = draw.sentence(3, 10);
+    if a.len() == b.len() {
+        b.push(draw.word());
     }
     let (ids, types) = pack(&a, Some(&b));
-    (ids, types, Label::Class(positive as u32))
+    (ids, types, Label::Class((b.len() > a.len()) as u32))
 }
 
 type Maker = fn(&mut Draw) -> (Vec<u32>, Vec<u32>, Label);
@@ -108,13 +112,10 @@ fn split(task: Task, split: Split, make: Maker, count: usize, seed: u32, stream:
 }
 
 /// The three demo tasks. Each borrows the label semantics (and so the official metric) of
-/// the GLUE task it resembles: accuracy, Pearson/Spearman, F1/accuracy.
+/// the GLUE task it resembles: accuracy, Pearson/Spearman, accuracy.
 pub fn tasks(seed: u32) -> Vec<TaskData> {
-    let specs: [(&str, Task, Maker); 3] = [
-        ("contains", Task::SST2, contains),
-        ("overlap", Task::STSB, overlap),
-        ("same-start", Task::MRPC, same_start),
-    ];
+    let specs: [(&str, Task, Maker); 3] =
+        [("contains", Task::SST2, contains), ("count", Task::STSB, count), ("longer", Task::MRPC, longer)];
     specs
         .into_iter()
         .enumerate()

@@ -16,7 +16,7 @@ use crate::data::batch::{BatchOptions, Labels, eval_batches, scatter};
 use crate::data::cache::{TokenizedSplit, tokenized_split};
 use crate::data::glue::{Split, Task};
 use crate::data::sampler::{EpochIterator, Sampling, TaskSampler};
-use crate::gpu::{Gpu, Tensor};
+use crate::gpu::{Gpu, Tensor, Timing};
 use crate::kernels::elementwise::{self, DropoutSpec};
 use crate::kernels::optimizer::{AdamConfig, ClipMode};
 use crate::model::bert::BatchInputs;
@@ -192,6 +192,8 @@ pub struct Trainer<'g> {
     started: Instant,
     /// The mean of the losses read at the last flush, for the progress line.
     pub recent_loss: Option<f32>,
+    /// Dispatches in the last step's submit.
+    pub dispatches: usize,
 }
 
 /// The optimizer's name for a parameter: model copies of `separate` are told apart.
@@ -303,6 +305,7 @@ impl<'g> Trainer<'g> {
             log: None,
             started: Instant::now(),
             recent_loss: None,
+            dispatches: 0,
         })
     }
 
@@ -446,6 +449,16 @@ impl<'g> Trainer<'g> {
     /// One step: the sampled task's batch forward and backward, its loss copied into the
     /// ring, and the optimizer on the shared parameters and that task's — one submit.
     pub fn train_step(&mut self) -> Result<()> {
+        self.step_with(false).map(|_| ())
+    }
+
+    /// `train_step`, then waits and returns each dispatch's GPU time (empty where the
+    /// adapter has no timestamps inside passes): what `pals bench` reports.
+    pub fn train_step_timed(&mut self) -> Result<Vec<Timing>> {
+        self.step_with(true)
+    }
+
+    fn step_with(&mut self, timed: bool) -> Result<Vec<Timing>> {
         let step = self.state.step;
         let task = self.sampler.next(step);
         let batch = self.iterators[task].next_batch();
@@ -481,10 +494,11 @@ impl<'g> Trainer<'g> {
         let params: Vec<(&str, &Tensor, &Tensor)> =
             shared.chain(own).zip(&names).map(|(((_, p), (_, g)), n)| (n.as_str(), p, g)).collect();
         self.optimizer.step(&mut rec, &params, lr)?;
-        rec.submit()?;
+        self.dispatches = rec.len();
+        let timings = if timed { rec.submit_timed()? } else { rec.submit().map(|_| Vec::new())? };
         self.pending.push((step, task, lr));
         self.state.step += 1;
-        Ok(())
+        Ok(timings)
     }
 
     /// Reads the losses of the steps submitted since the last flush (this waits for them)
