@@ -112,6 +112,8 @@ impl RunArgs {
     }
 }
 
+// Parsed once per run: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// List every adapter wgpu finds: backend, type, driver, optional features, limits.
