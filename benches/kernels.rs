@@ -1,10 +1,15 @@
 //! `cargo bench`: matmul at BERT-base training shapes and attention (batch 32, 12 heads,
 //! seq 128, head dim 64), forward and backward, with a CPU BLAS on the same matmul shapes
 //! as the yardstick. Criterion reports time; GFLOP/s follow from the throughput setting.
+//! Then whole warm training steps of MiniLM (batch 8 × seq 64, modest for lavapipe);
+//! throughput in tokens.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use pals::bench::{AttentionOperands, MatmulOperands, bert_base_cases, cpu_seconds};
+use pals::bench::{
+    AttentionOperands, MatmulOperands, TrainBench, TrainSession, WARMUP_STEPS, bert_base_cases, cpu_seconds,
+};
 use pals::gpu::Gpu;
+use pals::model::BertConfig;
 
 fn gpu() -> Gpu {
     Gpu::from_env().unwrap_or_else(|error| panic!("benchmarks need a GPU adapter: {error}"))
@@ -41,5 +46,20 @@ fn attention(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, matmul, attention);
+fn training_step(c: &mut Criterion) {
+    let gpu = gpu();
+    let bench =
+        TrainBench { config: BertConfig::minilm(), method: "pals".into(), batch: 8, seq: 64, steps: 1 };
+    let mut session = TrainSession::new(&gpu, &bench).unwrap();
+    for _ in 0..WARMUP_STEPS {
+        session.step().unwrap(); // compile, tune and allocate outside the timing
+    }
+    let mut group = c.benchmark_group("training step minilm pals b8 s64");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements((bench.batch * session.padded_seq) as u64));
+    group.bench_function("train_step + wait", |b| b.iter(|| session.step().unwrap()));
+    group.finish();
+}
+
+criterion_group!(benches, matmul, attention, training_step);
 criterion_main!(benches);

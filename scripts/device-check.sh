@@ -26,6 +26,9 @@ for test in devrun/tests/*; do
   echo "== $test: $(timeout 120 "$test" 2>&1 | grep -E '^test result|FAILED|panicked' | tr '\n' ' ')"
 done
 timeout 120 devrun/pals bench
+for size in minilm base; do
+  timeout 120 devrun/pals bench --train $size --batch 32 --seq 128 --steps 5
+done
 if [ -d devrun/glue ] && [ -d devrun/minilm-f16 ]; then
   time timeout "${TRAIN_SECONDS:-240}" devrun/pals train --model devrun/minilm-f16 --glue-dir devrun/glue \
     --tasks rte,mrpc,sts-b,cola,sst-2 --output /tmp/glue-run ${TRAIN_ARGS:---epochs 3 --steps-per-epoch 500 --lr 5e-5}

@@ -121,7 +121,8 @@ enum Command {
         #[command(flatten)]
         adapter: AdapterArgs,
     },
-    /// Benchmark the kernels at BERT-base training shapes against a CPU BLAS.
+    /// Benchmark the kernels at BERT-base training shapes against a CPU BLAS (or, with
+    /// --train, whole training steps).
     Bench {
         #[command(flatten)]
         adapter: AdapterArgs,
@@ -135,10 +136,21 @@ enum Command {
         /// activations) of a model size (base, minilm) or model directory; no GPU needed.
         #[arg(long, value_name = "SIZE|DIR")]
         memory: Option<String>,
-        /// Sequences per batch for --memory.
+        /// Instead: warm training steps of a model size (base, minilm) or model directory
+        /// (its config.json; random weights) on one synthetic task: step time, throughput,
+        /// dispatches, submits and buffers per step, GPU time per kernel family, memory.
+        #[arg(long, value_name = "SIZE|DIR")]
+        train: Option<String>,
+        /// The method for --train: pals, low-rank, adapters, top-attn, shared or separate.
+        #[arg(long, default_value = "pals")]
+        method: String,
+        /// Timed steps for --train (after 2 warm-up steps).
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        /// Sequences per batch for --memory and --train.
         #[arg(long, default_value_t = 32)]
         batch: usize,
-        /// Sequence length for --memory.
+        /// Sequence length for --memory and --train.
         #[arg(long, default_value_t = 128)]
         seq: usize,
     },
@@ -285,6 +297,14 @@ fn run(cli: Cli) -> Result<()> {
                 pals::encode::normalize(&mut embeddings);
             }
             write_embeddings(output.as_deref(), &embeddings)
+        }
+        Command::Bench { adapter, train: Some(model), method, steps, batch, seq, .. } => {
+            let gpu = adapter.open()?;
+            let bench = pals::bench::TrainBench { config: model_config(&model)?, method, batch, seq, steps };
+            for line in pals::bench::train_bench(&gpu, &bench)?.lines() {
+                println!("{line}");
+            }
+            Ok(())
         }
         Command::Bench { adapter, reps, tiles, .. } => {
             let gpu = adapter.open()?;

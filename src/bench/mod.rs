@@ -1,13 +1,21 @@
-//! Kernel benchmarks shared by `pals bench` and `cargo bench`: GPU time and GFLOP/s at
-//! BERT-base training shapes, with a CPU BLAS on the same shapes as the yardstick.
+//! Benchmarks shared by `pals bench` and `cargo bench`: kernels (GPU time and GFLOP/s at
+//! BERT-base training shapes, with a CPU BLAS on the same shapes as the yardstick) and
+//! whole warm training steps of a real-sized model (`train_bench`).
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
-use crate::gpu::{Gpu, GpuError, Tensor};
+use crate::data::cache::{TokenizedExample, TokenizedSplit};
+use crate::data::glue::{Label, Split, Task};
+use crate::gpu::{Gpu, GpuError, Tensor, Timing};
 use crate::kernels::attention::{self, AttentionShape};
 use crate::kernels::elementwise::DropoutSpec;
 use crate::kernels::matmul::{self, Epilogue, Matmul};
+use crate::model::BertConfig;
+use crate::model::tasks::{Method, TaskSpec};
 use crate::reference::random_vec;
+use crate::reference::rng::rng_u32;
+use crate::train::trainer::{TaskData, TrainSettings, Trainer};
 
 /// One benchmarked product.
 pub struct MatmulCase {
@@ -271,4 +279,303 @@ pub fn tile_report(gpu: &Gpu, op: &Matmul, reps: usize) -> Result<Vec<String>, G
         ));
     }
     Ok(rows)
+}
+
+/// What `pals bench --train` runs: a model of `config` with random weights, one synthetic
+/// two-class task whose every example has exactly `seq` tokens, `batch` sequences a step.
+#[derive(Clone, Debug)]
+pub struct TrainBench {
+    pub config: BertConfig,
+    /// shared, pals, low-rank, adapters, top-attn or separate.
+    pub method: String,
+    pub batch: usize,
+    pub seq: usize,
+    /// Timed steps after the warm-up.
+    pub steps: usize,
+}
+
+/// Steps before timing: the first compiles pipelines, tunes matmul tiles and allocates the
+/// step's buffers; the second shows whether anything is still allocated after that.
+pub const WARMUP_STEPS: usize = 2;
+
+/// The step time, throughput, runtime counters and GPU time per kernel family.
+#[derive(Clone, Debug)]
+pub struct TrainReport {
+    pub adapter: String,
+    pub bench: TrainBench,
+    /// The method with its sizes, e.g. `Pals { dim: 102, heads: 6 }`.
+    pub method: String,
+    /// The sequence length that reached the GPU (the trainer pads to a multiple of 8).
+    pub padded_seq: usize,
+    /// Mean wall time of one timed step (train_step + wait).
+    pub step_seconds: f64,
+    pub dispatches_per_step: usize,
+    pub submits_per_step: f64,
+    /// Buffers created during each warm-up step.
+    pub warmup_buffers: Vec<u64>,
+    /// Buffers created during all timed steps together (the target is 0).
+    pub timed_buffers: u64,
+    /// Buffers created by the timestamped step (its query readback).
+    pub timestamped_buffers: u64,
+    /// Bytes of every buffer created since the device opened (freed ones included).
+    pub bytes_created: u64,
+    /// Seconds spent tuning matmul tiles in this process (inside the first warm-up step).
+    pub tuning_seconds: f64,
+    /// GPU nanoseconds per kernel family of the timestamped step, in `FAMILIES` order;
+    /// empty where the adapter has no timestamps inside passes.
+    pub families: Vec<(&'static str, f64)>,
+    pub memory: Vec<String>,
+}
+
+/// Kernel families of the GPU time breakdown, in report order.
+pub const FAMILIES: [&str; 9] =
+    ["matmul", "attention", "layernorm", "elementwise", "embedding", "loss", "optimizer", "reduce", "other"];
+
+/// The family of a kernel, by its `KernelSpec` name. Zeroing gradients (zero_fill) counts
+/// as elementwise.
+pub fn kernel_family(label: &str) -> &'static str {
+    match label {
+        "matmul" => "matmul",
+        l if l.starts_with("attention") => "attention",
+        l if l.starts_with("layernorm") => "layernorm",
+        l if l.starts_with("gelu") || l.starts_with("tanh") => "elementwise",
+        "dropout" | "add" | "add_assign" | "zero_fill" => "elementwise",
+        "embedding_forward" | "segment_sum" => "embedding",
+        "cross_entropy_loss" | "cross_entropy_backward" | "mse" => "loss",
+        l if l.starts_with("sum_squares") => "optimizer",
+        "clip_coefficients" | "adam_step" => "optimizer",
+        "colsum" => "reduce",
+        _ => "other",
+    }
+}
+
+/// The share of matmul in GPU time the kernels aim for at BERT-base training size.
+pub const MATMUL_TARGET: f64 = 0.65;
+
+/// GPU nanoseconds per family, every family listed (zeros included).
+pub fn family_times(timings: &[Timing]) -> Vec<(&'static str, f64)> {
+    let mut times: Vec<(&'static str, f64)> = FAMILIES.iter().map(|&f| (f, 0.0)).collect();
+    for t in timings {
+        let family = kernel_family(t.label);
+        let slot = times.iter_mut().find(|(f, _)| *f == family).expect("every family is listed");
+        slot.1 += t.nanos;
+    }
+    times
+}
+
+/// One synthetic two-class task: `count` examples of exactly `seq` tokens each, BERT's
+/// [CLS] id (101, wrapped into small vocabularies) then random ids, the second half as
+/// segment B. The timings do not depend on the values.
+fn synthetic_task(c: &BertConfig, seq: usize, count: usize) -> TaskData {
+    let vocab = c.vocab_size.max(1) as u32;
+    let examples = (0..count)
+        .map(|index| {
+            let ids = (0..seq)
+                .map(|j| if j == 0 { 101 % vocab } else { rng_u32(7, index as u32, j as u32) % vocab })
+                .collect();
+            let second = if c.type_vocab_size > 1 { 1 } else { 0 };
+            let type_ids = (0..seq).map(|j| if j < seq / 2 { 0 } else { second }).collect();
+            let label = Some(Label::Class(index as u32 % 2));
+            TokenizedExample { ids, type_ids, label, index }
+        })
+        .collect();
+    let train = TokenizedSplit { task: Task::SST2, split: Split::Train, examples, skipped: 0, cached: false };
+    TaskData { spec: TaskSpec::new("bench", 2), train, dev: Vec::new() }
+}
+
+/// A trainer built for benchmarking: random weights, the synthetic task, no output.
+pub struct TrainSession<'g> {
+    gpu: &'g Gpu,
+    pub trainer: Trainer<'g>,
+    pub method: Method,
+    /// The sequence length that reaches the GPU (the trainer pads to a multiple of 8).
+    pub padded_seq: usize,
+}
+
+impl<'g> TrainSession<'g> {
+    pub fn new(gpu: &'g Gpu, bench: &TrainBench) -> anyhow::Result<TrainSession<'g>> {
+        let c = &bench.config;
+        if bench.batch == 0 || bench.seq == 0 {
+            anyhow::bail!("--batch and --seq must be positive");
+        }
+        let padded_seq = bench.seq.next_multiple_of(8);
+        if padded_seq > c.max_position_embeddings {
+            anyhow::bail!(
+                "--seq {} (padded to {padded_seq}) exceeds the model's {} positions",
+                bench.seq,
+                c.max_position_embeddings
+            );
+        }
+        let settings = TrainSettings {
+            tasks: vec!["bench".into()],
+            method: bench.method.clone(),
+            batch_size: bench.batch,
+            max_length: bench.seq,
+            epochs: 1,
+            // Long enough that no benchmark runs past the schedule (the timings would not
+            // change: past it the learning rate is 0, the work the same).
+            steps_per_epoch: 1 << 20,
+            ..TrainSettings::default()
+        };
+        let method = settings.method(c)?;
+        let data = synthetic_task(c, bench.seq, 2 * bench.batch);
+        let shared = crate::model::random_weights(c, settings.seed);
+        // Nothing is saved: the paths are never written.
+        let nowhere = std::env::temp_dir();
+        let trainer = Trainer::new(
+            gpu,
+            settings,
+            c.clone(),
+            &shared,
+            &BTreeMap::new(),
+            vec![data],
+            &nowhere,
+            &nowhere,
+        )?;
+        Ok(TrainSession { gpu, trainer, method, padded_seq })
+    }
+
+    /// One training step, waited for.
+    pub fn step(&mut self) -> anyhow::Result<()> {
+        self.trainer.train_step()?;
+        Ok(self.gpu.wait()?)
+    }
+}
+
+/// Builds the trainer, warms up, times `steps` steps and one timestamped step.
+pub fn train_bench(gpu: &Gpu, bench: &TrainBench) -> anyhow::Result<TrainReport> {
+    let c = &bench.config;
+    if bench.steps == 0 {
+        anyhow::bail!("--steps must be positive");
+    }
+    let mut session = TrainSession::new(gpu, bench)?;
+    let padded_seq = session.padded_seq;
+    let mut warmup_buffers = Vec::new();
+    for _ in 0..WARMUP_STEPS {
+        let before = gpu.buffers_created();
+        session.step()?;
+        warmup_buffers.push(gpu.buffers_created() - before);
+    }
+    let (buffers, submits) = (gpu.buffers_created(), gpu.submits());
+    let started = Instant::now();
+    for _ in 0..bench.steps {
+        session.step()?;
+    }
+    let step_seconds = started.elapsed().as_secs_f64() / bench.steps as f64;
+    let timed_buffers = gpu.buffers_created() - buffers;
+    let submits_per_step = (gpu.submits() - submits) as f64 / bench.steps as f64;
+    let dispatches_per_step = session.trainer.dispatches;
+    let before = gpu.buffers_created();
+    let timings = session.trainer.train_step_timed()?;
+    let timestamped_buffers = gpu.buffers_created() - before;
+
+    let tasks: Vec<TaskSpec> = session.trainer.data.iter().map(|t| t.spec.clone()).collect();
+    let method = session.method;
+    let mut memory = crate::model::memory::memory_report(c, bench.batch, padded_seq);
+    memory.extend(crate::model::memory::task_memory_report(c, &method, &tasks, bench.batch, padded_seq));
+    Ok(TrainReport {
+        adapter: gpu.describe(),
+        bench: bench.clone(),
+        method: format!("{method:?}"),
+        padded_seq,
+        step_seconds,
+        dispatches_per_step,
+        submits_per_step,
+        warmup_buffers,
+        timed_buffers,
+        timestamped_buffers,
+        bytes_created: gpu.bytes_created(),
+        tuning_seconds: gpu.tune.spent.lock().unwrap().as_secs_f64(),
+        families: if timings.is_empty() { Vec::new() } else { family_times(&timings) },
+        memory,
+    })
+}
+
+impl TrainReport {
+    pub fn tokens_per_step(&self) -> usize {
+        self.bench.batch * self.padded_seq
+    }
+
+    /// The matmul share of the timestamped step's GPU time, if there are timestamps.
+    pub fn matmul_share(&self) -> Option<f64> {
+        let total: f64 = self.families.iter().map(|f| f.1).sum();
+        let matmul = self.families.iter().find(|f| f.0 == "matmul")?.1;
+        (total > 0.0).then(|| matmul / total)
+    }
+
+    /// The printed report.
+    pub fn lines(&self) -> Vec<String> {
+        let (b, c) = (&self.bench, &self.bench.config);
+        let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+        let padded = match self.padded_seq == b.seq {
+            true => String::new(),
+            false => format!(" (padded to {})", self.padded_seq),
+        };
+        let mut lines = vec![
+            format!("adapter: {}", self.adapter),
+            format!(
+                "config: {} layers x {} hidden, {} heads, intermediate {}, vocab {} ({} encoder parameters)",
+                c.num_hidden_layers,
+                c.hidden_size,
+                c.num_attention_heads,
+                c.intermediate_size,
+                c.vocab_size,
+                crate::model::param_count(c)
+            ),
+            format!("method: {} ({}), 1 synthetic task of 2 classes", b.method, self.method),
+            format!(
+                "shape: batch {} x seq {}{padded}; {WARMUP_STEPS} warm-up steps, {} timed",
+                b.batch, b.seq, b.steps
+            ),
+            format!(
+                "step time: {:.1} ms (train_step + wait, mean of {}), {:.2} sequences/s, {:.0} tokens/s",
+                self.step_seconds * 1e3,
+                b.steps,
+                b.batch as f64 / self.step_seconds,
+                self.tokens_per_step() as f64 / self.step_seconds
+            ),
+            format!(
+                "dispatches per step: {}; submits per step: {:.2}",
+                self.dispatches_per_step, self.submits_per_step
+            ),
+            format!(
+                "GPU buffers created: warm-up steps {:?}, timed steps {} (target 0), timestamped step {} \
+                 (its timestamp resolve and readback buffers, kept for the next); {:.1} MiB created \
+                 since the device opened (freed tuning scratch included)",
+                self.warmup_buffers,
+                self.timed_buffers,
+                self.timestamped_buffers,
+                mib(self.bytes_created)
+            ),
+            format!(
+                "matmul tile tuning in this run: {:.2} s (in the first warm-up step)",
+                self.tuning_seconds
+            ),
+        ];
+        let total: f64 = self.families.iter().map(|f| f.1).sum();
+        if total <= 0.0 {
+            lines.push("GPU time per kernel family: no timestamps inside passes on this adapter".into());
+        } else {
+            lines.push(format!(
+                "GPU time per kernel family (timestamped step, {:.1} ms in dispatches):",
+                total / 1e6
+            ));
+            for (family, nanos) in &self.families {
+                lines.push(format!(
+                    "  {family:<12} {:>6.1}% {:>10.2} ms",
+                    100.0 * nanos / total,
+                    nanos / 1e6
+                ));
+            }
+            let share = self.matmul_share().unwrap_or(0.0);
+            let verdict = if share >= MATMUL_TARGET { "met" } else { "not met" };
+            lines.push(format!(
+                "matmul share {:.1}% against the {:.0}% target: {verdict}",
+                100.0 * share,
+                100.0 * MATMUL_TARGET
+            ));
+        }
+        lines.extend(self.memory.iter().cloned());
+        lines
+    }
 }

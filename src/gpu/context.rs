@@ -1,6 +1,7 @@
 //! Adapter choice and the device, with its pipeline cache.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Everything that can go wrong between the host and the GPU, each naming what it concerns.
@@ -133,7 +134,28 @@ pub struct Gpu {
     pub(crate) pipelines: Mutex<HashMap<PipelineKey, Arc<CachedPipeline>>>,
     /// Measured kernel choices for this adapter and driver.
     pub tune: super::TuneCache,
+    /// The uniform buffer holding every dispatch's parameters, reused by each submit and
+    /// recreated (larger) only when a submit needs more.
+    pub(crate) params: Mutex<Option<wgpu::Buffer>>,
+    /// Small idle staging buffers (readback, timestamps), unmapped, found again by usage
+    /// and size: see `take_buffer`.
+    spare: Mutex<Vec<wgpu::Buffer>>,
+    counters: Counters,
 }
+
+/// What the runtime did since the device opened, for `pals bench`.
+#[derive(Default)]
+struct Counters {
+    buffers: AtomicU64,
+    bytes: AtomicU64,
+    submits: AtomicU64,
+}
+
+/// Staging buffers up to this size are kept for reuse (losses, logits, timestamps); larger
+/// ones (whole weight downloads) are dropped so the cache never holds much memory.
+const SPARE_MAX_BYTES: u64 = 1 << 20;
+/// At most this many idle buffers are kept; the oldest goes first.
+const SPARE_MAX_COUNT: usize = 16;
 
 pub(crate) struct CachedPipeline {
     pub pipeline: wgpu::ComputePipeline,
@@ -158,7 +180,18 @@ impl Gpu {
             .map_err(|e| GpuError::RequestDevice { adapter: info.name.clone(), message: e.to_string() })?;
         let identity = format!("{}-{:?}-{}-{}", info.name, info.backend, info.driver, info.driver_info);
         let tune = super::TuneCache::open(&identity);
-        Ok(Gpu { device, queue, info, limits, features, pipelines: Mutex::new(HashMap::new()), tune })
+        Ok(Gpu {
+            device,
+            queue,
+            info,
+            limits,
+            features,
+            pipelines: Mutex::new(HashMap::new()),
+            tune,
+            params: Mutex::new(None),
+            spare: Mutex::new(Vec::new()),
+            counters: Counters::default(),
+        })
     }
 
     /// The adapter chosen by `PALS_ADAPTER` / `PALS_BACKEND`, else the best one.
@@ -189,5 +222,64 @@ impl Gpu {
             .poll(wgpu::PollType::wait_indefinitely())
             .map(|_| ())
             .map_err(|e| GpuError::Device { op: "wait".into(), message: e.to_string() })
+    }
+
+    /// Creates a wgpu buffer, counted: every buffer the runtime makes goes through here.
+    pub(crate) fn create_buffer(&self, descriptor: &wgpu::BufferDescriptor) -> wgpu::Buffer {
+        self.counters.buffers.fetch_add(1, Ordering::Relaxed);
+        self.counters.bytes.fetch_add(descriptor.size, Ordering::Relaxed);
+        self.device.create_buffer(descriptor)
+    }
+
+    /// Submits command buffers, counted.
+    pub(crate) fn submit(&self, commands: impl IntoIterator<Item = wgpu::CommandBuffer>) {
+        self.counters.submits.fetch_add(1, Ordering::Relaxed);
+        self.queue.submit(commands);
+    }
+
+    /// wgpu buffers created so far (tensors, dispatch parameters, staging): subtract two
+    /// readings to see what a piece of work allocated.
+    pub fn buffers_created(&self) -> u64 {
+        self.counters.buffers.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of the buffers created so far (buffers freed since are not subtracted).
+    pub fn bytes_created(&self) -> u64 {
+        self.counters.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Queue submits so far.
+    pub fn submits(&self) -> u64 {
+        self.counters.submits.load(Ordering::Relaxed)
+    }
+
+    /// An unmapped buffer of exactly `size` bytes and `usage`: a cached one when there is
+    /// one, else a new one. Hand it back with `give_back` once it is unmapped again.
+    pub(crate) fn take_buffer(&self, label: &str, usage: wgpu::BufferUsages, size: u64) -> wgpu::Buffer {
+        let mut spare = self.spare.lock().unwrap();
+        if let Some(index) = spare.iter().position(|b| b.usage() == usage && b.size() == size) {
+            return spare.remove(index);
+        }
+        drop(spare);
+        self.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// Keeps a small buffer from `take_buffer` for the next caller. Only give back an
+    /// unmapped buffer (a mapped one cannot be copied into): callers unmap first and, on
+    /// an error half-way, drop the buffer instead.
+    pub(crate) fn give_back(&self, buffer: wgpu::Buffer) {
+        if buffer.size() > SPARE_MAX_BYTES {
+            return;
+        }
+        let mut spare = self.spare.lock().unwrap();
+        if spare.len() == SPARE_MAX_COUNT {
+            spare.remove(0);
+        }
+        spare.push(buffer);
     }
 }

@@ -1,5 +1,6 @@
 //! The recorder: kernels append dispatches; `submit` encodes them all into one compute
-//! pass, writes every dispatch's parameters with one upload, and submits once.
+//! pass, writes every dispatch's parameters with one upload into the device's reused
+//! parameter buffer, and submits once.
 
 use std::sync::Arc;
 
@@ -198,15 +199,25 @@ impl Recorder<'_> {
         let gpu = self.gpu;
         let timed =
             timed && gpu.has(wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES);
-        let params = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("dispatch params"),
-            size: self.params.len() as u64,
-            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        gpu.queue.write_buffer(&params, 0, &self.params);
+        // One params buffer serves every submit. Rewriting it for this submit while an
+        // earlier one may still be running is safe: queue.write_buffer is ordered with
+        // submits on the queue (it lands after all work submitted before it and before the
+        // next submit), and the lock keeps each write and its submit together.
+        let mut params_slot = gpu.params.lock().unwrap();
+        let needed = self.params.len() as u64;
+        if params_slot.as_ref().is_none_or(|b| b.size() < needed) {
+            // Grow in powers of two so a slowly growing step recreates it only a few times.
+            *params_slot = Some(gpu.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("dispatch params"),
+                size: needed.next_power_of_two(),
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }));
+        }
+        let params = params_slot.as_ref().expect("made above");
+        gpu.queue.write_buffer(params, 0, &self.params);
         let bind_groups: Vec<wgpu::BindGroup> =
-            self.dispatches.iter().map(|d| bind_group(gpu, &params, d)).collect();
+            self.dispatches.iter().map(|d| bind_group(gpu, params, d)).collect();
         let queries = timed.then(|| Queries::new(gpu, self.dispatches.len() as u32 + 1));
 
         let mut encoder = gpu.device.create_command_encoder(&Default::default());
@@ -228,7 +239,8 @@ impl Recorder<'_> {
         if let Some(q) = &queries {
             q.resolve(&mut encoder);
         }
-        gpu.queue.submit([encoder.finish()]);
+        gpu.submit([encoder.finish()]);
+        drop(params_slot);
         match queries {
             None => Ok(Vec::new()),
             Some(q) => {
@@ -280,18 +292,10 @@ impl Queries {
             count,
         });
         let size = 8 * count as u64;
-        let resolved = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("timestamps resolved"),
-            size,
-            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-            mapped_at_creation: false,
-        });
-        let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("timestamps readback"),
-            size,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+        let resolve = wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC;
+        let resolved = gpu.take_buffer("timestamps resolved", resolve, size);
+        let readback = wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST;
+        let staging = gpu.take_buffer("timestamps readback", readback, size);
         Queries { set, resolved, staging, count }
     }
 
@@ -300,7 +304,8 @@ impl Queries {
         encoder.copy_buffer_to_buffer(&self.resolved, 0, &self.staging, 0, 8 * self.count as u64);
     }
 
-    fn read(&self, gpu: &Gpu) -> Result<Vec<u64>, GpuError> {
+    /// The ticks; the buffers go back to the cache for the next timed submit.
+    fn read(self, gpu: &Gpu) -> Result<Vec<u64>, GpuError> {
         let slice = self.staging.slice(..);
         slice.map_async(wgpu::MapMode::Read, |_| {});
         gpu.wait()?;
@@ -310,6 +315,8 @@ impl Queries {
         let ticks = bytemuck::cast_slice::<u8, u64>(&view).to_vec();
         drop(view);
         self.staging.unmap();
+        gpu.give_back(self.staging);
+        gpu.give_back(self.resolved);
         Ok(ticks)
     }
 }

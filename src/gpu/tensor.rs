@@ -38,7 +38,7 @@ impl Gpu {
         let bytes = 4 * elements as u64;
         self.check_size(name, bytes)?;
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+        let buffer = self.create_buffer(&wgpu::BufferDescriptor {
             label: Some(name),
             // Bindings must not be empty: an empty tensor still owns one element.
             size: bytes.max(4),
@@ -89,15 +89,11 @@ impl Gpu {
         if bytes == 0 {
             return Ok(Vec::new());
         }
-        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("readback"),
-            size: bytes,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+        let usage = wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST;
+        let staging = self.take_buffer("readback", usage, bytes);
         let mut encoder = self.device.create_command_encoder(&Default::default());
         encoder.copy_buffer_to_buffer(&tensor.buffer, 0, &staging, 0, bytes);
-        self.queue.submit([encoder.finish()]);
+        self.submit([encoder.finish()]);
         let slice = staging.slice(..);
         let (sender, receiver) = std::sync::mpsc::channel();
         slice.map_async(wgpu::MapMode::Read, move |result| {
@@ -112,6 +108,8 @@ impl Gpu {
         let out = bytemuck::cast_slice::<u8, T>(&view).to_vec();
         drop(view);
         staging.unmap();
+        // Unmapped again, so the next read of this size may copy into it.
+        self.give_back(staging);
         Ok(out)
     }
 

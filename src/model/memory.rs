@@ -1,8 +1,10 @@
 //! Exact GPU memory accounting for training the encoder on one (batch, seq) bucket,
 //! without a GPU: the sizes come from the same (name, shape) lists that allocate the
-//! buffers (`param_shapes`, `Activations::plan`, `BatchInputs::plan`).
+//! buffers (`param_shapes`, `Activations::plan`, `BatchInputs::plan`, and for multi-task
+//! training `task_param_shapes` and `TaskActivations::plan`).
 
 use super::bert::{Activations, BatchInputs};
+use super::tasks::{Method, TaskActivations, TaskSpec, task_param_shapes};
 use super::{BertConfig, param_shapes};
 
 /// Bytes a tensor of `shape` occupies: 4-byte elements, and never less than one element
@@ -93,6 +95,60 @@ pub fn memory_report(config: &BertConfig, batch: usize, seq: usize) -> Vec<Strin
     lines
 }
 
+/// What multi-task training adds to `MemoryPlan`: every task's own parameters (with
+/// their gradients and Adam moments) and the activations of the terms and heads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskMemoryPlan {
+    pub parameters: u64,
+    pub gradients: u64,
+    pub adam: u64,
+    pub activations: u64,
+}
+
+impl TaskMemoryPlan {
+    pub fn new(
+        c: &BertConfig,
+        method: &Method,
+        tasks: &[TaskSpec],
+        batch: usize,
+        seq: usize,
+    ) -> TaskMemoryPlan {
+        let parameters: u64 = tasks.iter().map(|t| total(&task_param_shapes(c, method, t))).sum();
+        let max_labels = tasks.iter().map(|t| t.num_labels).max().unwrap_or(1);
+        TaskMemoryPlan {
+            parameters,
+            gradients: parameters,
+            adam: 2 * parameters,
+            activations: total(&TaskActivations::plan(c, method, max_labels, batch, seq)),
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.parameters + self.gradients + self.adam + self.activations
+    }
+}
+
+/// The task-specific lines that follow `memory_report` for a multi-task model.
+pub fn task_memory_report(
+    c: &BertConfig,
+    method: &Method,
+    tasks: &[TaskSpec],
+    batch: usize,
+    seq: usize,
+) -> Vec<String> {
+    let plan = TaskMemoryPlan::new(c, method, tasks, batch, seq);
+    let encoder = MemoryPlan::new(c, batch, seq).total();
+    vec![
+        format!("task-specific ({}, {} task(s)):", method.name(), tasks.len()),
+        format!("  parameters   {}", mib(plan.parameters)),
+        format!("  gradients    {}", mib(plan.gradients)),
+        format!("  Adam m and v {}", mib(plan.adam)),
+        format!("  activations  {}", mib(plan.activations)),
+        format!("  total        {}", mib(plan.total())),
+        format!("encoder + task-specific {}", mib(encoder + plan.total())),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,5 +169,17 @@ mod tests {
         assert_eq!(grouped, plan.activations);
         let report = memory_report(&c, 3, 7);
         assert!(report.iter().any(|line| line.contains("layer.*.pre")), "{report:?}");
+    }
+
+    #[test]
+    fn task_plan_counts_each_tasks_parameters() {
+        let c = BertConfig::tiny(2, 32, 4);
+        let method = Method::default_for("pals", &c).unwrap();
+        let one = TaskMemoryPlan::new(&c, &method, &[TaskSpec::new("a", 2)], 3, 7);
+        let two = TaskMemoryPlan::new(&c, &method, &[TaskSpec::new("a", 2), TaskSpec::new("b", 2)], 3, 7);
+        assert!(one.parameters > 0 && one.activations > 0);
+        assert_eq!(two.parameters, 2 * one.parameters);
+        assert_eq!(two.activations, one.activations);
+        assert_eq!(one.adam, 2 * one.parameters);
     }
 }

@@ -1,0 +1,123 @@
+//! `pals bench --train` on a tiny model through the same code path, and the runtime's
+//! reuse of its dispatch-parameter and readback buffers. Each test opens its own device:
+//! the counters are per device, and tests run in parallel.
+
+use pals::bench::{FAMILIES, TrainBench, kernel_family, train_bench};
+use pals::gpu::{Gpu, Timing};
+use pals::kernels::elementwise::{self, DropoutSpec};
+use pals::model::BertConfig;
+
+fn gpu() -> Gpu {
+    Gpu::from_env().unwrap_or_else(|error| panic!("GPU tests need a GPU adapter: {error}"))
+}
+
+/// The no-allocation target is a real check here: counts, not timings.
+#[test]
+fn warm_training_steps_create_no_buffers() {
+    let gpu = gpu();
+    let bench =
+        TrainBench { config: BertConfig::tiny(2, 32, 4), method: "pals".into(), batch: 4, seq: 8, steps: 2 };
+    let report = train_bench(&gpu, &bench).unwrap();
+    let lines = report.lines();
+    eprintln!("{}", lines.join("\n"));
+    assert!(report.step_seconds > 0.0);
+    assert!(report.dispatches_per_step > 0);
+    assert_eq!(report.submits_per_step, 1.0, "one submit per training step");
+    assert_eq!(report.timed_buffers, 0, "buffers created during the timed steps");
+    assert!(report.warmup_buffers[0] > 0, "the first step allocates its buffers");
+    assert_eq!(report.warmup_buffers[1], 0, "nothing is allocated after the first step");
+    assert_eq!(report.padded_seq, 8);
+    if gpu.has(wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES) {
+        assert_eq!(report.families.len(), FAMILIES.len());
+        assert!(report.matmul_share().is_some_and(|s| s > 0.0 && s < 1.0));
+        assert!(lines.iter().any(|l| l.starts_with("matmul share")));
+    }
+    assert!(lines.iter().any(|l| l.contains("task-specific")));
+}
+
+#[test]
+fn a_sequence_longer_than_the_positions_is_refused() {
+    let gpu = gpu();
+    let config = BertConfig::tiny(1, 32, 4); // 64 positions
+    let bench = TrainBench { config, method: "pals".into(), batch: 1, seq: 65, steps: 1 };
+    let error = train_bench(&gpu, &bench).expect_err("seq 65 > 64 positions");
+    assert!(error.to_string().contains("positions"), "{error}");
+}
+
+#[test]
+fn every_kernel_of_a_step_has_its_family() {
+    let named = ["matmul", "attention_backward_dq", "layernorm_forward", "gelu_backward", "dropout"];
+    let families: Vec<&str> = named.iter().map(|n| kernel_family(n)).collect();
+    assert_eq!(families, ["matmul", "attention", "layernorm", "elementwise", "elementwise"]);
+    assert_eq!(kernel_family("adam_step"), "optimizer");
+    assert_eq!(kernel_family("sum_squares_partial"), "optimizer");
+    assert_eq!(kernel_family("colsum"), "reduce");
+    assert_eq!(kernel_family("something_new"), "other");
+    let timings = [
+        Timing { label: "matmul", nanos: 3.0 },
+        Timing { label: "colsum", nanos: 1.0 },
+        Timing { label: "matmul", nanos: 2.0 },
+    ];
+    let times = pals::bench::family_times(&timings);
+    assert_eq!(times.len(), FAMILIES.len());
+    assert_eq!(times[0], ("matmul", 5.0));
+    assert!(times.contains(&("reduce", 1.0)));
+}
+
+/// Submits reuse one parameter buffer: a second submit creates nothing, and overwriting
+/// the parameters for submit B before submit A has run does not change A's result.
+#[test]
+fn submits_reuse_the_params_buffer_in_order() {
+    let gpu = gpu();
+    let n = 1000;
+    let x = gpu.upload("x", &[n], &vec![1.0f32; n]).unwrap();
+    let kept = gpu.zeros("kept", &[n]).unwrap();
+    let dropped = gpu.zeros("dropped", &[n]).unwrap();
+    let copy = |out, p| {
+        let mut rec = gpu.recorder();
+        elementwise::dropout(&mut rec, &x, out, DropoutSpec { p, seed: 3, stream: 4 }).unwrap();
+        rec.submit().unwrap();
+    };
+    copy(&kept, 0.0); // the params buffer is made here
+    let buffers = gpu.buffers_created();
+    let submits = gpu.submits();
+    // No wait in between: submit B's parameters are written while A may still be queued.
+    copy(&kept, 0.0);
+    copy(&dropped, 0.9);
+    assert_eq!(gpu.buffers_created() - buffers, 0, "the params buffer is reused");
+    assert_eq!(gpu.submits() - submits, 2);
+    let host_kept = gpu.read::<f32>(&kept).unwrap();
+    assert!(host_kept.iter().all(|&v| v == 1.0), "submit A saw submit B's dropout rate");
+    let host_dropped = gpu.read::<f32>(&dropped).unwrap();
+    let zeros = host_dropped.iter().filter(|&&v| v == 0.0).count();
+    assert!(zeros > n / 2, "p = 0.9 dropped only {zeros} of {n}");
+
+    // A submit needing more parameter space than there is grows the buffer once.
+    let mut rec = gpu.recorder();
+    for _ in 0..200 {
+        elementwise::dropout(&mut rec, &x, &dropped, DropoutSpec { p: 0.0, seed: 0, stream: 0 }).unwrap();
+    }
+    let buffers = gpu.buffers_created();
+    rec.submit().unwrap();
+    assert_eq!(gpu.buffers_created() - buffers, 1, "grown once");
+    assert!(gpu.read::<f32>(&dropped).unwrap().iter().all(|&v| v == 1.0));
+}
+
+/// Reads of the same size reuse one staging buffer, unmapped in between.
+#[test]
+fn readback_reuses_its_staging_buffer() {
+    let gpu = gpu();
+    let a = gpu.upload("a", &[3], &[1.0f32, 2.0, 3.0]).unwrap();
+    let b = gpu.upload("b", &[3], &[4.0f32, 5.0, 6.0]).unwrap();
+    let c = gpu.upload("c", &[5], &[7u32, 8, 9, 10, 11]).unwrap();
+    assert_eq!(gpu.read::<f32>(&a).unwrap(), [1.0, 2.0, 3.0]);
+    let buffers = gpu.buffers_created();
+    assert_eq!(gpu.read::<f32>(&b).unwrap(), [4.0, 5.0, 6.0]);
+    assert_eq!(gpu.read::<f32>(&a).unwrap(), [1.0, 2.0, 3.0]);
+    assert_eq!(gpu.buffers_created() - buffers, 0, "same size: the staging buffer is reused");
+    assert_eq!(gpu.read::<u32>(&c).unwrap(), [7, 8, 9, 10, 11]);
+    assert_eq!(gpu.buffers_created() - buffers, 1, "another size: one new staging buffer");
+    gpu.write(&b, &[0.5f32, 0.25, 0.125]).unwrap();
+    assert_eq!(gpu.read::<f32>(&b).unwrap(), [0.5, 0.25, 0.125]);
+    assert_eq!(gpu.buffers_created() - buffers, 1);
+}
