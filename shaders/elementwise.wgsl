@@ -33,30 +33,10 @@ fn linear_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.x + wid.y * nwg.x) * 256u + lid;
 }
 
-// erf with |error| < 1.2e-7 (Numerical Recipes erfc, Chebyshev fit).
-fn erf_f32(v: f32) -> f32 {
-    let z = abs(v);
-    let t = 1.0 / (1.0 + 0.5 * z);
-    let r = t * exp(-z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418
-        + t * (-0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587
-        + t * (-0.82215223 + t * 0.17087277)))))))));
-    return sign(v) * (1.0 - r);
-}
-
 // Some drivers' tanh overflows to NaN for large |v|; this form cannot.
 fn safe_tanh(v: f32) -> f32 {
     let e = exp(-2.0 * abs(v));
     return sign(v) * (1.0 - e) / (1.0 + e);
-}
-
-fn gelu(v: f32) -> f32 {
-    return 0.5 * v * (1.0 + erf_f32(v * 0.70710678118654752));
-}
-
-fn gelu_grad(v: f32) -> f32 {
-    let cdf = 0.5 * (1.0 + erf_f32(v * 0.70710678118654752));
-    let pdf = 0.39894228040143268 * exp(-0.5 * v * v);
-    return cdf + v * pdf;
 }
 
 @compute @workgroup_size(256)

@@ -57,15 +57,6 @@ fn load_b(base: u32, row_k: u32, col: u32) -> f32 {
     return b[base + row_k * p.ldb + col];
 }
 
-fn erf_f32(v: f32) -> f32 {
-    let z = abs(v);
-    let t = 1.0 / (1.0 + 0.5 * z);
-    let r = t * exp(-z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418
-        + t * (-0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587
-        + t * (-0.82215223 + t * 0.17087277)))))))));
-    return sign(v) * (1.0 - r);
-}
-
 @compute @workgroup_size(THREADS_X, BM / TM, 1)
 fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
           @builtin(local_invocation_index) tid: u32) {
@@ -135,7 +126,7 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
                 if (EPILOGUE == 1u || EPILOGUE == 2u) { value += bias[col]; }
                 if (EPILOGUE == 2u) {
                     pre[index] = value;
-                    value = 0.5 * value * (1.0 + erf_f32(value * 0.70710678118654752));
+                    value = gelu(value);
                 }
                 if (EPILOGUE == 3u) { value += c[index]; }
                 c[index] = value;

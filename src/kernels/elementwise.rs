@@ -4,8 +4,11 @@ use super::{expect_len, to_u32};
 use crate::gpu::{Binding, GpuError, KernelSpec, Recorder, Tensor, spread};
 use std::sync::Arc;
 
-const SOURCE: &str =
-    concat!(include_str!("../../shaders/rng.wgsl"), include_str!("../../shaders/elementwise.wgsl"));
+const SOURCE: &str = concat!(
+    include_str!("../../shaders/rng.wgsl"),
+    include_str!("../../shaders/gelu.wgsl"),
+    include_str!("../../shaders/elementwise.wgsl")
+);
 const UNARY: &[Binding] = &[Binding::Read, Binding::Write];
 const BINARY: &[Binding] = &[Binding::Read, Binding::Read, Binding::Write];
 

@@ -10,7 +10,7 @@ use crate::gpu::{Binding, Gpu, GpuError, KernelSpec, Recorder, Tensor, tuning_en
 
 const MATMUL: KernelSpec = KernelSpec {
     name: "matmul",
-    source: include_str!("../../shaders/matmul.wgsl"),
+    source: concat!(include_str!("../../shaders/gelu.wgsl"), include_str!("../../shaders/matmul.wgsl")),
     entry: "matmul",
     bindings: &[Binding::Read, Binding::Read, Binding::Read, Binding::Write, Binding::Write],
 };
