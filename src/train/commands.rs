@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Context, Result, bail};
 
 use crate::data::Tokenizer;
+use crate::data::batch::{BatchOptions, bucketed_order, make_batch, padding_fraction};
 use crate::data::cache::tokenized_split;
 use crate::data::glue::{Split, Task};
 use crate::gpu::Gpu;
@@ -83,7 +84,7 @@ pub fn train(
     let tokenizer = Tokenizer::from_dir(model_dir)?;
     let cache = token_cache();
     let data = load_glue_tasks(&tokenizer, glue_dir, &settings.tasks, settings.max_length, cache.as_deref())?;
-    report_data(&data);
+    report_data(&data, &settings);
     let mut trainer =
         Trainer::new(gpu, settings, config, &shared, &BTreeMap::new(), data, output, model_dir)?;
     if let Some(checkpoint) = &checkpoint {
