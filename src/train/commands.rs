@@ -96,7 +96,10 @@ pub fn train(
     finish(&mut trainer, output)
 }
 
-fn report_data(data: &[TaskData]) {
+/// Examples per task, and the padding a pass of length-bucketed batches carries.
+fn report_data(data: &[TaskData], settings: &TrainSettings) {
+    let options =
+        BatchOptions { batch_size: settings.batch_size, pad_to_batch: true, seq_multiple: 8, pad_id: 0 };
     for t in data {
         let skipped = if t.train.skipped > 0 {
             format!(" ({} malformed rows skipped)", t.train.skipped)
@@ -104,7 +107,16 @@ fn report_data(data: &[TaskData]) {
             String::new()
         };
         let dev: usize = t.dev.iter().map(|(_, d)| d.examples.len()).sum();
-        eprintln!("{:<8} train {:>6}  dev {:>5}{skipped}", t.spec.name, t.train.examples.len(), dev);
+        let order = bucketed_order(&t.train.lengths(), settings.batch_size, settings.seed);
+        let batches: Vec<_> =
+            order.iter().map(|rows| make_batch(&t.train.examples, rows, &options)).collect();
+        let padding = 100.0 * padding_fraction(&batches);
+        eprintln!(
+            "{:<8} train {:>6}  dev {:>5}  padding {padding:.1}% of train tokens{skipped}",
+            t.spec.name,
+            t.train.examples.len(),
+            dev
+        );
     }
 }
 
