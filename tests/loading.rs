@@ -2,33 +2,14 @@
 //! dtypes, every mismatch in one error), atomic saving, and — when PALS_MODEL_DIR points at
 //! all-MiniLM-L6-v2 (scripts/fetch-minilm.sh) — the real checkpoint.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
+use common::TempDir;
 use pals::model::load::{LoadError, load_model_dir, load_weights, read_tensors, save_weights};
 use pals::model::{BertConfig, HostTensor, Weights, param_shapes, random_weights};
 use safetensors::tensor::{Dtype, TensorView};
-
-/// A fresh directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let path = std::env::temp_dir().join(format!("pals-loading-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn tiny() -> BertConfig {
     BertConfig::tiny(2, 8, 2)
@@ -81,7 +62,7 @@ fn error_text(result: Result<impl std::fmt::Debug, LoadError>) -> (LoadError, St
 
 #[test]
 fn config_reads_a_hugging_face_file_and_ignores_unknown_fields() {
-    let dir = TempDir::new("config-ok");
+    let dir = TempDir::new("loading-config-ok");
     let path = dir.join("config.json");
     std::fs::write(
         &path,
@@ -98,7 +79,7 @@ fn config_reads_a_hugging_face_file_and_ignores_unknown_fields() {
 
 #[test]
 fn config_with_bad_json_names_file_line_and_column() {
-    let dir = TempDir::new("config-json");
+    let dir = TempDir::new("loading-config-json");
     let path = dir.join("config.json");
     std::fs::write(&path, "{\n  \"hidden_size\": 8,\n  oops\n}\n").unwrap();
     let (error, text) = error_text(BertConfig::from_file(&path));
@@ -108,7 +89,7 @@ fn config_with_bad_json_names_file_line_and_column() {
 
 #[test]
 fn config_rejects_approximate_gelu_and_other_activations() {
-    let dir = TempDir::new("config-act");
+    let dir = TempDir::new("loading-config-act");
     for act in ["gelu_new", "relu", "gelu_pytorch_tanh", "quick_gelu"] {
         let path = config_with(&dir, "hidden_act", Some(act.into()));
         let (error, text) = error_text(BertConfig::from_file(&path));
@@ -125,7 +106,7 @@ fn config_rejects_approximate_gelu_and_other_activations() {
 /// (field, replacement or None to remove, words the message must hold)
 #[test]
 fn config_errors_name_the_field() {
-    let dir = TempDir::new("config-fields");
+    let dir = TempDir::new("loading-config-fields");
     let cases: [(&str, Option<serde_json::Value>, &str); 7] = [
         ("hidden_size", Some(9.into()), "9 is not divisible by num_attention_heads = 2"),
         ("num_hidden_layers", Some(0.into()), "greater than 0"),
@@ -148,7 +129,7 @@ fn config_errors_name_the_field() {
 
 #[test]
 fn missing_config_is_an_io_error_naming_the_file() {
-    let dir = TempDir::new("config-none");
+    let dir = TempDir::new("loading-config-none");
     let (error, text) = error_text(load_model_dir(&dir.0));
     assert!(matches!(error, LoadError::Io { .. }) && text.contains("config.json"), "{text}");
 }
@@ -157,7 +138,7 @@ fn missing_config_is_an_io_error_naming_the_file() {
 
 #[test]
 fn save_then_load_round_trips_exactly_and_atomically() {
-    let dir = TempDir::new("round-trip");
+    let dir = TempDir::new("loading-round-trip");
     let config = tiny();
     let weights = random_weights(&config, 7);
     write_config(&dir, &config);
@@ -180,7 +161,7 @@ fn save_then_load_round_trips_exactly_and_atomically() {
 
 #[test]
 fn save_into_a_missing_directory_is_an_error_naming_the_file() {
-    let dir = TempDir::new("save-missing");
+    let dir = TempDir::new("loading-save-missing");
     let path = dir.join("no/such/dir/model.safetensors");
     let (error, text) = error_text(save_weights(&path, &random_weights(&tiny(), 1)));
     assert!(matches!(error, LoadError::Io { .. }) && text.contains("model.safetensors"), "{text}");
@@ -188,7 +169,7 @@ fn save_into_a_missing_directory_is_an_error_naming_the_file() {
 
 #[test]
 fn f16_and_bf16_tensors_load_as_f32() {
-    let dir = TempDir::new("half");
+    let dir = TempDir::new("loading-half");
     let config = tiny();
     let weights = random_weights(&config, 3);
     // Alternate F16 and BF16 across tensors, so one file holds both.
@@ -240,7 +221,7 @@ fn f16_and_bf16_tensors_load_as_f32() {
 
 #[test]
 fn bert_prefix_gamma_beta_and_pretraining_heads_are_accepted() {
-    let dir = TempDir::new("names");
+    let dir = TempDir::new("loading-names");
     let config = tiny();
     let weights = random_weights(&config, 5);
     let mut raw = raw_f32(&weights, |name| {
@@ -264,7 +245,7 @@ fn bert_prefix_gamma_beta_and_pretraining_heads_are_accepted() {
 
 #[test]
 fn missing_unexpected_and_misshaped_tensors_are_listed_in_one_error() {
-    let dir = TempDir::new("mismatch");
+    let dir = TempDir::new("loading-mismatch");
     let config = tiny();
     let mut weights = random_weights(&config, 9);
     weights.remove("encoder.layer.1.attention.self.key.bias");
@@ -293,7 +274,7 @@ fn missing_unexpected_and_misshaped_tensors_are_listed_in_one_error() {
 
 #[test]
 fn a_vocabulary_size_mismatch_is_reported_as_a_misshaped_embedding() {
-    let dir = TempDir::new("vocab");
+    let dir = TempDir::new("loading-vocab");
     let weights = random_weights(&tiny(), 2);
     let path = dir.join("model.safetensors");
     save_weights(&path, &weights).unwrap();
@@ -304,7 +285,7 @@ fn a_vocabulary_size_mismatch_is_reported_as_a_misshaped_embedding() {
 
 #[test]
 fn truncated_or_corrupt_files_are_errors_naming_the_file() {
-    let dir = TempDir::new("corrupt");
+    let dir = TempDir::new("loading-corrupt");
     let config = tiny();
     let path = dir.join("model.safetensors");
     save_weights(&path, &random_weights(&config, 4)).unwrap();
@@ -333,7 +314,7 @@ fn truncated_or_corrupt_files_are_errors_naming_the_file() {
 
 #[test]
 fn a_directory_with_only_pytorch_model_bin_explains_the_conversion() {
-    let dir = TempDir::new("pytorch");
+    let dir = TempDir::new("loading-pytorch");
     write_config(&dir, &tiny());
     std::fs::write(dir.join("pytorch_model.bin"), b"PK\x03\x04 not really").unwrap();
     let (error, text) = error_text(load_model_dir(&dir.0));

@@ -2,32 +2,13 @@
 //! packing and truncation), a tokenizer.json with truncation and padding switched on, and —
 //! when PALS_MODEL_DIR points at all-MiniLM-L6-v2 (scripts/fetch-minilm.sh) — the real files.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
+use common::TempDir;
 use pals::data::tokenizer::BasicOptions;
 use pals::data::{Encoded, Tokenizer, TokenizerError};
-
-/// A fresh directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let path = std::env::temp_dir().join(format!("pals-tokenizer-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 // The id of a token is its line number.
 const VOCAB: &[&str] = &[
@@ -139,7 +120,7 @@ fn a_vocabulary_without_special_tokens_is_an_error() {
     assert!(matches!(error, TokenizerError::MissingToken { token: "[CLS]", .. }), "{error:?}");
     assert!(error.to_string().contains("vocab.txt"), "{error}");
 
-    let empty = TempDir::new("none");
+    let empty = TempDir::new("tokenizer-none");
     assert!(matches!(Tokenizer::from_dir(&empty.0), Err(TokenizerError::NotFound { .. })));
     std::fs::write(empty.join("tokenizer.json"), "{ not json").unwrap();
     let error = Tokenizer::from_dir(&empty.0).unwrap_err();
