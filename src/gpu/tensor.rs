@@ -23,6 +23,14 @@ impl Tensor {
     pub fn bytes(&self) -> u64 {
         4 * self.len() as u64
     }
+
+    /// The leading elements of the same buffer seen with another (no larger) shape: kernels
+    /// take their lengths from shapes, so a bucket's buffers serve smaller batches and
+    /// fewer tensors without copies.
+    pub fn view(&self, shape: &[usize]) -> Tensor {
+        debug_assert!(shape.iter().product::<usize>() <= self.len(), "view {shape:?} of {:?}", self.shape);
+        Tensor { buffer: self.buffer.clone(), shape: shape.to_vec(), name: self.name.clone() }
+    }
 }
 
 impl std::fmt::Debug for Tensor {

@@ -357,12 +357,6 @@ impl<T> InputSet<T> {
     }
 }
 
-/// A prefix of `tensor` seen as a [len] tensor: the same buffer, as kernels bind whole
-/// buffers and take counts from the shape.
-fn prefix(tensor: &Tensor, len: usize) -> Tensor {
-    Tensor { buffer: tensor.buffer.clone(), shape: vec![len], name: tensor.name.clone() }
-}
-
 /// Writes a host segment plan into preallocated buffers (one write each); returns it on the GPU.
 fn write_plan(
     gpu: &Gpu,
@@ -371,8 +365,8 @@ fn write_plan(
     vocab: usize,
 ) -> Result<GpuSegmentPlan, GpuError> {
     let gpu_plan = GpuSegmentPlan {
-        ids: prefix(&buffers.ids, plan.ids.len()),
-        offsets: prefix(&buffers.offsets, plan.offsets.len()),
+        ids: buffers.ids.view(&[plan.ids.len()]),
+        offsets: buffers.offsets.view(&[plan.offsets.len()]),
         rows: buffers.rows.clone(),
         vocab,
     };
@@ -406,8 +400,8 @@ impl BatchInputs {
         let pos =
             write_plan(gpu, &buffers.pos, &SegmentPlan::new(&positions, seq)?, c.max_position_embeddings)?;
         let empty = |b: &PlanBuffers<Tensor>, vocab| GpuSegmentPlan {
-            ids: prefix(&b.ids, 0),
-            offsets: prefix(&b.offsets, 1),
+            ids: b.ids.view(&[0]),
+            offsets: b.offsets.view(&[1]),
             rows: b.rows.clone(),
             vocab,
         };

@@ -790,12 +790,6 @@ impl TaskActivations {
     }
 }
 
-/// A view of the first elements of `tensor` as `shape`: kernels bind whole buffers and
-/// take their counts from the shape.
-fn view(tensor: &Tensor, shape: &[usize]) -> Tensor {
-    Tensor { buffer: tensor.buffer.clone(), shape: shape.to_vec(), name: tensor.name.clone() }
-}
-
 // ----------------------------------------------------------------------------------------
 // The step
 
@@ -925,7 +919,7 @@ impl MultiTaskModel {
     /// Task `task`'s logits ([B, k] view of `acts.head.logits`).
     pub fn logits(&self, acts: &TaskActivations, task: usize) -> Result<Tensor, GpuError> {
         let k = self.task("MultiTaskModel::logits", task)?.spec.num_labels;
-        Ok(view(&acts.head.logits, &[acts.batch(), k]))
+        Ok(acts.head.logits.view(&[acts.batch(), k]))
     }
 
     /// The forward of task `task` on the batch in `inputs`: the encoder with the task's
@@ -979,7 +973,7 @@ impl MultiTaskModel {
         }
         self.forward(rec, acts, inputs, task, dropout)?;
         let (head, b, k) = (&acts.head, acts.batch(), module.spec.num_labels);
-        let (logits, d_logits) = (self.logits(acts, task)?, view(&head.d_logits, &[b, k]));
+        let (logits, d_logits) = (self.logits(acts, task)?, head.d_logits.view(&[b, k]));
         if module.spec.is_regression() {
             loss::mse(rec, &logits, &labels.labels, &labels.weights, &head.loss, &d_logits, 1.0)?;
         } else {

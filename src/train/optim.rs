@@ -51,12 +51,6 @@ pub struct Optimizer {
     partials: Tensor,
 }
 
-/// A prefix of a tensor's buffer viewed with a shorter shape (kernels take their length
-/// from the shape).
-fn prefix(tensor: &Tensor, len: usize) -> Tensor {
-    Tensor { buffer: tensor.buffer.clone(), shape: vec![len], name: tensor.name.clone() }
-}
-
 impl Optimizer {
     /// Zero moments for every (name, length).
     pub fn new(
@@ -93,8 +87,8 @@ impl Optimizer {
             let detail = format!("{count} tensors for an optimizer of {}", self.norms.len());
             return Err(GpuError::Shape { op: "Optimizer::step".into(), detail });
         }
-        let norms = prefix(&self.norms, count);
-        let coef = prefix(&self.coef, count + 1);
+        let norms = self.norms.view(&[count]);
+        let coef = self.coef.view(&[count + 1]);
         for (slot, (_, _, grad)) in params.iter().enumerate() {
             optimizer::sum_squares(rec, grad, &self.partials, &norms, slot as u32)?;
         }
@@ -122,12 +116,6 @@ impl Optimizer {
             )?;
         }
         Ok(())
-    }
-
-    /// The global gradient norm of the last step (a GPU tensor [1 + tensors]: the last
-    /// used slot after the coefficients holds it); read it only when logging needs it.
-    pub fn coefficients(&self) -> &Tensor {
-        &self.coef
     }
 
     /// m and v of every tensor ("<name>.m", "<name>.v") and each tensor's step count.

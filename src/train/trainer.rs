@@ -180,6 +180,8 @@ pub struct Trainer<'g> {
     place: Vec<(usize, usize)>,
     pub data: Vec<TaskData>,
     optimizer: Optimizer,
+    /// The optimizer's names of the tensors each task's step updates, in update order.
+    step_names: Vec<Vec<String>>,
     sampler: TaskSampler,
     iterators: Vec<EpochIterator>,
     buckets: HashMap<(usize, usize, usize), Bucket>,
@@ -255,16 +257,23 @@ impl<'g> Trainer<'g> {
             models.push(MultiTaskModel::upload(gpu, &config, method, shared, &specs)?);
             place.extend((0..data.len()).map(|i| (0, i)));
         }
-        let mut named = Vec::new();
-        for (i, t) in data.iter().enumerate() {
+        // What each task's step updates: the (shared or own) encoder, then the task's own.
+        let step_tensors = |i: usize| {
             let (m, k) = place[i];
-            if separate || i == 0 {
-                for (name, tensor) in &models[m].bert.params.named {
-                    named.push((state_name(separate, &t.spec.name, name), tensor.len()));
+            models[m].bert.params.named.iter().chain(&models[m].tasks[k].params.named)
+        };
+        let step_names: Vec<Vec<String>> = data
+            .iter()
+            .enumerate()
+            .map(|(i, t)| step_tensors(i).map(|(name, _)| state_name(separate, &t.spec.name, name)).collect())
+            .collect();
+        let mut named = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, names) in step_names.iter().enumerate() {
+            for (name, (_, tensor)) in names.iter().zip(step_tensors(i)) {
+                if seen.insert(name.clone()) {
+                    named.push((name.clone(), tensor.len()));
                 }
-            }
-            for (name, tensor) in &models[m].tasks[k].params.named {
-                named.push((state_name(separate, &t.spec.name, name), tensor.len()));
             }
         }
         let optimizer = Optimizer::new(gpu, &named, settings.optimizer_settings()?)?;
@@ -296,6 +305,7 @@ impl<'g> Trainer<'g> {
             optimizer,
             sampler,
             iterators,
+            step_names,
             buckets: HashMap::new(),
             losses,
             pending: Vec::new(),
@@ -436,9 +446,7 @@ impl<'g> Trainer<'g> {
         }
         self.flush_losses()?;
         self.save("last", true)?;
-        if let Some(log) = self.log.take() {
-            drop(log);
-        }
+        self.log = None;
         Ok(last_scores)
     }
 
@@ -485,14 +493,13 @@ impl<'g> Trainer<'g> {
             model.forward_backward(&mut rec, &bucket.acts, &bucket.inputs, &bucket.head, k, dropout)?;
         // A copy (dropout with p = 0) keeps this step's loss until it is read back.
         elementwise::dropout(&mut rec, loss, &self.losses[slot], DropoutSpec { p: 0.0, seed: 0, stream: 0 })?;
-        let separate = self.separate();
-        let name = &self.data[task].spec.name;
         let shared = model.bert.params.named.iter().zip(&model.bert.grads.named);
         let own = model.tasks[k].params.named.iter().zip(&model.tasks[k].grads.named);
-        let names: Vec<String> =
-            shared.clone().chain(own.clone()).map(|((n, _), _)| state_name(separate, name, n)).collect();
-        let params: Vec<(&str, &Tensor, &Tensor)> =
-            shared.chain(own).zip(&names).map(|(((_, p), (_, g)), n)| (n.as_str(), p, g)).collect();
+        let params: Vec<(&str, &Tensor, &Tensor)> = shared
+            .chain(own)
+            .zip(&self.step_names[task])
+            .map(|(((_, p), (_, g)), n)| (n.as_str(), p, g))
+            .collect();
         self.optimizer.step(&mut rec, &params, lr)?;
         self.dispatches = rec.len();
         let timings = if timed { rec.submit_timed()? } else { rec.submit().map(|_| Vec::new())? };
@@ -558,8 +565,7 @@ impl<'g> Trainer<'g> {
     pub fn predict(&mut self, task: usize, split: &TokenizedSplit) -> Result<Vec<f32>> {
         let (m, k) = self.place[task];
         let spec = self.data[task].spec.clone();
-        let mut options = train_options(&self.settings);
-        options.batch_size = self.settings.batch_size;
+        let options = train_options(&self.settings);
         let mut out = vec![0.0f32; split.examples.len()];
         for batch in eval_batches(split, &options, true) {
             let (b, s) = (batch.encoder.batch, batch.encoder.seq);
