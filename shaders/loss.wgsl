@@ -27,7 +27,6 @@ struct Params {
     grad_scale: f32,
 }
 
-const WG: u32 = 256u;
 const LOWEST: f32 = -3.402823e38;
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -39,26 +38,6 @@ const LOWEST: f32 = -3.402823e38;
 @group(0) @binding(4) var<storage, read_write> loss: array<f32>;
 @group(0) @binding(4) var<storage, read_write> dlogits: array<f32>;
 @group(0) @binding(5) var<storage, read_write> dpred: array<f32>;
-
-var<workgroup> partial: array<f32, 256>;
-
-// Fixed-order tree reduction (sum, or max when take_max); every thread gets the result.
-// Must be called by all threads of the workgroup.
-fn workgroup_reduce(lid: u32, value: f32, take_max: bool) -> f32 {
-    partial[lid] = value;
-    workgroupBarrier();
-    for (var half = WG / 2u; half > 0u; half = half >> 1u) {
-        if (lid < half) {
-            let a = partial[lid];
-            let b = partial[lid + half];
-            partial[lid] = select(a + b, max(a, b), take_max);
-        }
-        workgroupBarrier();
-    }
-    let result = partial[0];
-    workgroupBarrier(); // the next call overwrites partial
-    return result;
-}
 
 fn ce_weight(b: u32) -> f32 {
     return select(0.0, weights[b], labels[b] < params.classes);

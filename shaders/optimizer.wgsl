@@ -44,7 +44,6 @@ struct AdamParams {
     bc2: f32,
 }
 
-const WG: u32 = 256u;
 const MODE_GLOBAL: u32 = 1u;
 const MODE_PER_TENSOR: u32 = 2u;
 
@@ -61,22 +60,6 @@ const MODE_PER_TENSOR: u32 = 2u;
 @group(0) @binding(4) var<storage, read_write> m: array<f32>;
 @group(0) @binding(5) var<storage, read_write> v: array<f32>;
 
-var<workgroup> partial_sums: array<f32, 256>;
-
-// Fixed-order tree sum; every thread gets the total. Must be called by the whole workgroup.
-fn workgroup_sum(lid: u32, value: f32) -> f32 {
-    partial_sums[lid] = value;
-    workgroupBarrier();
-    for (var half = WG / 2u; half > 0u; half = half >> 1u) {
-        if (lid < half) {
-            partial_sums[lid] += partial_sums[lid + half];
-        }
-        workgroupBarrier();
-    }
-    let total = partial_sums[0];
-    workgroupBarrier(); // the next call overwrites partial_sums
-    return total;
-}
 
 @compute @workgroup_size(256)
 fn sum_squares_partial(@builtin(workgroup_id) wid: vec3<u32>,

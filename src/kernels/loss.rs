@@ -6,7 +6,8 @@
 use super::{expect_len, expect_shape, to_u32};
 use crate::gpu::{Binding, GpuError, KernelSpec, Recorder, Tensor, spread};
 
-const SOURCE: &str = include_str!("../../shaders/loss.wgsl");
+const SOURCE: &str =
+    concat!(include_str!("../../shaders/workgroup_reduce.wgsl"), include_str!("../../shaders/loss.wgsl"));
 const CE_BINDINGS: &[Binding] = &[Binding::Read, Binding::Read, Binding::Read, Binding::Write];
 
 const CROSS_ENTROPY_LOSS: KernelSpec = KernelSpec {

@@ -8,7 +8,10 @@
 use super::{expect_len, to_u32};
 use crate::gpu::{Binding, GpuError, KernelSpec, Recorder, Tensor, spread};
 
-const SOURCE: &str = include_str!("../../shaders/optimizer.wgsl");
+const SOURCE: &str = concat!(
+    include_str!("../../shaders/workgroup_reduce.wgsl"),
+    include_str!("../../shaders/optimizer.wgsl")
+);
 const READ_WRITE: &[Binding] = &[Binding::Read, Binding::Write];
 
 const SUM_SQUARES_PARTIAL: KernelSpec = KernelSpec {
