@@ -6,6 +6,8 @@
 //   bindings: 0 params, 1 x (read), 2 dy (read), 3 dx (write)
 // dropout:                       y[i] = keep(i) ? x[i] * scale : 0   (also its own backward)
 //   bindings: 0 params, 1 x (read), 2 y (write)
+// copy:                          y[i] = x[i]
+//   bindings: 0 params, 1 x (read), 2 y (write)
 // add_assign:                    y[i] += x[i]
 //   bindings: 0 params, 1 x (read), 2 y (read_write)
 // add:                           total[i] = x[i] + addend[i]
@@ -76,6 +78,13 @@ fn dropout(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
         let keep = rng_keep(params.seed, params.stream, i, params.threshold);
         y[i] = select(0.0, x[i] * params.scale, keep);
     }
+}
+
+@compute @workgroup_size(256)
+fn copy(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let i = linear_index(wid, nwg, lid);
+    if (i < params.n) { y[i] = x[i]; }
 }
 
 // One f32 add per element: the result is exactly the rounded sum, on any device.

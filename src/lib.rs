@@ -1,6 +1,8 @@
 pub mod bench;
+pub mod contract;
 pub mod data;
 pub mod encode;
+pub mod error;
 pub mod gpu;
 pub mod kernels;
 pub mod model;

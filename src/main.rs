@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use pals::encode::{Encoder, Pooling};
 use pals::gpu::{AdapterChoice, Gpu};
+use pals::model::tasks::MethodName;
 use pals::train::commands;
 use pals::train::trainer::TrainSettings;
 
@@ -40,9 +41,9 @@ struct RunArgs {
     /// Comma-separated GLUE tasks, e.g. rte,mrpc,sts-b,cola,sst-2.
     #[arg(long, value_delimiter = ',', required = true)]
     tasks: Vec<String>,
-    /// pals, low-rank, adapters, shared or separate.
-    #[arg(long, default_value = "pals")]
-    method: String,
+    /// The task-specific method.
+    #[arg(long, value_enum, default_value_t = MethodName::Pals)]
+    method: MethodName,
     /// PAL hidden size (default 204 for hidden 768, scaled for other widths).
     #[arg(long)]
     pal_dim: Option<usize>,
@@ -91,7 +92,7 @@ impl RunArgs {
     fn settings(&self) -> TrainSettings {
         TrainSettings {
             tasks: self.tasks.clone(),
-            method: self.method.clone(),
+            method: self.method,
             pal_dim: self.pal_dim,
             batch_size: self.batch_size,
             max_length: self.max_length,
@@ -141,9 +142,9 @@ enum Command {
         /// dispatches, submits and buffers per step, GPU time per kernel family, memory.
         #[arg(long, value_name = "SIZE|DIR")]
         train: Option<String>,
-        /// The method for --train: pals, low-rank, adapters, top-attn, shared or separate.
-        #[arg(long, default_value = "pals")]
-        method: String,
+        /// The method for --train.
+        #[arg(long, value_enum, default_value_t = MethodName::Pals)]
+        method: MethodName,
         /// Timed steps for --train (after 2 warm-up steps).
         #[arg(long, default_value_t = 3)]
         steps: usize,
@@ -201,8 +202,8 @@ enum Command {
         /// Model directory or a named size (base, minilm).
         #[arg(long, default_value = "base")]
         model: String,
-        #[arg(long, default_value = "pals")]
-        method: String,
+        #[arg(long, value_enum, default_value_t = MethodName::Pals)]
+        method: MethodName,
         #[arg(long)]
         pal_dim: Option<usize>,
         #[arg(long, value_delimiter = ',', default_value = "cola,sst-2,mrpc,sts-b,qqp,mnli,qnli,rte")]
@@ -267,7 +268,7 @@ fn run(cli: Cli) -> Result<()> {
             commands::predict(&adapter.open()?, &checkpoint, &glue_dir, &output)
         }
         Command::Params { model, method, pal_dim, tasks } => {
-            for line in commands::params(&model_config(&model)?, &method, pal_dim, &tasks)? {
+            for line in commands::params(&model_config(&model)?, method, pal_dim, &tasks)? {
                 println!("{line}");
             }
             Ok(())

@@ -85,11 +85,14 @@ fn gpu_adds(a: &[f32], b: &[f32]) -> (Vec<u32>, Vec<u32>) {
     let b_gpu = gpu.upload("b", &[n], b).unwrap();
     let out = gpu.zeros("out", &[n]).unwrap();
     let y = gpu.upload("y", &[n], b).unwrap();
+    let copied = gpu.zeros("copied", &[n]).unwrap();
     let mut rec = gpu.recorder();
     elementwise::add(&mut rec, &a_gpu, &b_gpu, &out).unwrap();
     elementwise::add_assign(&mut rec, &a_gpu, &y).unwrap();
+    elementwise::copy(&mut rec, &a_gpu, &copied).unwrap();
     rec.submit().unwrap();
-    let bits = |t| gpu.read::<f32>(t).unwrap().iter().map(|v| v.to_bits()).collect();
+    let bits = |t| gpu.read::<f32>(t).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+    assert_eq!(bits(&copied), a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "copy n={n}");
     (bits(&out), bits(&y))
 }
 

@@ -12,9 +12,9 @@ use crate::kernels::attention::{self, AttentionShape};
 use crate::kernels::elementwise::DropoutSpec;
 use crate::kernels::matmul::{self, Epilogue, Matmul};
 use crate::model::BertConfig;
-use crate::model::tasks::{Method, TaskSpec};
-use crate::reference::random_vec;
-use crate::reference::rng::rng_u32;
+use crate::model::tasks::{Method, MethodName, TaskSpec};
+use crate::contract::random_vec;
+use crate::contract::rng::rng_u32;
 use crate::train::trainer::{TaskData, TrainSettings, Trainer};
 
 /// One benchmarked product.
@@ -286,8 +286,7 @@ pub fn tile_report(gpu: &Gpu, op: &Matmul, reps: usize) -> Result<Vec<String>, G
 #[derive(Clone, Debug)]
 pub struct TrainBench {
     pub config: BertConfig,
-    /// shared, pals, low-rank, adapters, top-attn or separate.
-    pub method: String,
+    pub method: MethodName,
     pub batch: usize,
     pub seq: usize,
     /// Timed steps after the warm-up.
@@ -408,7 +407,7 @@ impl<'g> TrainSession<'g> {
         }
         let settings = TrainSettings {
             tasks: vec!["bench".into()],
-            method: bench.method.clone(),
+            method: bench.method,
             batch_size: bench.batch,
             max_length: bench.seq,
             epochs: 1,

@@ -10,7 +10,7 @@
 use super::batch::{Batch, BatchOptions, bucketed_order, make_batch};
 use super::cache::TokenizedSplit;
 use super::glue::{DataError, Result};
-use crate::reference::rng::rng_u32;
+use crate::contract::rng::rng_u32;
 
 const STREAM_TASKS: u32 = 0x7a5c_0001;
 

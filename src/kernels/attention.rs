@@ -52,35 +52,7 @@ struct Params {
     drop_scale: f32,
 }
 
-/// q, k, v, o and their gradients are [batch, seq, heads, head_dim]; the mask is
-/// [batch, seq]; lse and delta are [batch, heads, seq].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AttentionShape {
-    pub batch: usize,
-    pub seq: usize,
-    pub heads: usize,
-    pub head_dim: usize,
-}
-
-impl AttentionShape {
-    /// Elements of q, k, v, o and their gradients.
-    pub fn qkv_len(&self) -> usize {
-        self.batch * self.seq * self.heads * self.head_dim
-    }
-
-    /// Elements of lse and delta.
-    pub fn rows_len(&self) -> usize {
-        self.batch * self.heads * self.seq
-    }
-
-    pub fn mask_len(&self) -> usize {
-        self.batch * self.seq
-    }
-
-    fn is_empty(&self) -> bool {
-        self.rows_len() == 0
-    }
-}
+pub use crate::contract::AttentionShape;
 
 /// Keys (or queries) per shared tile: a power of two up to 64 with both tiles
 /// (2 * rows * head_dim floats) within 16 KiB.
@@ -151,7 +123,7 @@ pub fn attention_forward(
     expect_len(op, mask, shape.mask_len())?;
     expect_len(op, lse, shape.rows_len())?;
     let params = params(op, shape, scale, dropout)?;
-    if shape.is_empty() {
+    if shape.rows_len() == 0 {
         return Ok(());
     }
     let groups = row_blocks(rec, op, shape)?;
@@ -197,7 +169,7 @@ pub fn attention_backward(
             ),
         });
     }
-    if shape.is_empty() {
+    if shape.rows_len() == 0 {
         return Ok(());
     }
     let defines = defines(shape);

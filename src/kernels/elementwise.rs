@@ -21,6 +21,7 @@ const TANH_FORWARD: KernelSpec =
 const TANH_BACKWARD: KernelSpec =
     KernelSpec { name: "tanh_backward", source: SOURCE, entry: "tanh_backward", bindings: BINARY };
 const DROPOUT: KernelSpec = KernelSpec { name: "dropout", source: SOURCE, entry: "dropout", bindings: UNARY };
+const COPY: KernelSpec = KernelSpec { name: "copy", source: SOURCE, entry: "copy", bindings: UNARY };
 const ADD_ASSIGN: KernelSpec =
     KernelSpec { name: "add_assign", source: SOURCE, entry: "add_assign", bindings: UNARY };
 const ADD: KernelSpec = KernelSpec { name: "add", source: SOURCE, entry: "add", bindings: BINARY };
@@ -35,24 +36,7 @@ struct Params {
     scale: f32,
 }
 
-/// Where dropout draws from: the same (seed, stream) regenerates the same mask.
-#[derive(Clone, Copy, Debug)]
-pub struct DropoutSpec {
-    pub p: f32,
-    pub seed: u32,
-    pub stream: u32,
-}
-
-impl DropoutSpec {
-    /// Drop when the draw is below this: p * 2^32, saturating.
-    pub fn threshold(&self) -> u32 {
-        (self.p.clamp(0.0, 1.0) as f64 * 4294967296.0).min(u32::MAX as f64) as u32
-    }
-
-    pub fn scale(&self) -> f32 {
-        if self.p >= 1.0 { 0.0 } else { 1.0 / (1.0 - self.p) }
-    }
-}
+pub use crate::contract::DropoutSpec;
 
 fn unary(
     rec: &mut Recorder,
@@ -126,6 +110,12 @@ fn expect_distinct(op: &str, read: &Tensor, write: &Tensor) -> Result<(), GpuErr
         return Err(GpuError::Shape { op: op.into(), detail });
     }
     Ok(())
+}
+
+/// y = x (bit for bit).
+pub fn copy(rec: &mut Recorder, x: &Tensor, y: &Tensor) -> Result<(), GpuError> {
+    expect_distinct(COPY.name, x, y)?;
+    unary(rec, &COPY, x, y, plain("copy", x.len())?)
 }
 
 /// y += x.

@@ -92,43 +92,7 @@ impl ClipMode {
     }
 }
 
-/// Adam hyper-parameters other than the learning rate and weight decay.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AdamConfig {
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    /// AdamW divides m and v by 1 − β^t; BERTAdam (the paper's) does not.
-    pub bias_correction: bool,
-}
-
-impl AdamConfig {
-    /// AdamW with bias correction, β = (0.9, 0.999), ε = 1e-6 (as BERT fine-tuning uses).
-    pub fn adamw() -> AdamConfig {
-        AdamConfig { beta1: 0.9, beta2: 0.999, eps: 1e-6, bias_correction: true }
-    }
-
-    /// The original BERT optimizer: no bias correction, ε added to √v.
-    pub fn bert_adam() -> AdamConfig {
-        AdamConfig { bias_correction: false, ..AdamConfig::adamw() }
-    }
-
-    /// (1 − β1^t, 1 − β2^t) in f64 rounded to f32, or (1, 1) without bias correction.
-    pub fn bias_corrections(&self, step: u32) -> (f32, f32) {
-        if !self.bias_correction {
-            return (1.0, 1.0);
-        }
-        let t = step as f64;
-        let correction = |beta: f32| (1.0 - (beta as f64).powf(t)) as f32;
-        (correction(self.beta1), correction(self.beta2))
-    }
-}
-
-impl Default for AdamConfig {
-    fn default() -> AdamConfig {
-        AdamConfig::adamw()
-    }
-}
+pub use crate::contract::AdamConfig;
 
 fn expect_slot(op: &str, tensor: &Tensor, slot: u32) -> Result<(), GpuError> {
     if (slot as usize) < tensor.len() {

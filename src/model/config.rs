@@ -1,5 +1,6 @@
 //! BertConfig, as Hugging Face's config.json states it.
 
+use crate::error::LoadError;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -81,19 +82,7 @@ impl BertConfig {
 /// different outputs from the same weights, so they are refused rather than silently swapped.
 pub const SUPPORTED_ACTS: [&str; 2] = ["gelu", "gelu_python"];
 
-/// A config.json field that is missing, of the wrong type, or out of range.
-#[derive(Clone, Debug, PartialEq, thiserror::Error)]
-#[error("field `{field}`: {message}")]
-pub struct ConfigError {
-    pub field: String,
-    pub message: String,
-}
-
-impl ConfigError {
-    fn new(field: &str, message: impl Into<String>) -> ConfigError {
-        ConfigError { field: field.to_string(), message: message.into() }
-    }
-}
+pub use crate::error::ConfigError;
 
 const REQUIRED: [&str; 6] = [
     "vocab_size",
@@ -109,8 +98,7 @@ const OPTIONAL_FLOATS: [&str; 3] = ["layer_norm_eps", "hidden_dropout_prob", "at
 impl BertConfig {
     /// Reads and validates a Hugging Face config.json. Errors name the file and the field;
     /// JSON syntax errors give line and column.
-    pub fn from_file(path: impl AsRef<std::path::Path>) -> Result<BertConfig, crate::model::load::LoadError> {
-        use crate::model::load::LoadError;
+    pub fn from_file(path: impl AsRef<std::path::Path>) -> Result<BertConfig, LoadError> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| LoadError::io(path, e))?;
         let bad = |error: ConfigError| LoadError::Config { path: path.to_path_buf(), error };

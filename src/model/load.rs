@@ -8,53 +8,13 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView, View};
 
-use super::config::ConfigError;
+pub use crate::error::LoadError;
 use super::{BertConfig, HostTensor, Weights, param_shapes};
 
-#[derive(Debug, thiserror::Error)]
-pub enum LoadError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: invalid JSON at line {line}, column {column}: {message}")]
-    Json { path: PathBuf, line: usize, column: usize, message: String },
-    #[error("{path}: {error}")]
-    Config {
-        path: PathBuf,
-        #[source]
-        error: ConfigError,
-    },
-    #[error("{path}: not a readable safetensors file, it may be truncated or corrupt ({message})")]
-    Safetensors { path: PathBuf, message: String },
-    #[error("{path}: the tensors do not match the configuration:\n{}", .problems.join("\n"))]
-    Mismatch { path: PathBuf, problems: Vec<String> },
-    #[error(
-        "{dir}: only pytorch_model.bin was found; pals reads safetensors. Convert it once with Python:\n  \
-         python -c \"from transformers import BertModel; \
-         BertModel.from_pretrained('{dir}').save_pretrained('{dir}', safe_serialization=True)\"\n\
-         or, with only torch and safetensors installed:\n  \
-         python -c \"import torch; from safetensors.torch import save_file; \
-         sd = torch.load('{dir}/pytorch_model.bin', map_location='cpu'); \
-         save_file({{k: v.clone().contiguous() for k, v in sd.items()}}, '{dir}/model.safetensors', \
-         metadata={{'format': 'pt'}})\""
-    )]
-    PytorchOnly { dir: PathBuf },
-    #[error("{dir}: no model.safetensors found")]
-    NoWeights { dir: PathBuf },
-}
-
-impl LoadError {
-    pub(crate) fn io(path: &Path, source: std::io::Error) -> LoadError {
-        LoadError::Io { path: path.to_path_buf(), source }
-    }
-}
 
 /// Reads `dir/config.json` and `dir/model.safetensors`, checked against each other.
 pub fn load_model_dir(dir: impl AsRef<Path>) -> Result<(BertConfig, Weights), LoadError> {

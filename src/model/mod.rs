@@ -26,11 +26,15 @@
 //! reference/tasks.rs.
 
 pub mod bert;
+pub mod blocks;
 pub mod config;
+pub mod hook;
+pub mod inputs;
 pub mod load;
 pub mod memory;
 pub mod tasks;
 
+pub use crate::contract::{DropoutKey, SITE_EMBEDDINGS, SITE_HEAD, Site, dropout_stream, site};
 pub use config::BertConfig;
 
 /// A host-side tensor: shape and f32 data, row-major.
@@ -69,38 +73,8 @@ impl EncoderBatch {
     }
 }
 
-/// Which dropout masks a training step draws; `None` where a step runs without dropout.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DropoutKey {
-    pub seed: u32,
-    pub step: u32,
-}
-
 /// Named parameters (or gradients), in a stable order.
 pub type Weights = std::collections::BTreeMap<String, HostTensor>;
-
-/// Where a dropout sits in the network; with the layer it picks the RNG stream.
-#[derive(Clone, Copy, Debug)]
-pub enum Site {
-    AttentionProbs = 0,
-    AttentionOutput = 1,
-    FfnOutput = 2,
-    /// Reserved for task-specific modules (PAL attention probabilities).
-    TaskSpecific = 3,
-}
-
-pub const SITE_EMBEDDINGS: u32 = 0;
-/// The classifier head's dropout on the pooled output.
-pub const SITE_HEAD: u32 = 255;
-
-pub fn site(layer: usize, which: Site) -> u32 {
-    1 + 4 * layer as u32 + which as u32
-}
-
-/// Every training step draws fresh masks: 256 sites per step.
-pub fn dropout_stream(step: u32, site: u32) -> u32 {
-    step.wrapping_mul(256).wrapping_add(site)
-}
 
 /// Every parameter of the encoder and pooler with its shape, in Hugging Face's names.
 pub fn param_shapes(c: &BertConfig) -> Vec<(String, Vec<usize>)> {
@@ -154,7 +128,7 @@ pub fn random_weights(c: &BertConfig, seed: u32) -> Weights {
                 vec![0.0; len]
             } else {
                 // Uniform on [-a, a] has standard deviation a/√3.
-                crate::reference::random_vec(len, seed.wrapping_add(index as u32 * 7919), 0.02 * 3f32.sqrt())
+                crate::contract::random_vec(len, seed.wrapping_add(index as u32 * 7919), 0.02 * 3f32.sqrt())
             };
             (name, HostTensor::new(&shape, data))
         })

@@ -11,8 +11,9 @@ pub mod loss;
 pub mod matmul;
 pub mod optimizer;
 pub mod reduce;
-pub mod rng;
 pub mod tasks;
+
+pub use crate::contract::{random_vec, rng};
 
 /// Central finite difference of a scalar function of `x` at element `i`, in f64.
 pub fn finite_difference(x: &[f64], i: usize, h: f64, f: &dyn Fn(&[f64]) -> f64) -> f64 {
@@ -21,14 +22,4 @@ pub fn finite_difference(x: &[f64], i: usize, h: f64, f: &dyn Fn(&[f64]) -> f64)
     plus[i] += h;
     minus[i] -= h;
     (f(&plus) - f(&minus)) / (2.0 * h)
-}
-
-/// A deterministic pseudo-random vector in [-scale, scale) for tests and benchmarks.
-pub fn random_vec(len: usize, seed: u32, scale: f32) -> Vec<f32> {
-    (0..len as u32)
-        .map(|i| {
-            let u = rng::rng_u32(seed, 0x5eed, i) as f64 / 4294967296.0;
-            ((2.0 * u - 1.0) * scale as f64) as f32
-        })
-        .collect()
 }

@@ -12,7 +12,7 @@ use crate::data::batch::{BatchOptions, bucketed_order, make_batch, padding_fract
 use crate::data::cache::tokenized_split;
 use crate::data::glue::{Split, Task};
 use crate::gpu::Gpu;
-use crate::model::tasks::{Method, TaskSpec, param_count, task_param_count};
+use crate::model::tasks::{Method, MethodName, TaskSpec, param_count, task_param_count};
 use crate::model::{BertConfig, Weights, param_count as encoder_params};
 use crate::train::checkpoint::{Checkpoint, resolve};
 use crate::train::log::LogRecords;
@@ -229,42 +229,40 @@ fn submission_name(task: Task, split: Split) -> String {
 /// Shared, per-task and total parameter counts and the ratio to one model.
 pub fn params(
     config: &BertConfig,
-    method_name: &str,
+    name: MethodName,
     pal_dim: Option<usize>,
     tasks: &[String],
 ) -> Result<Vec<String>> {
-    let settings = TrainSettings { method: method_name.into(), pal_dim, ..TrainSettings::default() };
+    let settings = TrainSettings { method: name, pal_dim, ..TrainSettings::default() };
     let method = settings.method(config)?;
+    // Separate models train as `shared` ones but count an encoder per task.
+    let counted = if name == MethodName::Separate { Method::Separate } else { method };
     let specs: Vec<TaskSpec> = tasks
         .iter()
         .map(|name| Task::from_name(name).map(|t| TaskSpec::new(t.name(), t.num_labels())))
         .collect::<Result<_, _>>()?;
     let shared = encoder_params(config);
     let mut lines = vec![format!("{:<10} {:>14}", "shared", shared)];
-    let mut total = if method_name == "separate" { 0 } else { shared };
     for spec in &specs {
-        let (terms, head) = task_param_count(config, &method, spec);
-        let own = terms + head + if method_name == "separate" { shared } else { 0 };
-        total += own;
+        let (terms, head) = task_param_count(config, &counted, spec);
+        let own = terms + head;
         lines.push(format!("{:<10} {:>14}  ({} task-specific + {} head)", spec.name, own, own - head, head));
     }
-    if method_name != "separate" {
-        debug_assert_eq!(total, param_count(config, &method, &specs));
-    }
+    let total = param_count(config, &counted, &specs);
     lines.push(format!(
         "{:<10} {:>14}  = {:.3}× one model ({})",
         "total",
         total,
         total as f64 / shared as f64,
-        describe(&method, method_name)
+        describe(&counted)
     ));
     Ok(lines)
 }
 
-fn describe(method: &Method, name: &str) -> String {
+fn describe(method: &Method) -> String {
     match method {
         Method::Pals { dim, heads } => format!("pals, {dim} dims, {heads} heads"),
-        _ => name.to_string(),
+        _ => method.name().to_string(),
     }
 }
 
@@ -274,7 +272,7 @@ pub fn demo(gpu: &Gpu, output: &Path, steps_per_epoch: usize, epochs: usize, see
     let data = crate::train::demo::tasks(seed);
     let settings = TrainSettings {
         tasks: data.iter().map(|t| t.spec.name.clone()).collect(),
-        method: "pals".into(),
+        method: MethodName::Pals,
         pal_dim: Some(24),
         lr: 1e-3,
         epochs,

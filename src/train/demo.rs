@@ -5,7 +5,7 @@ use crate::data::cache::{TokenizedExample, TokenizedSplit};
 use crate::data::glue::{Label, Split, Task};
 use crate::model::BertConfig;
 use crate::model::tasks::TaskSpec;
-use crate::reference::rng::rng_u32;
+use crate::contract::rng::rng_u32;
 use crate::train::trainer::TaskData;
 
 const CLS: u32 = 1;

@@ -17,10 +17,10 @@ use crate::data::cache::{TokenizedSplit, tokenized_split};
 use crate::data::glue::{Split, Task};
 use crate::data::sampler::{EpochIterator, Sampling, TaskSampler};
 use crate::gpu::{Gpu, Tensor, Timing};
-use crate::kernels::elementwise::{self, DropoutSpec};
+use crate::kernels::elementwise;
 use crate::kernels::optimizer::{AdamConfig, ClipMode};
 use crate::model::bert::BatchInputs;
-use crate::model::tasks::{HeadInputs, Method, MultiTaskModel, Targets, TaskActivations, TaskSpec};
+use crate::model::tasks::{HeadInputs, Method, MethodName, MultiTaskModel, Targets, TaskActivations, TaskSpec};
 use crate::model::{BertConfig, DropoutKey, Weights};
 use crate::train::checkpoint::{Checkpoint, TrainerState};
 use crate::train::log::{EvalRecord, LogWriter, StepRecord};
@@ -32,8 +32,7 @@ use crate::train::schedule;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TrainSettings {
     pub tasks: Vec<String>,
-    /// shared, pals, low-rank, adapters, separate.
-    pub method: String,
+    pub method: MethodName,
     pub pal_dim: Option<usize>,
     pub batch_size: usize,
     pub max_length: usize,
@@ -64,7 +63,7 @@ impl Default for TrainSettings {
     fn default() -> Self {
         TrainSettings {
             tasks: Vec::new(),
-            method: "pals".into(),
+            method: MethodName::Pals,
             pal_dim: None,
             batch_size: 32,
             max_length: 128,
@@ -107,8 +106,8 @@ impl TrainSettings {
 
     /// The method for a model of `config`; `separate` trains `Shared` models, one per task.
     pub fn method(&self, config: &BertConfig) -> Result<Method> {
-        let name = if self.method == "separate" { "shared" } else { self.method.as_str() };
-        let mut method = Method::default_for(name, config).map_err(anyhow::Error::msg)?;
+        let name = if self.method == MethodName::Separate { MethodName::Shared } else { self.method };
+        let mut method = Method::sized(name, config);
         if let (Method::Pals { dim, .. }, Some(size)) = (&mut method, self.pal_dim) {
             *dim = size;
         }
@@ -220,7 +219,7 @@ impl<'g> Trainer<'g> {
             bail!("no tasks to train (--tasks)");
         }
         let method = settings.method(&config)?;
-        let separate = settings.method == "separate";
+        let separate = settings.method == MethodName::Separate;
         let weights: Vec<Weights> = data
             .iter()
             .enumerate()
@@ -320,7 +319,7 @@ impl<'g> Trainer<'g> {
     }
 
     fn separate(&self) -> bool {
-        self.settings.method == "separate"
+        self.settings.method == MethodName::Separate
     }
 
     /// Continues from a checkpoint saved by this trainer: weights, optimizer moments, step,
@@ -491,10 +490,10 @@ impl<'g> Trainer<'g> {
         let mut rec = gpu.recorder();
         let loss =
             model.forward_backward(&mut rec, &bucket.acts, &bucket.inputs, &bucket.head, k, dropout)?;
-        // A copy (dropout with p = 0) keeps this step's loss until it is read back.
-        elementwise::dropout(&mut rec, loss, &self.losses[slot], DropoutSpec { p: 0.0, seed: 0, stream: 0 })?;
-        let shared = model.bert.params.named.iter().zip(&model.bert.grads.named);
-        let own = model.tasks[k].params.named.iter().zip(&model.tasks[k].grads.named);
+        // A copy keeps this step's loss until it is read back.
+        elementwise::copy(&mut rec, loss, &self.losses[slot])?;
+        let shared = model.bert.params.named.iter().zip(&model.bert.grads()?.named);
+        let own = model.tasks[k].params.named.iter().zip(&model.tasks[k].grads()?.named);
         let params: Vec<(&str, &Tensor, &Tensor)> = shared
             .chain(own)
             .zip(&self.step_names[task])

@@ -1,0 +1,49 @@
+//! `shared`: nothing inside the layers, only the heads are task-specific. `separate` is
+//! the same model trained once per task (the trainer does that); here it only differs in
+//! its parameter count, each task having its own encoder.
+
+use super::TaskActivations;
+use super::method::{Bucket, MethodActs, MethodName, TaskMethod, TaskTerms, boxed};
+use crate::gpu::{GpuError, Tensor};
+use crate::model::BertConfig;
+use crate::model::bert::ByName;
+use crate::model::blocks::Alloc;
+use crate::model::hook::{LayerHook, NoHook};
+
+pub struct Shared {
+    pub separate: bool,
+}
+
+impl TaskMethod for Shared {
+    fn name(&self) -> MethodName {
+        if self.separate { MethodName::Separate } else { MethodName::Shared }
+    }
+
+    fn param_shapes(&self, _c: &BertConfig, _prefix: &str) -> Vec<(String, Vec<usize>)> {
+        Vec::new()
+    }
+
+    fn own_encoder(&self) -> bool {
+        self.separate
+    }
+
+    fn terms(&self, _c: &BertConfig, _prefix: &str, _params: &ByName, _grads: Option<&ByName>) -> Box<dyn TaskTerms> {
+        Box::new(NoTerms)
+    }
+
+    fn activations(&self, _c: &BertConfig, _bucket: Bucket, _alloc: Alloc<Tensor>) -> Result<MethodActs, GpuError> {
+        boxed(Ok(()))
+    }
+
+    fn plan(&self, _c: &BertConfig, _bucket: Bucket) -> Vec<(String, Vec<usize>)> {
+        Vec::new()
+    }
+}
+
+struct NoTerms;
+
+impl TaskTerms for NoTerms {
+    fn hook<'a>(&'a self, _c: &'a BertConfig, _acts: &'a TaskActivations) -> Result<Box<dyn LayerHook + 'a>, GpuError> {
+        Ok(Box::new(NoHook))
+    }
+}
