@@ -72,10 +72,10 @@ pub enum ModelError {
     #[error("method {method}: {message}")]
     Method { method: String, message: String },
     /// A tensor missing from the weights or of the wrong shape.
-    #[error("weights: tensor `{name}` {message}")]
+    #[error("weights: tensor '{name}' {message}")]
     Weights { name: String, message: String },
     /// A task that cannot be built (duplicate name, no outputs, unknown).
-    #[error("task `{task}`: {message}")]
+    #[error("task '{task}': {message}")]
     Task { task: String, message: String },
     #[error(transparent)]
     Gpu(#[from] GpuError),

@@ -6,6 +6,7 @@ use pals::bench::{FAMILIES, TrainBench, kernel_family, train_bench};
 use pals::gpu::{Gpu, Timing};
 use pals::kernels::elementwise::{self, DropoutSpec};
 use pals::model::BertConfig;
+use pals::model::tasks::MethodName;
 
 fn gpu() -> Gpu {
     Gpu::from_env().unwrap_or_else(|error| panic!("GPU tests need a GPU adapter: {error}"))
@@ -16,7 +17,7 @@ fn gpu() -> Gpu {
 fn warm_training_steps_create_no_buffers() {
     let gpu = gpu();
     let bench =
-        TrainBench { config: BertConfig::tiny(2, 32, 4), method: "pals".into(), batch: 4, seq: 8, steps: 2 };
+        TrainBench { config: BertConfig::tiny(2, 32, 4), method: MethodName::Pals, batch: 4, seq: 8, steps: 2 };
     let report = train_bench(&gpu, &bench).unwrap();
     let lines = report.lines();
     eprintln!("{}", lines.join("\n"));
@@ -39,7 +40,7 @@ fn warm_training_steps_create_no_buffers() {
 fn a_sequence_longer_than_the_positions_is_refused() {
     let gpu = gpu();
     let config = BertConfig::tiny(1, 32, 4); // 64 positions
-    let bench = TrainBench { config, method: "pals".into(), batch: 1, seq: 65, steps: 1 };
+    let bench = TrainBench { config, method: MethodName::Pals, batch: 1, seq: 65, steps: 1 };
     let error = train_bench(&gpu, &bench).expect_err("seq 65 > 64 positions");
     assert!(error.to_string().contains("positions"), "{error}");
 }

@@ -6,6 +6,7 @@
 mod common;
 
 use common::{assert_close, gpu};
+use pals::error::ModelError;
 use pals::gpu::{GpuError, Tensor};
 use pals::model::bert::{Activations, BatchInputs, Bert};
 use pals::model::memory::{MemoryPlan, tensor_bytes};
@@ -202,7 +203,7 @@ fn shape_errors() {
     let mut weights = self::weights(&c, 90);
     weights.get_mut("pooler.dense.weight").unwrap().shape = vec![4, 16];
     let error = Bert::upload(gpu, &c, &weights).err().unwrap();
-    assert!(matches!(error, GpuError::Shape { .. }) && error.to_string().contains("pooler.dense.weight"));
+    assert!(matches!(error, ModelError::Weights { .. }) && error.to_string().contains("pooler.dense.weight"));
 
     let bert = Bert::upload(gpu, &c, &self::weights(&c, 90)).unwrap();
     let acts = bert.activations(gpu, 2, 5).unwrap();

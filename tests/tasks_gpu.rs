@@ -8,6 +8,7 @@
 mod common;
 
 use common::{assert_close, gpu};
+use pals::error::ModelError;
 use pals::gpu::GpuError;
 use pals::model::bert::{Activations, BatchInputs};
 use pals::model::tasks::{
@@ -302,13 +303,13 @@ fn shape_errors() {
         MultiTaskModel::upload(gpu, &s.config, s.method, &s.shared, &[(s.tasks[0].0.clone(), &missing)])
             .err()
             .unwrap();
-    assert!(matches!(error, GpuError::Shape { .. }) && error.to_string().contains("pal.layer.1.key.bias"));
+    assert!(matches!(error, ModelError::Weights { .. }) && error.to_string().contains("pal.layer.1.key.bias"));
     let bad = Method::Pals { dim: 10, heads: 6 };
     let error = MultiTaskModel::upload(gpu, &s.config, bad, &s.shared, &[]).err().unwrap();
-    assert!(matches!(error, GpuError::Shape { .. }), "{error}");
+    assert!(matches!(error, ModelError::Method { .. }), "{error}");
     let bad = Method::TopAttn { dim: 15, heads: 4, blocks: 6 };
     let error = MultiTaskModel::upload(gpu, &s.config, bad, &s.shared, &[]).err().unwrap();
-    assert!(matches!(error, GpuError::Shape { .. }), "{error}");
+    assert!(matches!(error, ModelError::Method { .. }), "{error}");
     let error = MultiTaskModel::upload(gpu, &s.config, Method::Separate, &s.shared, &[]).err().unwrap();
     assert!(error.to_string().contains("single-task 'shared' model"), "{error}");
 

@@ -26,7 +26,7 @@ fn config() -> BertConfig {
 fn settings(method: &str, stop_after: Option<u64>) -> TrainSettings {
     TrainSettings {
         tasks: pals::train::demo::tasks(3).iter().map(|t| t.spec.name.clone()).collect(),
-        method: method.into(),
+        method: method.parse().unwrap(),
         pal_dim: Some(12),
         batch_size: 8,
         lr: 1e-3,
