@@ -71,16 +71,7 @@ struct AdamParams {
     bc2: f32,
 }
 
-/// How gradients are clipped before the update.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ClipMode {
-    /// No clipping: every factor is 1.
-    None,
-    /// Scale all tensors by min(1, max_norm / global norm), the global norm being over all of them.
-    Global,
-    /// Scale each tensor by min(1, max_norm / its own norm), as in the PALs paper's code.
-    PerTensor,
-}
+pub use crate::contract::ClipMode;
 
 impl ClipMode {
     fn code(self) -> u32 {

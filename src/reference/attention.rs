@@ -2,8 +2,8 @@
 //! Layouts as the GPU kernel: q, k, v, o [B, S, H, D]; mask [B, S]; lse [B, H, S].
 
 use super::rng;
-use crate::kernels::attention::AttentionShape;
-use crate::kernels::elementwise::DropoutSpec;
+use crate::contract::AttentionShape;
+use crate::contract::DropoutSpec;
 
 /// Offset of element 0 of row (b, s, h) in a [B, S, H, D] tensor.
 fn row(shape: &AttentionShape, b: usize, s: usize, h: usize) -> usize {

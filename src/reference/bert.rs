@@ -5,8 +5,7 @@
 
 use super::embedding::Tables;
 use super::{attention, elementwise, embedding, layernorm, matmul};
-use crate::kernels::attention::AttentionShape;
-use crate::kernels::elementwise::DropoutSpec;
+use crate::contract::{AttentionShape, DropoutSpec};
 use crate::model::{
     BertConfig, DropoutKey, EncoderBatch, HostTensor, SITE_EMBEDDINGS, Site, Weights, dropout_stream,
     param_shapes, site,

@@ -1,6 +1,6 @@
 //! Gradient norms, clip coefficients and Adam on the CPU: f32 storage, f64 arithmetic.
 
-use crate::kernels::optimizer::{AdamConfig, ClipMode};
+use crate::contract::{AdamConfig, ClipMode};
 
 /// Σ x².
 pub fn sum_squares(x: &[f32]) -> f64 {

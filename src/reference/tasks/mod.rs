@@ -1,32 +1,35 @@
 //! Task-specific terms and heads on the CPU, in f64, built on reference::bert's layer hooks:
-//! the exact function model/tasks.rs computes on the GPU (formulas and names are there).
+//! the exact function model/tasks/ computes on the GPU (formulas and names are there), one
+//! file per method as there.
 //! A training step of one task: forward with the task's terms, head, loss, and every
 //! gradient (the encoder's and the task's).
 
-use super::bert::{self as encoder, Grads, HookContext, LayerHook};
-use super::{attention, elementwise, layernorm, loss, matmul};
-use crate::kernels::attention::AttentionShape;
-use crate::kernels::elementwise::DropoutSpec;
-use crate::model::tasks::{Method, Targets, TaskSpec, task_param_shapes, task_prefix, top_dropout_sites};
-use crate::model::{
-    BertConfig, DropoutKey, EncoderBatch, HostTensor, SITE_HEAD, Site, Weights, dropout_stream, site,
-};
+pub mod adapters;
+pub mod low_rank;
+pub mod pals;
+pub mod top_attn;
 
-fn add(x: &[f64], y: &[f64]) -> Vec<f64> {
+use super::bert::{self as encoder, Grads, HookContext, LayerHook, NoHook};
+use super::{elementwise, loss, matmul};
+use crate::contract::{DropoutKey, DropoutSpec, SITE_HEAD, dropout_stream};
+use crate::model::tasks::{Method, Targets, TaskSpec, task_param_shapes, task_prefix};
+use crate::model::{BertConfig, EncoderBatch, HostTensor, Weights};
+
+pub(crate) fn add(x: &[f64], y: &[f64]) -> Vec<f64> {
     x.iter().zip(y).map(|(a, b)| a + b).collect()
 }
 
-fn gelu(x: &[f64]) -> Vec<f64> {
+pub(crate) fn gelu(x: &[f64]) -> Vec<f64> {
     x.iter().map(|&z| elementwise::gelu(z)).collect()
 }
 
 /// dy ⊙ GELU'(pre).
-fn gelu_backward(pre: &[f64], dy: &[f64]) -> Vec<f64> {
+pub(crate) fn gelu_backward(pre: &[f64], dy: &[f64]) -> Vec<f64> {
     dy.iter().zip(pre).map(|(d, &z)| d * elementwise::gelu_grad(z)).collect()
 }
 
 /// g[name] += grad: parameters shared by several layers collect every layer's share.
-fn accumulate(g: &mut Grads, name: &str, grad: Vec<f64>) {
+pub(crate) fn accumulate(g: &mut Grads, name: &str, grad: Vec<f64>) {
     match g.get_mut(name) {
         Some(sum) => sum.iter_mut().zip(&grad).for_each(|(s, v)| *s += v),
         None => {
@@ -36,7 +39,7 @@ fn accumulate(g: &mut Grads, name: &str, grad: Vec<f64>) {
 }
 
 /// A Linear's parameters in f64 and its name: weight [out, in], bias [out].
-struct Linear {
+pub struct Linear {
     name: String,
     w: Vec<f64>,
     b: Vec<f64>,
@@ -45,12 +48,12 @@ struct Linear {
 }
 
 impl Linear {
-    fn forward(&self, x: &[f64], rows: usize) -> Vec<f64> {
+    pub fn forward(&self, x: &[f64], rows: usize) -> Vec<f64> {
         matmul::linear_forward_f64(x, &self.w, Some(&self.b), rows, self.out, self.inp)
     }
 
     /// Adds dW and db to `g`; returns dx.
-    fn backward(&self, x: &[f64], dy: &[f64], rows: usize, g: &mut Grads) -> Vec<f64> {
+    pub fn backward(&self, x: &[f64], dy: &[f64], rows: usize, g: &mut Grads) -> Vec<f64> {
         let (dx, dw, db) = matmul::linear_backward_f64(x, &self.w, dy, rows, self.out, self.inp);
         accumulate(g, &format!("{}.weight", self.name), dw);
         accumulate(g, &format!("{}.bias", self.name), db);
@@ -58,68 +61,30 @@ impl Linear {
     }
 }
 
-/// One task's terms inside the layers, reading its parameters from `weights`.
-pub struct TaskTerms<'a> {
-    config: &'a BertConfig,
-    method: Method,
-    prefix: String,
-    weights: &'a Weights,
+/// One task's parameters in `weights`, under its name's prefix.
+pub struct TaskParams<'a> {
+    pub config: &'a BertConfig,
+    pub prefix: String,
+    pub weights: &'a Weights,
 }
 
-/// What one top-attn block's forward computes, for its backward.
-struct TopBlockCache {
-    q: Vec<f64>,
-    k: Vec<f64>,
-    v: Vec<f64>,
-    ctx: Vec<f64>,
-    /// The LayerNorm's input: Dropout(ctx·W_Oᵀ + b_O) + the block input.
-    s: Vec<f64>,
-}
-
-/// The top's forward: block inputs xs (xs[n] is the up-projection's input), the blocks'
-/// caches and the output.
-struct TopCache {
-    xs: Vec<Vec<f64>>,
-    blocks: Vec<TopBlockCache>,
-    out: Vec<f64>,
-}
-
-/// What the PAL forward computes, for its backward.
-struct PalCache {
-    enc: Vec<f64>,
-    q: Vec<f64>,
-    k: Vec<f64>,
-    v: Vec<f64>,
-    ctx: Vec<f64>,
-    pre: Vec<f64>,
-}
-
-impl<'a> TaskTerms<'a> {
-    pub fn new(
-        config: &'a BertConfig,
-        method: Method,
-        task: &TaskSpec,
-        weights: &'a Weights,
-    ) -> TaskTerms<'a> {
-        TaskTerms { config, method, prefix: task_prefix(&task.name), weights }
-    }
-
+impl TaskParams<'_> {
     /// A parameter vector (a LayerNorm's γ or β) by its name after the task's prefix.
-    fn vector(&self, name: &str) -> Vec<f64> {
+    pub fn vector(&self, name: &str) -> Vec<f64> {
         let full = format!("{}{name}", self.prefix);
         let t = self.weights.get(&full).unwrap_or_else(|| panic!("missing parameter {full}"));
         t.data.iter().map(|&v| v as f64).collect()
     }
 
     /// Dropout at `site` with probability `p`: none (p = 0) without a key.
-    fn dropout_spec(&self, ctx: &HookContext, site: u32, p: f64) -> DropoutSpec {
+    pub fn dropout_spec(&self, ctx: &HookContext, site: u32, p: f64) -> DropoutSpec {
         match ctx.dropout {
             Some(key) => DropoutSpec { p: p as f32, seed: key.seed, stream: dropout_stream(key.step, site) },
             None => DropoutSpec { p: 0.0, seed: 0, stream: 0 },
         }
     }
 
-    fn linear(&self, name: &str) -> Linear {
+    pub fn linear(&self, name: &str) -> Linear {
         let name = format!("{}{name}", self.prefix);
         let get = |suffix: &str| {
             let full = format!("{name}.{suffix}");
@@ -129,211 +94,47 @@ impl<'a> TaskTerms<'a> {
         let widen = |t: &HostTensor| t.data.iter().map(|&v| v as f64).collect::<Vec<f64>>();
         Linear { w: widen(w), b: widen(b), out: w.shape[0], inp: w.shape[1], name }
     }
+}
 
-    /// (down, up) of a bottleneck: low-rank layer l, or adapter l at `site`.
-    fn bottleneck(&self, l: usize, site: &str) -> (Linear, Linear) {
-        match self.method {
-            Method::LowRank { .. } => (
-                self.linear(&format!("low_rank.layer.{l}.encoder")),
-                self.linear(&format!("low_rank.layer.{l}.decoder")),
-            ),
-            _ => (
-                self.linear(&format!("adapter.layer.{l}.{site}.down")),
-                self.linear(&format!("adapter.layer.{l}.{site}.up")),
-            ),
+/// up(GELU(down(x))) of a low-rank layer or an adapter.
+fn bottleneck_forward(ctx: &HookContext, x: &[f64], (down, up): (Linear, Linear)) -> Vec<f64> {
+    up.forward(&gelu(&down.forward(x, ctx.rows())), ctx.rows())
+}
+
+/// Stores the bottleneck's gradients; returns d x.
+fn bottleneck_backward(ctx: &HookContext, x: &[f64], dy: &[f64], (down, up): (Linear, Linear), g: &mut Grads) -> Vec<f64> {
+    let rows = ctx.rows();
+    let pre = down.forward(x, rows);
+    let d_act = up.backward(&gelu(&pre), dy, rows, g);
+    down.backward(x, &gelu_backward(&pre, &d_act), rows, g)
+}
+
+/// One task's terms inside the layers, reading its parameters from `weights`: the one
+/// match on the method.
+pub struct TaskTerms;
+
+impl TaskTerms {
+    #[allow(clippy::new_ret_no_self)]
+    pub fn new<'a>(
+        config: &'a BertConfig,
+        method: Method,
+        task: &TaskSpec,
+        weights: &'a Weights,
+    ) -> Box<dyn LayerHook + 'a> {
+        let p = TaskParams { config, prefix: task_prefix(&task.name), weights };
+        match method {
+            Method::Shared | Method::Separate => Box::new(NoHook),
+            Method::Pals { dim, heads } => Box::new(pals::Pals { p, dim, heads }),
+            Method::LowRank { .. } => Box::new(low_rank::LowRank { p }),
+            Method::Adapters { .. } => Box::new(adapters::Adapters { p }),
+            Method::TopAttn { dim, heads, blocks } => Box::new(top_attn::TopAttn { p, dim, heads, blocks }),
         }
-    }
-
-    fn bottleneck_forward(&self, ctx: &HookContext, x: &[f64], site: &str) -> Vec<f64> {
-        let (down, up) = self.bottleneck(ctx.layer, site);
-        up.forward(&gelu(&down.forward(x, ctx.rows())), ctx.rows())
-    }
-
-    /// Stores the bottleneck's gradients; returns d x.
-    fn bottleneck_backward(
-        &self,
-        ctx: &HookContext,
-        x: &[f64],
-        dy: &[f64],
-        site: &str,
-        g: &mut Grads,
-    ) -> Vec<f64> {
-        let (down, up) = self.bottleneck(ctx.layer, site);
-        let rows = ctx.rows();
-        let pre = down.forward(x, rows);
-        let d_act = up.backward(&gelu(&pre), dy, rows, g);
-        down.backward(x, &gelu_backward(&pre, &d_act), rows, g)
-    }
-
-    fn pal_attention(&self, ctx: &HookContext) -> (AttentionShape, f64, DropoutSpec) {
-        let Method::Pals { dim, heads } = self.method else { panic!("not PALs") };
-        let shape = AttentionShape { batch: ctx.batch, seq: ctx.seq, heads, head_dim: dim / heads };
-        let p = self.config.attention_probs_dropout_prob;
-        let drop = self.dropout_spec(ctx, site(ctx.layer, Site::TaskSpecific), p);
-        (shape, 1.0 / ((dim / heads) as f64).sqrt(), drop)
-    }
-
-    fn pal_layer(&self, l: usize) -> [Linear; 3] {
-        ["query", "key", "value"].map(|w| self.linear(&format!("pal.layer.{l}.{w}")))
-    }
-
-    fn pal_forward(&self, ctx: &HookContext, h: &[f64]) -> PalCache {
-        let rows = ctx.rows();
-        let enc = self.linear("pal.encoder").forward(h, rows);
-        let [q, k, v] = self.pal_layer(ctx.layer).map(|p| p.forward(&enc, rows));
-        let (shape, scale, drop) = self.pal_attention(ctx);
-        let (attn, _) = attention::forward_f64(&shape, &q, &k, &v, ctx.mask, scale, &drop);
-        let pre = self.linear("pal.decoder").forward(&attn, rows);
-        PalCache { enc, q, k, v, ctx: attn, pre }
-    }
-
-    /// Stores PALs' gradients (V^E and V^D summed over layers); returns d h.
-    fn pal_backward(&self, ctx: &HookContext, h: &[f64], d_term: &[f64], g: &mut Grads) -> Vec<f64> {
-        let rows = ctx.rows();
-        let c = self.pal_forward(ctx, h);
-        let d_pre = gelu_backward(&c.pre, d_term);
-        let d_ctx = self.linear("pal.decoder").backward(&c.ctx, &d_pre, rows, g);
-        let (shape, scale, drop) = self.pal_attention(ctx);
-        let (dq, dk, dv) = attention::backward_f64(&shape, &c.q, &c.k, &c.v, ctx.mask, &d_ctx, scale, &drop);
-        let mut d_enc = vec![0.0; c.enc.len()];
-        for (p, dy) in self.pal_layer(ctx.layer).iter().zip([dq, dk, dv]) {
-            d_enc = add(&d_enc, &p.backward(&c.enc, &dy, rows, g));
-        }
-        self.linear("pal.encoder").backward(h, &d_enc, rows, g)
-    }
-
-    /// Block i's parameters: [query, key, value], output, and the LayerNorm's name.
-    fn top_block(&self, i: usize) -> ([Linear; 3], Linear, String) {
-        let name = |which: &str| format!("top.block.{i}.{which}");
-        (
-            ["query", "key", "value"].map(|w| self.linear(&name(w))),
-            self.linear(&name("output")),
-            name("LayerNorm"),
-        )
-    }
-
-    /// Block i's (attention shape, scale, attention dropout, output dropout).
-    fn top_attention(&self, ctx: &HookContext, i: usize) -> (AttentionShape, f64, DropoutSpec, DropoutSpec) {
-        let Method::TopAttn { dim, heads, .. } = self.method else { panic!("not top-attn") };
-        let shape = AttentionShape { batch: ctx.batch, seq: ctx.seq, heads, head_dim: dim / heads };
-        let (attention, output) = top_dropout_sites(self.config, i);
-        let c = self.config;
-        let attention = self.dropout_spec(ctx, attention, c.attention_probs_dropout_prob);
-        let output = self.dropout_spec(ctx, output, c.hidden_dropout_prob);
-        (shape, 1.0 / (shape.head_dim as f64).sqrt(), attention, output)
-    }
-
-    fn top_forward(&self, ctx: &HookContext, h: &[f64]) -> TopCache {
-        let Method::TopAttn { blocks, .. } = self.method else { panic!("not top-attn") };
-        let (rows, eps) = (ctx.rows(), self.config.layer_norm_eps);
-        let mut xs = vec![self.linear("top.down").forward(h, rows)];
-        let mut caches = Vec::with_capacity(blocks);
-        for i in 0..blocks {
-            let ([wq, wk, wv], output, norm) = self.top_block(i);
-            let x = &xs[i];
-            let (q, k, v) = (wq.forward(x, rows), wk.forward(x, rows), wv.forward(x, rows));
-            let (shape, scale, attention_drop, output_drop) = self.top_attention(ctx, i);
-            let (attn, _) = attention::forward_f64(&shape, &q, &k, &v, ctx.mask, scale, &attention_drop);
-            let proj = output.forward(&attn, rows);
-            let s = add(&dropout(&proj, &output_drop), x);
-            let gamma = self.vector(&format!("{norm}.weight"));
-            let (y, _, _) = layernorm::forward_f64(&s, &gamma, &self.vector(&format!("{norm}.bias")), eps);
-            caches.push(TopBlockCache { q, k, v, ctx: attn, s });
-            xs.push(y);
-        }
-        let out = self.linear("top.up").forward(&xs[blocks], rows);
-        TopCache { xs, blocks: caches, out }
-    }
-
-    /// Stores the top's gradients; returns d h.
-    fn top_backward(&self, ctx: &HookContext, h: &[f64], d_out: &[f64], g: &mut Grads) -> Vec<f64> {
-        let (rows, eps) = (ctx.rows(), self.config.layer_norm_eps);
-        let c = self.top_forward(ctx, h);
-        let mut d_x = self.linear("top.up").backward(&c.xs[c.blocks.len()], d_out, rows, g);
-        for (i, block) in c.blocks.iter().enumerate().rev() {
-            let ([wq, wk, wv], output, norm) = self.top_block(i);
-            let gamma = self.vector(&format!("{norm}.weight"));
-            let (d_s, d_gamma, d_beta) = layernorm::backward_f64(&block.s, &gamma, &d_x, eps);
-            accumulate(g, &format!("{}{norm}.weight", self.prefix), d_gamma);
-            accumulate(g, &format!("{}{norm}.bias", self.prefix), d_beta);
-            let (shape, scale, attention_drop, output_drop) = self.top_attention(ctx, i);
-            let d_attn = output.backward(&block.ctx, &dropout(&d_s, &output_drop), rows, g);
-            let (b, mask) = (block, ctx.mask);
-            let (dq, dk, dv) =
-                attention::backward_f64(&shape, &b.q, &b.k, &b.v, mask, &d_attn, scale, &attention_drop);
-            d_x = d_s;
-            for (w, dy) in [(wq, dq), (wk, dk), (wv, dv)] {
-                d_x = add(&d_x, &w.backward(&c.xs[i], &dy, rows, g));
-            }
-        }
-        self.linear("top.down").backward(h, &d_x, rows, g)
     }
 }
 
 /// Dropout with `spec`; on a gradient it is its own backward.
-fn dropout(x: &[f64], spec: &DropoutSpec) -> Vec<f64> {
+pub(crate) fn dropout(x: &[f64], spec: &DropoutSpec) -> Vec<f64> {
     elementwise::dropout_f64(x, spec.p, spec.seed, spec.stream)
-}
-
-impl LayerHook for TaskTerms<'_> {
-    fn attention_term(&self, ctx: &HookContext, x: &[f64]) -> Option<Vec<f64>> {
-        match self.method {
-            Method::Adapters { .. } => Some(self.bottleneck_forward(ctx, x, "attention")),
-            _ => None,
-        }
-    }
-
-    fn ffn_term(&self, ctx: &HookContext, h: &[f64], a: &[f64]) -> Option<Vec<f64>> {
-        match self.method {
-            Method::Shared | Method::Separate | Method::TopAttn { .. } => None,
-            Method::Pals { .. } => Some(gelu(&self.pal_forward(ctx, h).pre)),
-            Method::LowRank { .. } => Some(self.bottleneck_forward(ctx, h, "")),
-            Method::Adapters { .. } => Some(self.bottleneck_forward(ctx, a, "ffn")),
-        }
-    }
-
-    fn attention_term_backward(
-        &self,
-        ctx: &HookContext,
-        x: &[f64],
-        d: &[f64],
-        g: &mut Grads,
-    ) -> Option<Vec<f64>> {
-        match self.method {
-            Method::Adapters { .. } => Some(self.bottleneck_backward(ctx, x, d, "attention", g)),
-            _ => None,
-        }
-    }
-
-    fn ffn_term_backward(
-        &self,
-        ctx: &HookContext,
-        h: &[f64],
-        a: &[f64],
-        d: &[f64],
-        g: &mut Grads,
-    ) -> (Option<Vec<f64>>, Option<Vec<f64>>) {
-        match self.method {
-            Method::Shared | Method::Separate | Method::TopAttn { .. } => (None, None),
-            Method::Pals { .. } => (Some(self.pal_backward(ctx, h, d, g)), None),
-            Method::LowRank { .. } => (Some(self.bottleneck_backward(ctx, h, d, "", g)), None),
-            Method::Adapters { .. } => (None, Some(self.bottleneck_backward(ctx, a, d, "ffn", g))),
-        }
-    }
-
-    fn sequence_output(&self, ctx: &HookContext, h: &[f64]) -> Option<Vec<f64>> {
-        matches!(self.method, Method::TopAttn { .. }).then(|| self.top_forward(ctx, h).out)
-    }
-
-    fn sequence_output_backward(
-        &self,
-        ctx: &HookContext,
-        h: &[f64],
-        d_sequence: &[f64],
-        g: &mut Grads,
-    ) -> Option<Vec<f64>> {
-        matches!(self.method, Method::TopAttn { .. }).then(|| self.top_backward(ctx, h, d_sequence, g))
-    }
 }
 
 /// One task's batch: what it is trained against, with per-example weights (0 masks one).
@@ -382,10 +183,15 @@ fn task_loss(task: &TaskSpec, logits: &[f64], batch: &TaskBatch) -> (f64, Vec<f6
     }
 }
 
+/// The task's head.
+fn head_of(config: &BertConfig, task: &TaskSpec, weights: &Weights) -> Linear {
+    TaskParams { config, prefix: task_prefix(&task.name), weights }.linear("head")
+}
+
 /// The forward of one task: (encoder cache, head input, logits [B, k], loss).
 fn forward(
     c: &BertConfig,
-    terms: &TaskTerms,
+    (terms, head): (&dyn LayerHook, &Linear),
     task: &TaskSpec,
     shared: &Weights,
     batch: &TaskBatch,
@@ -393,7 +199,6 @@ fn forward(
 ) -> (encoder::BertCache, Vec<f64>, Vec<f64>, (f64, Vec<f64>)) {
     let (cache, _, _) = encoder::forward_with(c, shared, batch.encoder, dropout, terms);
     let input = head_dropout(c, &cache.pooled, dropout);
-    let head = terms.linear("head");
     let logits = head.forward(&input, batch.encoder.batch);
     let loss = task_loss(task, &logits, batch);
     (cache, input, logits, loss)
@@ -411,7 +216,8 @@ pub fn step_loss(
     dropout: Option<DropoutKey>,
 ) -> f64 {
     let terms = TaskTerms::new(c, method, task, task_weights);
-    forward(c, &terms, task, shared, batch, dropout).3.0
+    let head = head_of(c, task, task_weights);
+    forward(c, (terms.as_ref(), &head), task, shared, batch, dropout).3.0
 }
 
 /// One training step of `task`: its loss and the gradients of the encoder and the task.
@@ -425,14 +231,16 @@ pub fn step(
     dropout: Option<DropoutKey>,
 ) -> Step {
     let terms = TaskTerms::new(c, method, task, task_weights);
-    let (cache, input, logits, (loss, d_logits)) = forward(c, &terms, task, shared, batch, dropout);
+    let head = head_of(c, task, task_weights);
+    let (cache, input, logits, (loss, d_logits)) =
+        forward(c, (terms.as_ref(), &head), task, shared, batch, dropout);
     let mut head_grads = Grads::new();
     let rows = batch.encoder.batch;
-    let d_input = terms.linear("head").backward(&input, &d_logits, rows, &mut head_grads);
+    let d_input = head.backward(&input, &d_logits, rows, &mut head_grads);
     let d_pooled = head_dropout(c, &d_input, dropout);
     let d_seq = vec![0.0; rows * batch.encoder.seq * c.hidden_size];
     let (shared_grads, mut rest) =
-        encoder::backward_with(c, shared, batch.encoder, &cache, &d_seq, &d_pooled, &terms);
+        encoder::backward_with(c, shared, batch.encoder, &cache, &d_seq, &d_pooled, terms.as_ref());
     rest.extend(head_grads);
     let task_grads = task_param_shapes(c, &method, task)
         .into_iter()
@@ -449,6 +257,7 @@ pub fn step(
 mod tests {
     use super::*;
     use crate::model::tasks::random_task_weights;
+    use crate::contract::{Site, site};
     use crate::model::{param_shapes, random_weights};
     use crate::reference::{random_vec, rng};
 
@@ -566,6 +375,13 @@ mod tests {
 
     const KEY: DropoutKey = DropoutKey { seed: 77, step: 5 };
 
+    /// METHODS[4]'s top, by its type.
+    fn top_attn_of<'a>(c: &'a BertConfig, task: &TaskSpec, weights: &'a Weights) -> top_attn::TopAttn<'a> {
+        let Method::TopAttn { dim, heads, blocks } = METHODS[4] else { unreachable!() };
+        let p = TaskParams { config: c, prefix: task_prefix(&task.name), weights };
+        top_attn::TopAttn { p, dim, heads, blocks }
+    }
+
     fn tasks() -> [TaskSpec; 2] {
         [TaskSpec::new("MNLI", 3), TaskSpec::new("STS-B", 1)]
     }
@@ -608,7 +424,7 @@ mod tests {
         let shared = perturbed(random_weights(&c, 1), 100);
         let task_weights = perturbed(random_task_weights(&c, &method, &task, 2), 200);
         let encoder = encoder_batch(&c, 3, 5);
-        let terms = TaskTerms::new(&c, method, &task, &task_weights);
+        let terms = top_attn_of(&c, &task, &task_weights);
         let (plain, _, _) = encoder::forward(&c, &shared, &encoder, None);
         let (top, sequence, _) = encoder::forward_with(&c, &shared, &encoder, None, &terms);
         assert_eq!(top.encoder_output, plain.sequence);
@@ -632,7 +448,7 @@ mod tests {
                 attention_probs_dropout_prob: attention,
                 ..c.clone()
             };
-            let terms = TaskTerms::new(&c, method, &task, &task_weights);
+            let terms = top_attn_of(&c, &task, &task_weights);
             let with = terms.top_forward(&ctx, &plain.sequence).out;
             let without = terms.top_forward(&HookContext { dropout: None, ..ctx }, &plain.sequence).out;
             assert_ne!(with, without, "hidden {hidden}, attention {attention}");
@@ -655,7 +471,9 @@ mod tests {
         let no_encoder_dropout = BertConfig { attention_probs_dropout_prob: 0.0, ..c.clone() };
         assert_eq!(run(&no_encoder_dropout, Some(KEY)), run(&no_encoder_dropout, None));
         // Encoder attention dropout and PAL dropout share the probability, not the masks.
-        let terms = TaskTerms::new(&c, method, &task, &task_weights);
+        let Method::Pals { dim, heads } = method else { unreachable!() };
+        let p = TaskParams { config: &c, prefix: task_prefix(&task.name), weights: &task_weights };
+        let terms = pals::Pals { p, dim, heads };
         let mask = vec![0.0; 15];
         let ctx = HookContext { layer: 0, batch: 3, seq: 5, mask: &mask, dropout: Some(KEY) };
         assert_eq!(terms.pal_attention(&ctx).2.stream, dropout_stream(KEY.step, site(0, Site::TaskSpecific)));
@@ -679,7 +497,7 @@ mod tests {
             &shared,
             &encoder,
             None,
-            &TaskTerms::new(&c, Method::Shared, &task, &task_weights),
+            TaskTerms::new(&c, Method::Shared, &task, &task_weights).as_ref(),
         );
         assert_eq!(seq, seq_with);
         assert_eq!(cache.pooled, cache_with.pooled);
