@@ -15,6 +15,7 @@ use crate::gpu::Gpu;
 use crate::model::tasks::{Method, MethodName, TaskSpec, param_count, task_param_count};
 use crate::model::{BertConfig, Weights, param_count as encoder_params};
 use crate::train::checkpoint::{Checkpoint, resolve};
+use crate::train::inference::{InferenceModel, evaluate_tasks};
 use crate::train::log::LogRecords;
 use crate::train::metrics::format_table;
 use crate::train::trainer::{TaskData, TrainSettings, Trainer, load_glue_tasks};
@@ -143,44 +144,38 @@ fn finish(trainer: &mut Trainer, output: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A checkpoint as a trainer (for eval and predict): its settings, weights and tokenizer.
+/// A checkpoint loaded for inference (for eval and predict): its model without gradients
+/// or optimizer state, its tasks' data and its tokenizer.
 fn load_for_eval<'g>(
     gpu: &'g Gpu,
     checkpoint_dir: &Path,
     glue_dir: &Path,
-) -> Result<(Trainer<'g>, Tokenizer, PathBuf)> {
+) -> Result<(InferenceModel<'g>, Vec<TaskData>, Tokenizer, PathBuf)> {
     let dir = resolve(checkpoint_dir);
-    let checkpoint = Checkpoint::load(&dir, false)?;
-    let settings: TrainSettings =
-        serde_json::from_value(checkpoint.run.clone()).context("reading run.json")?;
+    let model = InferenceModel::load(gpu, &dir)?;
     let tokenizer = Tokenizer::from_dir(&dir)?;
     let cache = token_cache();
+    let settings = &model.settings;
     let data = load_glue_tasks(&tokenizer, glue_dir, &settings.tasks, settings.max_length, cache.as_deref())?;
-    // Nothing is written: the output directory is only where a trainer would log.
-    let output = std::env::temp_dir();
-    let config = checkpoint.config.clone();
-    let trainer =
-        Trainer::new(gpu, settings, config, &checkpoint.shared, &checkpoint.tasks, data, &output, &dir)?;
-    Ok((trainer, tokenizer, dir))
+    Ok((model, data, tokenizer, dir))
 }
 
 /// Prints the dev metrics of a checkpoint (an output directory's `best/` if present).
 pub fn eval(gpu: &Gpu, checkpoint: &Path, glue_dir: &Path) -> Result<()> {
-    let (mut trainer, _, dir) = load_for_eval(gpu, checkpoint, glue_dir)?;
-    trainer.settings.max_eval_examples = None;
+    let (mut model, data, _, dir) = load_for_eval(gpu, checkpoint, glue_dir)?;
     eprintln!("evaluating {}", dir.display());
-    let scores = trainer.evaluate()?;
+    let scores = evaluate_tasks(&data, None, &mut |task, split| model.predict(task, split))?;
     println!("{}", format_table(&scores));
     Ok(())
 }
 
 /// The GLUE submission files of a checkpoint's tasks: `index<TAB>prediction`.
 pub fn predict(gpu: &Gpu, checkpoint: &Path, glue_dir: &Path, output: &Path) -> Result<()> {
-    let (mut trainer, tokenizer, _) = load_for_eval(gpu, checkpoint, glue_dir)?;
+    let (mut model, data, tokenizer, _) = load_for_eval(gpu, checkpoint, glue_dir)?;
     std::fs::create_dir_all(output).with_context(|| format!("creating {}", output.display()))?;
-    let max_len = trainer.settings.max_length;
-    for index in 0..trainer.data.len() {
-        let task = Task::from_name(&trainer.data[index].spec.name)?;
+    let max_len = model.settings.max_length;
+    for (index, t) in data.iter().enumerate() {
+        let task = Task::from_name(&t.spec.name)?;
         let mut files = vec![(submission_name(task, Split::Test), task, Split::Test)];
         if task == Task::MNLI {
             files.push(("MNLI-mm".into(), task, Split::TestMismatched));
@@ -201,7 +196,7 @@ pub fn predict(gpu: &Gpu, checkpoint: &Path, glue_dir: &Path, output: &Path) -> 
                     continue;
                 }
             };
-            let predictions = trainer.predict(index, &tokens)?;
+            let predictions = model.predict(index, &tokens)?;
             let mut text = String::from("index\tprediction\n");
             for (i, p) in predictions.iter().enumerate() {
                 let label = match task.is_regression() {

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod commands;
 pub mod demo;
+pub mod inference;
 pub mod log;
 pub mod metrics;
 pub mod optim;

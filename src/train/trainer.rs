@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::data::Tokenizer;
-use crate::data::batch::{BatchOptions, Labels, eval_batches, scatter};
+use crate::data::batch::{BatchOptions, Labels};
 use crate::data::cache::{TokenizedSplit, tokenized_split};
 use crate::data::glue::{Split, Task};
 use crate::data::sampler::{EpochIterator, Sampling, TaskSampler};
@@ -21,7 +21,8 @@ use crate::kernels::elementwise;
 use crate::kernels::optimizer::{AdamConfig, ClipMode};
 use crate::model::bert::BatchInputs;
 use crate::model::tasks::{HeadInputs, Method, MethodName, MultiTaskModel, Targets, TaskActivations, TaskSpec};
-use crate::model::{BertConfig, DropoutKey, Weights};
+use crate::model::{BertConfig, DropoutKey, EncoderBatch, Weights};
+use crate::train::inference::{build_models, evaluate_tasks, predict_split};
 use crate::train::checkpoint::{Checkpoint, TrainerState};
 use crate::train::log::{EvalRecord, LogWriter, StepRecord};
 use crate::train::metrics::{TaskScore, glue_average, score_classification, score_regression};
@@ -234,28 +235,8 @@ impl<'g> Trainer<'g> {
                 })
             })
             .collect();
-        let mut models = Vec::new();
-        let mut place = Vec::new();
-        if separate {
-            for (i, t) in data.iter().enumerate() {
-                // A separate task's checkpoint file holds its own encoder too.
-                let encoder =
-                    if weights[i].contains_key("pooler.dense.weight") { &weights[i] } else { shared };
-                models.push(MultiTaskModel::upload(
-                    gpu,
-                    &config,
-                    method,
-                    encoder,
-                    &[(t.spec.clone(), &weights[i])],
-                )?);
-                place.push((i, 0));
-            }
-        } else {
-            let specs: Vec<(TaskSpec, &Weights)> =
-                data.iter().zip(&weights).map(|(t, w)| (t.spec.clone(), w)).collect();
-            models.push(MultiTaskModel::upload(gpu, &config, method, shared, &specs)?);
-            place.extend((0..data.len()).map(|i| (0, i)));
-        }
+        let specs: Vec<(TaskSpec, &Weights)> = data.iter().zip(&weights).map(|(t, w)| (t.spec.clone(), w)).collect();
+        let (models, place) = build_models(gpu, &config, (method, separate), shared, &specs, true)?;
         // What each task's step updates: the (shared or own) encoder, then the task's own.
         let step_tensors = |i: usize| {
             let (m, k) = place[i];
@@ -559,48 +540,44 @@ impl<'g> Trainer<'g> {
         Ok(())
     }
 
+    /// Task `task`'s logits [B, k] for `batch`, from the training model.
+    fn logits(&mut self, task: usize, batch: &EncoderBatch) -> Result<Vec<f32>> {
+        let (m, k) = self.place[task];
+        let (b, s, gpu) = (batch.batch, batch.seq, self.gpu);
+        self.bucket(m, b, s)?.inputs.write(gpu, batch)?;
+        let bucket = &self.buckets[&(m, b, s)];
+        let mut rec = self.gpu.recorder();
+        self.models[m].forward(&mut rec, &bucket.acts, &bucket.inputs, k, None)?;
+        rec.submit()?;
+        Ok(self.gpu.read(&self.models[m].logits(&bucket.acts, k)?)?)
+    }
+
     /// Predictions of task `task` on `split`, in the split's order: class ids (as f32) or
     /// regression scores (0–5).
     pub fn predict(&mut self, task: usize, split: &TokenizedSplit) -> Result<Vec<f32>> {
-        let (m, k) = self.place[task];
         let spec = self.data[task].spec.clone();
+        self.predict_as(&spec, task, split)
+    }
+
+    fn predict_as(&mut self, spec: &TaskSpec, task: usize, split: &TokenizedSplit) -> Result<Vec<f32>> {
         let options = train_options(&self.settings);
-        let mut out = vec![0.0f32; split.examples.len()];
-        for batch in eval_batches(split, &options, true) {
-            let (b, s) = (batch.encoder.batch, batch.encoder.seq);
-            let gpu = self.gpu;
-            self.bucket(m, b, s)?.inputs.write(gpu, &batch.encoder)?;
-            let bucket = &self.buckets[&(m, b, s)];
-            let mut rec = self.gpu.recorder();
-            self.models[m].forward(&mut rec, &bucket.acts, &bucket.inputs, k, None)?;
-            rec.submit()?;
-            let logits: Vec<f32> = self.gpu.read(&self.models[m].logits(&bucket.acts, k)?)?;
-            let predictions: Vec<f32> = logits
-                .chunks(spec.num_labels)
-                .map(|row| match spec.is_regression() {
-                    true => row[0] * crate::model::tasks::REGRESSION_SCALE,
-                    false => argmax(row) as f32,
-                })
-                .collect();
-            scatter(&batch, &predictions, &mut out);
-        }
-        Ok(out)
+        predict_split(spec, split, &options, &mut |batch| self.logits(task, batch))
     }
 
     /// Every task's dev metrics (at most `max_eval_examples` examples each).
     pub fn evaluate(&mut self) -> Result<Vec<TaskScore>> {
-        let mut scores = Vec::new();
-        for task in 0..self.data.len() {
-            for d in 0..self.data[task].dev.len() {
-                let (name, mut split) = self.data[task].dev[d].clone();
-                if let Some(limit) = self.settings.max_eval_examples {
-                    split.examples.truncate(limit);
-                }
-                let predictions = self.predict(task, &split)?;
-                scores.push(score_split(&name, &split, &predictions)?);
-            }
-        }
-        Ok(scores)
+        let data = std::mem::take(&mut self.data);
+        let limit = self.settings.max_eval_examples;
+        let scores = evaluate_tasks(&data, limit, &mut |task, split| self.predict_as(&data[task].spec, task, split));
+        self.data = data;
+        scores
+    }
+}
+
+impl TrainSettings {
+    /// How evaluation batches this run's data.
+    pub fn batch_options(&self) -> BatchOptions {
+        train_options(self)
     }
 }
 
@@ -614,16 +591,6 @@ fn targets(labels: &Labels) -> Result<Targets> {
         Labels::Score(v) => Ok(Targets::Scores(v.clone())),
         Labels::None => bail!("training data without labels"),
     }
-}
-
-fn argmax(row: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best
 }
 
 /// The official metric of a dev split from predictions in its order.
