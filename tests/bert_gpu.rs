@@ -237,6 +237,13 @@ fn memory_plan_matches_allocation() {
     assert_eq!(input_bytes, plan.inputs);
     let param_bytes: u64 = bert.params.named.iter().map(|(_, t)| tensor_bytes(&t.shape)).sum();
     assert_eq!(param_bytes, plan.parameters);
+    // Inference: no gradients, and only the forward's buffers.
+    let eval = Bert::upload_inference(gpu, &c, &weights(&c, 100)).unwrap();
+    let eval_acts = eval.activations(gpu, 3, 13).unwrap();
+    let eval_plan = MemoryPlan::inference(&c, 3, 13);
+    assert_eq!(eval_acts.bytes(), eval_plan.activations);
+    assert!(eval_plan.activations < plan.activations && eval_plan.gradients == 0 && eval_plan.adam == 0);
+    assert!(eval.grads.is_none() && eval.download_grads(gpu).is_err());
 }
 
 /// Dispatches per training step (forward + backward, dropout on) at BERT-base's batch 32 x

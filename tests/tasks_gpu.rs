@@ -12,7 +12,7 @@ use pals::error::ModelError;
 use pals::gpu::GpuError;
 use pals::model::bert::{Activations, BatchInputs};
 use pals::model::tasks::{
-    HeadInputs, Method, MultiTaskModel, Targets, TaskActivations, TaskSpec, random_task_weights,
+    Bucket, HeadInputs, Method, MultiTaskModel, Targets, TaskActivations, TaskSpec, random_task_weights,
     task_param_shapes,
 };
 use pals::model::{BertConfig, DropoutKey, EncoderBatch, Weights, random_weights};
@@ -352,5 +352,42 @@ fn plans_match_allocation() {
                 module.params.named.iter().map(|(n, t)| (n.clone(), t.shape.clone())).collect();
             assert_eq!(names, task_param_shapes(&s.config, &method, &s.tasks[index].0));
         }
+    }
+}
+
+/// An inference model (no gradients, forward-only buffers shared by the layers) gives the
+/// training model's logits bit for bit, for every method and task, in less memory, and
+/// refuses a backward.
+#[test]
+fn inference_matches_the_training_forward() {
+    let gpu = gpu();
+    for method in METHODS {
+        let s = setup(method, 140);
+        let tasks: Vec<(TaskSpec, &Weights)> = s.tasks.iter().map(|(t, w)| (t.clone(), w)).collect();
+        let training = s.upload();
+        let inference = MultiTaskModel::upload_inference(gpu, &s.config, method, &s.shared, &tasks).unwrap();
+        let (train_acts, eval_acts) =
+            (training.activations(gpu, 3, 9).unwrap(), inference.activations(gpu, 3, 9).unwrap());
+        let inputs = BatchInputs::upload(gpu, &s.config, &encoder_batch(&s.config, 3, 9, 141)).unwrap();
+        for task in 0..tasks.len() {
+            let logits = |model: &MultiTaskModel, acts: &TaskActivations| {
+                let mut rec = gpu.recorder();
+                model.forward(&mut rec, acts, &inputs, task, None).unwrap();
+                rec.submit().unwrap();
+                gpu.read::<f32>(&model.logits(acts, task).unwrap()).unwrap()
+            };
+            let (want, got) = (logits(&training, &train_acts), logits(&inference, &eval_acts));
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{} task {task}", method.name());
+        }
+        assert!(eval_acts.bytes() < train_acts.bytes(), "{}", method.name());
+        let bucket = Bucket { batch: 3, seq: 9, training: false };
+        let plan = TaskActivations::plan_for(&s.config, &method, 2, bucket);
+        assert_eq!(plan.len(), eval_acts.all.len(), "{}", method.name());
+        assert!(inference.bert.grads.is_none() && inference.tasks.iter().all(|t| t.grads.is_none()));
+        let labels = HeadInputs::upload(gpu, &Targets::Classes(vec![0, 1, 0]), &[1.0; 3]).unwrap();
+        let mut rec = gpu.recorder();
+        let error = inference.forward_backward(&mut rec, &eval_acts, &inputs, &labels, 0, None).err().unwrap();
+        assert!(error.to_string().contains("no gradients"), "{error}");
     }
 }

@@ -1,10 +1,11 @@
-//! Exact GPU memory accounting for training the encoder on one (batch, seq) bucket,
+//! Exact GPU memory accounting for training (and for inference, `pals eval`: no
+//! gradients, no Adam state, forward-only buffers) the encoder on one (batch, seq) bucket,
 //! without a GPU: the sizes come from the same (name, shape) lists that allocate the
 //! buffers (`param_shapes`, `Activations::plan`, `BatchInputs::plan`, and for multi-task
 //! training `task_param_shapes` and `TaskActivations::plan`).
 
 use super::bert::{Activations, BatchInputs};
-use super::tasks::{Method, TaskActivations, TaskSpec, task_param_shapes};
+use super::tasks::{Bucket, Method, TaskActivations, TaskSpec, task_param_shapes};
 use super::{BertConfig, param_shapes};
 
 /// Bytes a tensor of `shape` occupies: 4-byte elements, and never less than one element
@@ -42,6 +43,16 @@ impl MemoryPlan {
         }
     }
 
+    /// The same bucket for inference: parameters, forward-only buffers and inputs.
+    pub fn inference(config: &BertConfig, batch: usize, seq: usize) -> MemoryPlan {
+        MemoryPlan {
+            gradients: 0,
+            adam: 0,
+            activations: total(&Activations::plan_for(config, batch, seq, false)),
+            ..MemoryPlan::new(config, batch, seq)
+        }
+    }
+
     pub fn total(&self) -> u64 {
         self.parameters + self.gradients + self.adam + self.activations + self.inputs
     }
@@ -75,19 +86,20 @@ fn activation_groups(config: &BertConfig, batch: usize, seq: usize) -> Vec<(Stri
 
 /// A printable breakdown: totals per kind, then the activation buffers by name.
 pub fn memory_report(config: &BertConfig, batch: usize, seq: usize) -> Vec<String> {
-    let plan = MemoryPlan::new(config, batch, seq);
+    let (plan, eval) = (MemoryPlan::new(config, batch, seq), MemoryPlan::inference(config, batch, seq));
+    let row = |name: &str, train: u64, eval: u64| format!("  {name:12} {} {}", mib(train), mib(eval));
     let mut lines = vec![
         format!(
-            "GPU memory for training: {} layers x {} hidden, batch {batch} x seq {seq}",
+            "GPU memory: {} layers x {} hidden, batch {batch} x seq {seq}     training           eval",
             config.num_hidden_layers, config.hidden_size
         ),
-        format!("  parameters   {}", mib(plan.parameters)),
-        format!("  gradients    {}", mib(plan.gradients)),
-        format!("  Adam m and v {}", mib(plan.adam)),
-        format!("  activations  {}", mib(plan.activations)),
-        format!("  inputs       {}", mib(plan.inputs)),
-        format!("  total        {}", mib(plan.total())),
-        "  activations by buffer (count x shape class):".to_string(),
+        row("parameters", plan.parameters, eval.parameters),
+        row("gradients", plan.gradients, eval.gradients),
+        row("Adam m and v", plan.adam, eval.adam),
+        row("activations", plan.activations, eval.activations),
+        row("inputs", plan.inputs, eval.inputs),
+        row("total", plan.total(), eval.total()),
+        "  training activations by buffer (count x shape class):".to_string(),
     ];
     for (name, count, bytes) in activation_groups(config, batch, seq) {
         lines.push(format!("    {name:24} x{count:<3} {}", mib(bytes)));
@@ -123,6 +135,18 @@ impl TaskMemoryPlan {
         }
     }
 
+    /// The same for inference: parameters and forward-only buffers.
+    pub fn inference(c: &BertConfig, method: &Method, tasks: &[TaskSpec], batch: usize, seq: usize) -> TaskMemoryPlan {
+        let max_labels = tasks.iter().map(|t| t.num_labels).max().unwrap_or(1);
+        let bucket = Bucket { batch, seq, training: false };
+        TaskMemoryPlan {
+            gradients: 0,
+            adam: 0,
+            activations: total(&TaskActivations::plan_for(c, method, max_labels, bucket)),
+            ..TaskMemoryPlan::new(c, method, tasks, batch, seq)
+        }
+    }
+
     pub fn total(&self) -> u64 {
         self.parameters + self.gradients + self.adam + self.activations
     }
@@ -137,15 +161,17 @@ pub fn task_memory_report(
     seq: usize,
 ) -> Vec<String> {
     let plan = TaskMemoryPlan::new(c, method, tasks, batch, seq);
-    let encoder = MemoryPlan::new(c, batch, seq).total();
+    let eval = TaskMemoryPlan::inference(c, method, tasks, batch, seq);
+    let (encoder, encoder_eval) = (MemoryPlan::new(c, batch, seq).total(), MemoryPlan::inference(c, batch, seq).total());
+    let row = |name: &str, train: u64, eval: u64| format!("  {name:12} {} {}", mib(train), mib(eval));
     vec![
         format!("task-specific ({}, {} task(s)):", method.name(), tasks.len()),
-        format!("  parameters   {}", mib(plan.parameters)),
-        format!("  gradients    {}", mib(plan.gradients)),
-        format!("  Adam m and v {}", mib(plan.adam)),
-        format!("  activations  {}", mib(plan.activations)),
-        format!("  total        {}", mib(plan.total())),
-        format!("encoder + task-specific {}", mib(encoder + plan.total())),
+        row("parameters", plan.parameters, eval.parameters),
+        row("gradients", plan.gradients, eval.gradients),
+        row("Adam m and v", plan.adam, eval.adam),
+        row("activations", plan.activations, eval.activations),
+        row("total", plan.total(), eval.total()),
+        format!("encoder + task-specific {} {}", mib(encoder + plan.total()), mib(encoder_eval + eval.total())),
     ]
 }
 
