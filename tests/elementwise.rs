@@ -5,7 +5,7 @@
 mod common;
 
 use common::{assert_close, gpu};
-use pals::gpu::GpuError;
+use pals::gpu::{ElementType, GpuError};
 use pals::kernels::elementwise::{self, DropoutSpec};
 use pals::reference::{self, random_vec};
 
@@ -135,6 +135,23 @@ fn mismatched_lengths_are_errors() {
     let mut rec = gpu.recorder();
     let error = elementwise::gelu(&mut rec, &x, &y).unwrap_err().to_string();
     assert!(error.contains("'y'") && error.contains("[11]"), "{error}");
+}
+
+/// A tensor's element type travels with it: f16 data of odd length round-trips, reading
+/// it as f32 is an error, and an f32 kernel refuses it by name.
+#[test]
+fn element_types_are_checked() {
+    let gpu = gpu();
+    let half = gpu.zeros_of("half", &[3], ElementType::F16).unwrap();
+    assert_eq!(half.bytes(), 6);
+    gpu.write(&half, &[1u16, 2, 3]).unwrap();
+    assert_eq!(gpu.read::<u16>(&half).unwrap(), vec![1, 2, 3]);
+    assert!(gpu.read::<f32>(&half).is_err());
+    assert!(gpu.write(&half, &[1.0f32, 2.0, 3.0]).is_err());
+    let y = gpu.zeros("y", &[3]).unwrap();
+    let mut rec = gpu.recorder();
+    let error = elementwise::gelu(&mut rec, &half, &y).unwrap_err().to_string();
+    assert!(error.contains("'half'") && error.contains("F16"), "{error}");
 }
 
 #[test]

@@ -8,5 +8,5 @@ mod tune;
 
 pub use context::{AdapterChoice, Gpu, GpuError, OPTIONAL_FEATURES, list_adapters};
 pub use recorder::{Binding, KernelSpec, Recorder, Timing, spread};
-pub use tensor::Tensor;
+pub use tensor::{ElementType, Tensor};
 pub use tune::{TuneCache, cache_dir, tuning_enabled};

@@ -1,14 +1,34 @@
-//! A tensor is one GPU storage buffer of 4-byte elements (f32 or u32) with a shape and a name.
+//! A tensor is one GPU storage buffer with a shape, a name and an element type: 4-byte
+//! elements (f32, or u32 ids and labels, which the kernels read as such) or f16 (2 bytes,
+//! for kernels built with `shader-f16`). Buffers are rounded up to 4 bytes.
 
 use std::sync::Arc;
 
 use super::{Gpu, GpuError};
+
+/// What a tensor's elements are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ElementType {
+    /// f32, or u32 where a kernel says so (ids, labels, plans).
+    F32,
+    F16,
+}
+
+impl ElementType {
+    pub fn size(self) -> usize {
+        match self {
+            ElementType::F32 => 4,
+            ElementType::F16 => 2,
+        }
+    }
+}
 
 #[derive(Clone)]
 pub struct Tensor {
     pub buffer: Arc<wgpu::Buffer>,
     pub shape: Vec<usize>,
     pub name: String,
+    pub dtype: ElementType,
 }
 
 impl Tensor {
@@ -21,7 +41,16 @@ impl Tensor {
     }
 
     pub fn bytes(&self) -> u64 {
-        4 * self.len() as u64
+        (self.dtype.size() * self.len()) as u64
+    }
+
+    /// An error unless the elements are `dtype`: what every kernel checks of its operands.
+    pub fn expect_type(&self, op: &str, dtype: ElementType) -> Result<(), GpuError> {
+        if self.dtype == dtype {
+            return Ok(());
+        }
+        let detail = format!("'{}' holds {:?} elements, the kernel reads {dtype:?}", self.name, self.dtype);
+        Err(GpuError::Shape { op: op.to_string(), detail })
     }
 
     /// The leading elements of the same buffer seen with another (no larger) shape: kernels
@@ -29,7 +58,7 @@ impl Tensor {
     /// fewer tensors without copies.
     pub fn view(&self, shape: &[usize]) -> Tensor {
         debug_assert!(shape.iter().product::<usize>() <= self.len(), "view {shape:?} of {:?}", self.shape);
-        Tensor { buffer: self.buffer.clone(), shape: shape.to_vec(), name: self.name.clone() }
+        Tensor { buffer: self.buffer.clone(), shape: shape.to_vec(), name: self.name.clone(), dtype: self.dtype }
     }
 }
 
@@ -40,10 +69,15 @@ impl std::fmt::Debug for Tensor {
 }
 
 impl Gpu {
-    /// A zero-filled tensor; an error naming it if it exceeds the adapter's limits.
+    /// A zero-filled f32 tensor; an error naming it if it exceeds the adapter's limits.
     pub fn zeros(&self, name: &str, shape: &[usize]) -> Result<Tensor, GpuError> {
+        self.zeros_of(name, shape, ElementType::F32)
+    }
+
+    /// A zero-filled tensor of `dtype` elements.
+    pub fn zeros_of(&self, name: &str, shape: &[usize], dtype: ElementType) -> Result<Tensor, GpuError> {
         let elements: usize = shape.iter().product();
-        let bytes = 4 * elements as u64;
+        let bytes = (dtype.size() * elements).next_multiple_of(4) as u64;
         self.check_size(name, bytes)?;
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let buffer = self.create_buffer(&wgpu::BufferDescriptor {
@@ -56,7 +90,7 @@ impl Gpu {
         if let Some(error) = pollster::block_on(scope.pop()) {
             return Err(GpuError::Device { op: format!("allocating '{name}'"), message: error.to_string() });
         }
-        Ok(Tensor { buffer: Arc::new(buffer), shape: shape.to_vec(), name: name.to_string() })
+        Ok(Tensor { buffer: Arc::new(buffer), shape: shape.to_vec(), name: name.to_string(), dtype })
     }
 
     /// A tensor holding `data` (f32 or u32), checked against `shape`.
@@ -74,7 +108,7 @@ impl Gpu {
     /// Overwrites a tensor's contents (ordered before the next submit).
     pub fn write<T: bytemuck::Pod>(&self, tensor: &Tensor, data: &[T]) -> Result<(), GpuError> {
         let bytes: &[u8] = bytemuck::cast_slice(data);
-        if bytes.len() as u64 != tensor.bytes() {
+        if std::mem::size_of::<T>() != tensor.dtype.size() || bytes.len() as u64 != tensor.bytes() {
             return Err(GpuError::Shape {
                 op: format!("write '{}'", tensor.name),
                 detail: format!(
@@ -85,15 +119,23 @@ impl Gpu {
                 ),
             });
         }
-        if !bytes.is_empty() {
-            self.queue.write_buffer(&tensor.buffer, 0, bytes);
+        // Copies move whole 4-byte words: an odd count of f16 is padded.
+        let mut padded = bytes.to_vec();
+        padded.resize(bytes.len().next_multiple_of(4), 0);
+        if !padded.is_empty() {
+            self.queue.write_buffer(&tensor.buffer, 0, &padded);
         }
         Ok(())
     }
 
     /// Copies a tensor back to the host (waits for all submitted work).
     pub fn read<T: bytemuck::Pod>(&self, tensor: &Tensor) -> Result<Vec<T>, GpuError> {
-        let bytes = tensor.bytes();
+        if std::mem::size_of::<T>() != tensor.dtype.size() {
+            let detail = format!("{}-byte values from {:?} elements", std::mem::size_of::<T>(), tensor.dtype);
+            return Err(GpuError::Shape { op: format!("reading '{}'", tensor.name), detail });
+        }
+        let exact = tensor.bytes();
+        let bytes = exact.next_multiple_of(4);
         if bytes == 0 {
             return Ok(Vec::new());
         }
@@ -113,7 +155,7 @@ impl Gpu {
         mapped.map_err(|message| GpuError::Device { op: op(), message })?;
         let view =
             slice.get_mapped_range().map_err(|e| GpuError::Device { op: op(), message: e.to_string() })?;
-        let out = bytemuck::cast_slice::<u8, T>(&view).to_vec();
+        let out = bytemuck::cast_slice::<u8, T>(&view[..exact as usize]).to_vec();
         drop(view);
         staging.unmap();
         // Unmapped again, so the next read of this size may copy into it.

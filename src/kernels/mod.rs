@@ -13,6 +13,8 @@ use crate::gpu::{GpuError, Tensor};
 
 /// An error unless `tensor` holds exactly `expected` elements.
 pub(crate) fn expect_len(op: &str, tensor: &Tensor, expected: usize) -> Result<(), GpuError> {
+    // Every kernel here reads and writes 4-byte elements.
+    tensor.expect_type(op, crate::gpu::ElementType::F32)?;
     if tensor.len() == expected {
         return Ok(());
     }
