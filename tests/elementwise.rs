@@ -150,7 +150,7 @@ fn element_types_are_checked() {
     assert!(gpu.write(&half, &[1.0f32, 2.0, 3.0]).is_err());
     let y = gpu.zeros("y", &[3]).unwrap();
     let mut rec = gpu.recorder();
-    let error = elementwise::gelu(&mut rec, &half, &y).unwrap_err().to_string();
+    let error = elementwise::gelu(&mut rec, &y, &half).unwrap_err().to_string();
     assert!(error.contains("'half'") && error.contains("F16"), "{error}");
 }
 
