@@ -16,8 +16,13 @@ fn gpu() -> Gpu {
 #[test]
 fn warm_training_steps_create_no_buffers() {
     let gpu = gpu();
-    let bench =
-        TrainBench { config: BertConfig::tiny(2, 32, 4), method: MethodName::Pals, batch: 4, seq: 8, steps: 2 };
+    let bench = TrainBench {
+        config: BertConfig::tiny(2, 32, 4),
+        method: MethodName::Pals,
+        batch: 4,
+        seq: 8,
+        steps: 2,
+    };
     let report = train_bench(&gpu, &bench).unwrap();
     let lines = report.lines();
     eprintln!("{}", lines.join("\n"));

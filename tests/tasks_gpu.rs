@@ -303,7 +303,9 @@ fn shape_errors() {
         MultiTaskModel::upload(gpu, &s.config, s.method, &s.shared, &[(s.tasks[0].0.clone(), &missing)])
             .err()
             .unwrap();
-    assert!(matches!(error, ModelError::Weights { .. }) && error.to_string().contains("pal.layer.1.key.bias"));
+    assert!(
+        matches!(error, ModelError::Weights { .. }) && error.to_string().contains("pal.layer.1.key.bias")
+    );
     let bad = Method::Pals { dim: 10, heads: 6 };
     let error = MultiTaskModel::upload(gpu, &s.config, bad, &s.shared, &[]).err().unwrap();
     assert!(matches!(error, ModelError::Method { .. }), "{error}");
@@ -387,7 +389,8 @@ fn inference_matches_the_training_forward() {
         assert!(inference.bert.grads.is_none() && inference.tasks.iter().all(|t| t.grads.is_none()));
         let labels = HeadInputs::upload(gpu, &Targets::Classes(vec![0, 1, 0]), &[1.0; 3]).unwrap();
         let mut rec = gpu.recorder();
-        let error = inference.forward_backward(&mut rec, &eval_acts, &inputs, &labels, 0, None).err().unwrap();
+        let error =
+            inference.forward_backward(&mut rec, &eval_acts, &inputs, &labels, 0, None).err().unwrap();
         assert!(error.to_string().contains("no gradients"), "{error}");
     }
 }

@@ -5,6 +5,8 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+use crate::contract::random_vec;
+use crate::contract::rng::rng_u32;
 use crate::data::cache::{TokenizedExample, TokenizedSplit};
 use crate::data::glue::{Label, Split, Task};
 use crate::gpu::{Gpu, GpuError, Tensor, Timing};
@@ -13,8 +15,6 @@ use crate::kernels::elementwise::DropoutSpec;
 use crate::kernels::matmul::{self, Epilogue, Matmul};
 use crate::model::BertConfig;
 use crate::model::tasks::{Method, MethodName, TaskSpec};
-use crate::contract::random_vec;
-use crate::contract::rng::rng_u32;
 use crate::train::trainer::{TaskData, TrainSettings, Trainer};
 
 /// One benchmarked product.

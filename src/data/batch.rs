@@ -10,8 +10,8 @@
 
 use super::cache::{TokenizedExample, TokenizedSplit};
 use super::glue::Label;
-use crate::model::EncoderBatch;
 use crate::contract::rng::rng_u32;
+use crate::model::EncoderBatch;
 
 /// Batches per sorted chunk: larger groups lengths better, smaller keeps more randomness.
 pub const BUCKET_BATCHES: usize = 50;

@@ -58,7 +58,12 @@ impl Tensor {
     /// fewer tensors without copies.
     pub fn view(&self, shape: &[usize]) -> Tensor {
         debug_assert!(shape.iter().product::<usize>() <= self.len(), "view {shape:?} of {:?}", self.shape);
-        Tensor { buffer: self.buffer.clone(), shape: shape.to_vec(), name: self.name.clone(), dtype: self.dtype }
+        Tensor {
+            buffer: self.buffer.clone(),
+            shape: shape.to_vec(),
+            name: self.name.clone(),
+            dtype: self.dtype,
+        }
     }
 }
 

@@ -68,7 +68,10 @@ impl<'a> ByName<'a> {
     }
 
     pub(crate) fn get(&self, name: &str) -> Tensor {
-        self.0.get(name).map(|t| (*t).clone()).unwrap_or_else(|| panic!("no tensor '{name}' in the shape list"))
+        self.0
+            .get(name)
+            .map(|t| (*t).clone())
+            .unwrap_or_else(|| panic!("no tensor '{name}' in the shape list"))
     }
 
     /// `{name}.weight` and `{name}.bias`.
@@ -91,7 +94,12 @@ pub(crate) fn make_named<E>(
 }
 
 /// Uploads the tensor `name` of `weights`: an error if it is missing or mis-shaped.
-pub(crate) fn upload_named(gpu: &Gpu, weights: &Weights, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+pub(crate) fn upload_named(
+    gpu: &Gpu,
+    weights: &Weights,
+    name: &str,
+    shape: &[usize],
+) -> Result<Tensor, ModelError> {
     let host = weights.get(name).ok_or_else(|| ModelError::weights(name, "is missing"))?;
     if host.shape != shape || host.data.len() != shape.iter().product::<usize>() {
         return Err(ModelError::weights(name, format!("has shape {:?}, expected {shape:?}", host.shape)));
@@ -220,7 +228,13 @@ fn attention_shape(c: &BertConfig, batch: usize, seq: usize) -> AttentionShape {
 
 impl<T: Clone> ActivationSet<T> {
     /// Asks `alloc` for every buffer: the one allocation plan.
-    fn build(c: &BertConfig, batch: usize, seq: usize, training: bool, alloc: Alloc<T>) -> Result<Self, GpuError> {
+    fn build(
+        c: &BertConfig,
+        batch: usize,
+        seq: usize,
+        training: bool,
+        alloc: Alloc<T>,
+    ) -> Result<Self, GpuError> {
         let (h, i, heads, rows) = (c.hidden_size, c.intermediate_size, c.num_attention_heads, batch * seq);
         // Backward-only buffers are empty for inference.
         let (brows, bbatch) = if training { (rows, batch) } else { (0, 0) };
@@ -282,7 +296,13 @@ impl<T> ActivationSet<T> {
 
 impl Activations {
     /// Allocates the buffers of one (batch, seq) bucket, for training or inference only.
-    pub fn new(gpu: &Gpu, c: &BertConfig, batch: usize, seq: usize, training: bool) -> Result<Activations, GpuError> {
+    pub fn new(
+        gpu: &Gpu,
+        c: &BertConfig,
+        batch: usize,
+        seq: usize,
+        training: bool,
+    ) -> Result<Activations, GpuError> {
         let (mut acts, all) = allocate(gpu, |alloc| ActivationSet::build(c, batch, seq, training, alloc))?;
         acts.all = all;
         Ok(acts)
@@ -348,7 +368,8 @@ impl Bert {
     /// zeroed gradients. An error names any missing or mis-shaped tensor.
     pub fn upload(gpu: &Gpu, config: &BertConfig, weights: &Weights) -> Result<Bert, ModelError> {
         let mut bert = Bert::upload_inference(gpu, config, weights)?;
-        bert.grads = Some(ParamTensors::new(config, |name, shape| gpu.zeros(&format!("grad {name}"), shape))?);
+        bert.grads =
+            Some(ParamTensors::new(config, |name, shape| gpu.zeros(&format!("grad {name}"), shape))?);
         Ok(bert)
     }
 
@@ -415,7 +436,11 @@ impl Bert {
         AttentionStep {
             shape: attention_shape(c, s.acts.batch, s.acts.seq),
             mask: &s.inputs.buffers.mask,
-            probs_drop: DropoutSpec::at_or_none(s.key, c.attention_probs_dropout_prob, site(l, Site::AttentionProbs)),
+            probs_drop: DropoutSpec::at_or_none(
+                s.key,
+                c.attention_probs_dropout_prob,
+                site(l, Site::AttentionProbs),
+            ),
             out_drop: self.hidden_dropout(s.key, site(l, Site::AttentionOutput)),
         }
     }
@@ -457,7 +482,13 @@ impl Bert {
         self.pooler_forward(rec, acts)
     }
 
-    fn layer_forward(&self, rec: &mut Recorder, s: &HookStep, l: usize, hook: &dyn LayerHook) -> Result<(), GpuError> {
+    fn layer_forward(
+        &self,
+        rec: &mut Recorder,
+        s: &HookStep,
+        l: usize,
+        hook: &dyn LayerHook,
+    ) -> Result<(), GpuError> {
         let (p, acts, eps) = (&self.params.layers[l], s.acts, self.config.layer_norm_eps);
         let (x, rows) = (&acts.layers[l], acts.rows());
         let (h_in, h_out) = (&acts.hidden[l], &acts.hidden[l + 1]);
@@ -469,7 +500,14 @@ impl Bert {
         p.ffn_out.forward_dropout(rec, rows, &acts.ffn_a, (&x.ffn_drop, &acts.sub), drop)?;
         hook.ffn_output(rec, s, l)?;
         let ln2 = p.ln2.layernorm(eps);
-        layernorm::layernorm_forward(rec, &ln2, &x.ffn_drop, Some(&x.a), h_out, &stats(&x.ln2_mean, &x.ln2_rstd))
+        layernorm::layernorm_forward(
+            rec,
+            &ln2,
+            &x.ffn_drop,
+            Some(&x.a),
+            h_out,
+            &stats(&x.ln2_mean, &x.ln2_rstd),
+        )
     }
 
     /// pooled = tanh(seq[:, 0]·Wpᵀ + bp): the matmul reads row 0 of each sequence by
@@ -560,7 +598,13 @@ impl Bert {
     }
 
     /// One layer's gradients from d(layer output) in grad_x; leaves d(layer input) there.
-    fn layer_backward(&self, rec: &mut Recorder, s: &HookStep, l: usize, hook: &dyn LayerHook) -> Result<(), GpuError> {
+    fn layer_backward(
+        &self,
+        rec: &mut Recorder,
+        s: &HookStep,
+        l: usize,
+        hook: &dyn LayerHook,
+    ) -> Result<(), GpuError> {
         let (p, g) = (&self.params.layers[l], &self.grads()?.layers[l]);
         let (acts, eps) = (s.acts, self.config.layer_norm_eps);
         let (x, h_in, rows) = (&acts.layers[l], &acts.hidden[l], acts.rows());
@@ -581,7 +625,15 @@ impl Bert {
         p.ffn_out.backward(rec, rows, &acts.ffn_a, d_ffn_out, grads, to_ffn_b, &acts.colsum)?;
         elementwise::gelu_backward(rec, &x.pre, &acts.ffn_b, &acts.ffn_a)?;
         let to_a = Some((&acts.grad_y, Epilogue::Accumulate));
-        p.ffn_in.backward(rec, rows, &x.a, &acts.ffn_a, (&g.ffn_in, GradMode::Overwrite), to_a, &acts.colsum)?;
+        p.ffn_in.backward(
+            rec,
+            rows,
+            &x.a,
+            &acts.ffn_a,
+            (&g.ffn_in, GradMode::Overwrite),
+            to_a,
+            &acts.colsum,
+        )?;
         hook.ffn_input_backward(rec, s, l)?;
         // a = LN1(attn_drop + h): grad_x = d attn_drop = d h through the residual.
         let (block, scratch) = (&p.attention, acts.attention_scratch());

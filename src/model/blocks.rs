@@ -85,7 +85,11 @@ pub(crate) fn copy(rec: &mut Recorder, x: &Tensor, y: &Tensor) -> Result<(), Gpu
 
 /// y = Dropout(x) into `out` through `scratch` (x written to `scratch` by the caller), or
 /// `x` written straight to `out` without dropout: returns where the caller writes x.
-pub(crate) fn dropout_target<'t>(out: &'t Tensor, scratch: &'t Tensor, drop: Option<DropoutSpec>) -> &'t Tensor {
+pub(crate) fn dropout_target<'t>(
+    out: &'t Tensor,
+    scratch: &'t Tensor,
+    drop: Option<DropoutSpec>,
+) -> &'t Tensor {
     if drop.is_some() { scratch } else { out }
 }
 
@@ -184,7 +188,13 @@ pub(crate) fn add_input_grad(
 
 impl Linear {
     /// y = x·Wᵀ + b for x [rows, in].
-    pub(crate) fn forward(&self, rec: &mut Recorder, rows: usize, x: &Tensor, y: &Tensor) -> Result<(), GpuError> {
+    pub(crate) fn forward(
+        &self,
+        rec: &mut Recorder,
+        rows: usize,
+        x: &Tensor,
+        y: &Tensor,
+    ) -> Result<(), GpuError> {
         linear(rec, rows, x, &self.w, y, Epilogue::Bias(&self.b))
     }
 
@@ -470,7 +480,15 @@ impl AttentionBlock {
         let rows = step.rows();
         let d_proj = dropout_backward(rec, d_out, s.sub, step.out_drop)?;
         let to_ctx = Some((s.d_ctx, Epilogue::None));
-        self.output.backward(rec, rows, &acts.ctx, d_proj, (&grads.output, GradMode::Overwrite), to_ctx, s.colsum)?;
+        self.output.backward(
+            rec,
+            rows,
+            &acts.ctx,
+            d_proj,
+            (&grads.output, GradMode::Overwrite),
+            to_ctx,
+            s.colsum,
+        )?;
         let (shape, scale, drop) = (step.shape, step.shape.scale(), step.probs_drop);
         let (q, k, v, ctx) = (&acts.q, &acts.k, &acts.v, &acts.ctx);
         #[rustfmt::skip]

@@ -47,11 +47,21 @@ pub trait LayerHook {
         Ok(())
     }
 
-    fn ffn_output_backward(&self, _rec: &mut Recorder, _step: &HookStep, _layer: usize) -> Result<(), GpuError> {
+    fn ffn_output_backward(
+        &self,
+        _rec: &mut Recorder,
+        _step: &HookStep,
+        _layer: usize,
+    ) -> Result<(), GpuError> {
         Ok(())
     }
 
-    fn ffn_input_backward(&self, _rec: &mut Recorder, _step: &HookStep, _layer: usize) -> Result<(), GpuError> {
+    fn ffn_input_backward(
+        &self,
+        _rec: &mut Recorder,
+        _step: &HookStep,
+        _layer: usize,
+    ) -> Result<(), GpuError> {
         Ok(())
     }
 

@@ -12,9 +12,8 @@ use std::path::Path;
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView, View};
 
-pub use crate::error::LoadError;
 use super::{BertConfig, HostTensor, Weights, param_shapes};
-
+pub use crate::error::LoadError;
 
 /// Reads `dir/config.json` and `dir/model.safetensors`, checked against each other.
 pub fn load_model_dir(dir: impl AsRef<Path>) -> Result<(BertConfig, Weights), LoadError> {

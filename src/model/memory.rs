@@ -136,7 +136,13 @@ impl TaskMemoryPlan {
     }
 
     /// The same for inference: parameters and forward-only buffers.
-    pub fn inference(c: &BertConfig, method: &Method, tasks: &[TaskSpec], batch: usize, seq: usize) -> TaskMemoryPlan {
+    pub fn inference(
+        c: &BertConfig,
+        method: &Method,
+        tasks: &[TaskSpec],
+        batch: usize,
+        seq: usize,
+    ) -> TaskMemoryPlan {
         let max_labels = tasks.iter().map(|t| t.num_labels).max().unwrap_or(1);
         let bucket = Bucket { batch, seq, training: false };
         TaskMemoryPlan {
@@ -162,7 +168,8 @@ pub fn task_memory_report(
 ) -> Vec<String> {
     let plan = TaskMemoryPlan::new(c, method, tasks, batch, seq);
     let eval = TaskMemoryPlan::inference(c, method, tasks, batch, seq);
-    let (encoder, encoder_eval) = (MemoryPlan::new(c, batch, seq).total(), MemoryPlan::inference(c, batch, seq).total());
+    let (encoder, encoder_eval) =
+        (MemoryPlan::new(c, batch, seq).total(), MemoryPlan::inference(c, batch, seq).total());
     let row = |name: &str, train: u64, eval: u64| format!("  {name:12} {} {}", mib(train), mib(eval));
     vec![
         format!("task-specific ({}, {} task(s)):", method.name(), tasks.len()),
@@ -171,7 +178,11 @@ pub fn task_memory_report(
         row("Adam m and v", plan.adam, eval.adam),
         row("activations", plan.activations, eval.activations),
         row("total", plan.total(), eval.total()),
-        format!("encoder + task-specific {} {}", mib(encoder + plan.total()), mib(encoder_eval + eval.total())),
+        format!(
+            "encoder + task-specific {} {}",
+            mib(encoder + plan.total()),
+            mib(encoder_eval + eval.total())
+        ),
     ]
 }
 

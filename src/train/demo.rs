@@ -1,11 +1,11 @@
 //! `pals demo`: built-in synthetic tasks a tiny random BERT-PALs learns in about a minute
 //! on any adapter, with no download. Token ids: 0 [PAD], 1 [CLS], 2 [SEP], 3.. words.
 
+use crate::contract::rng::rng_u32;
 use crate::data::cache::{TokenizedExample, TokenizedSplit};
 use crate::data::glue::{Label, Split, Task};
 use crate::model::BertConfig;
 use crate::model::tasks::TaskSpec;
-use crate::contract::rng::rng_u32;
 use crate::train::trainer::TaskData;
 
 const CLS: u32 = 1;

@@ -124,12 +124,17 @@ impl<'g> InferenceModel<'g> {
             let task = crate::data::glue::Task::from_name(name)?;
             let spec = TaskSpec::new(task.name(), task.num_labels());
             let Some(weights) = checkpoint.tasks.get(&spec.name) else {
-                bail!("the checkpoint has no weights for task {} (tasks/{}.safetensors)", spec.name, spec.name)
+                bail!(
+                    "the checkpoint has no weights for task {} (tasks/{}.safetensors)",
+                    spec.name,
+                    spec.name
+                )
             };
             tasks.push((spec, weights));
         }
         let separate = settings.method == crate::model::tasks::MethodName::Separate;
-        let (models, place) = build_models(gpu, &config, (method, separate), &checkpoint.shared, &tasks, false)?;
+        let (models, place) =
+            build_models(gpu, &config, (method, separate), &checkpoint.shared, &tasks, false)?;
         let specs = tasks.into_iter().map(|(spec, _)| spec).collect();
         Ok(InferenceModel { gpu, settings, config, models, place, specs, buckets: HashMap::new() })
     }

@@ -20,10 +20,12 @@ use crate::gpu::{Gpu, Tensor, Timing};
 use crate::kernels::elementwise;
 use crate::kernels::optimizer::{AdamConfig, ClipMode};
 use crate::model::bert::BatchInputs;
-use crate::model::tasks::{HeadInputs, Method, MethodName, MultiTaskModel, Targets, TaskActivations, TaskSpec};
+use crate::model::tasks::{
+    HeadInputs, Method, MethodName, MultiTaskModel, Targets, TaskActivations, TaskSpec,
+};
 use crate::model::{BertConfig, DropoutKey, EncoderBatch, Weights};
-use crate::train::inference::{build_models, evaluate_tasks, predict_split};
 use crate::train::checkpoint::{Checkpoint, TrainerState};
+use crate::train::inference::{build_models, evaluate_tasks, predict_split};
 use crate::train::log::{EvalRecord, LogWriter, StepRecord};
 use crate::train::metrics::{TaskScore, glue_average, score_classification, score_regression};
 use crate::train::optim::{Optimizer, OptimizerSettings};
@@ -235,7 +237,8 @@ impl<'g> Trainer<'g> {
                 })
             })
             .collect();
-        let specs: Vec<(TaskSpec, &Weights)> = data.iter().zip(&weights).map(|(t, w)| (t.spec.clone(), w)).collect();
+        let specs: Vec<(TaskSpec, &Weights)> =
+            data.iter().zip(&weights).map(|(t, w)| (t.spec.clone(), w)).collect();
         let (models, place) = build_models(gpu, &config, (method, separate), shared, &specs, true)?;
         // What each task's step updates: the (shared or own) encoder, then the task's own.
         let step_tensors = |i: usize| {
@@ -568,7 +571,8 @@ impl<'g> Trainer<'g> {
     pub fn evaluate(&mut self) -> Result<Vec<TaskScore>> {
         let data = std::mem::take(&mut self.data);
         let limit = self.settings.max_eval_examples;
-        let scores = evaluate_tasks(&data, limit, &mut |task, split| self.predict_as(&data[task].spec, task, split));
+        let scores =
+            evaluate_tasks(&data, limit, &mut |task, split| self.predict_as(&data[task].spec, task, split));
         self.data = data;
         scores
     }

@@ -4,7 +4,9 @@
 //! Reference: reference/tasks/adapters.rs.
 
 use super::TaskActivations;
-use super::method::{Bucket, MethodActs, MethodName, TaskMethod, TaskTerms, acts_of, boxed, grads_of, linear_shapes};
+use super::method::{
+    Bucket, MethodActs, MethodName, TaskMethod, TaskTerms, acts_of, boxed, grads_of, linear_shapes,
+};
 use crate::gpu::{GpuError, Recorder, Tensor};
 use crate::kernels::elementwise;
 use crate::model::BertConfig;
@@ -40,12 +42,20 @@ pub struct AdapterActs<T> {
 }
 
 impl Adapters {
-    fn build<T: Clone>(&self, c: &BertConfig, b: Bucket, alloc: Alloc<T>) -> Result<AdapterActs<T>, GpuError> {
+    fn build<T: Clone>(
+        &self,
+        c: &BertConfig,
+        b: Bucket,
+        alloc: Alloc<T>,
+    ) -> Result<AdapterActs<T>, GpuError> {
         let (h, rows, brows, r) = (c.hidden_size, b.rows(), b.backward_rows(), self.size);
         let mut a = |name: &str, shape: &[usize]| alloc(format!("tasks.{name}"), shape);
         let layers = per_layer(c.num_hidden_layers, b.training, |l| {
             Ok(AdapterLayerActs {
-                pre: [a(&format!("bottleneck.{l}.0.pre"), &[rows, r])?, a(&format!("bottleneck.{l}.1.pre"), &[rows, r])?],
+                pre: [
+                    a(&format!("bottleneck.{l}.0.pre"), &[rows, r])?,
+                    a(&format!("bottleneck.{l}.1.pre"), &[rows, r])?,
+                ],
                 input: a(&format!("adapter.{l}.input"), &[rows, h])?,
             })
         })?;
@@ -90,7 +100,12 @@ impl TaskMethod for Adapters {
         Box::new(AdapterTerms { params: of(params), grads: grads.map(of) })
     }
 
-    fn activations(&self, c: &BertConfig, bucket: Bucket, alloc: Alloc<Tensor>) -> Result<MethodActs, GpuError> {
+    fn activations(
+        &self,
+        c: &BertConfig,
+        bucket: Bucket,
+        alloc: Alloc<Tensor>,
+    ) -> Result<MethodActs, GpuError> {
         boxed(self.build(c, bucket, alloc))
     }
 
@@ -106,7 +121,11 @@ struct AdapterTerms {
 }
 
 impl TaskTerms for AdapterTerms {
-    fn hook<'a>(&'a self, _c: &'a BertConfig, acts: &'a TaskActivations) -> Result<Box<dyn LayerHook + 'a>, GpuError> {
+    fn hook<'a>(
+        &'a self,
+        _c: &'a BertConfig,
+        acts: &'a TaskActivations,
+    ) -> Result<Box<dyn LayerHook + 'a>, GpuError> {
         let own = acts_of::<AdapterActs<Tensor>>(acts, "adapters")?;
         Ok(Box::new(AdapterHook { terms: self, own, term: &acts.head.term }))
     }
@@ -129,14 +148,26 @@ impl LayerHook for AdapterHook<'_> {
     fn attention_output(&self, rec: &mut Recorder, s: &HookStep, l: usize) -> Result<(), GpuError> {
         let (x, own) = (&s.acts.layers[l].attention.out, &self.own.layers[l]);
         copy(rec, x, &own.input)?;
-        self.terms.params[l][0].forward(rec, s.acts.rows(), &own.input, (&own.pre[0], &self.own.scratch.g), self.term)?;
+        self.terms.params[l][0].forward(
+            rec,
+            s.acts.rows(),
+            &own.input,
+            (&own.pre[0], &self.own.scratch.g),
+            self.term,
+        )?;
         elementwise::add_assign(rec, self.term, x)
     }
 
     /// A2(a) into LN2's input.
     fn ffn_output(&self, rec: &mut Recorder, s: &HookStep, l: usize) -> Result<(), GpuError> {
         let (x, own) = (&s.acts.layers[l], &self.own.layers[l]);
-        self.terms.params[l][1].forward(rec, s.acts.rows(), &x.a, (&own.pre[1], &self.own.scratch.g), self.term)?;
+        self.terms.params[l][1].forward(
+            rec,
+            s.acts.rows(),
+            &x.a,
+            (&own.pre[1], &self.own.scratch.g),
+            self.term,
+        )?;
         elementwise::add_assign(rec, self.term, &x.ffn_drop)
     }
 
@@ -149,7 +180,13 @@ impl LayerHook for AdapterHook<'_> {
     }
 
     fn ffn_input_backward(&self, rec: &mut Recorder, s: &HookStep, l: usize) -> Result<(), GpuError> {
-        add_input_grad(rec, s.acts.rows(), &self.terms.params[l][1].down.w, &self.own.d_pre_ffn, &s.acts.grad_y)
+        add_input_grad(
+            rec,
+            s.acts.rows(),
+            &self.terms.params[l][1].down.w,
+            &self.own.d_pre_ffn,
+            &s.acts.grad_y,
+        )
     }
 
     /// A1's gradients from d(LN1's input) in grad_x; returns d x = grad_x + A1's share.

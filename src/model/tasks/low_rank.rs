@@ -3,7 +3,9 @@
 //! Reference: reference/tasks/low_rank.rs.
 
 use super::TaskActivations;
-use super::method::{Bucket, MethodActs, MethodName, TaskMethod, TaskTerms, acts_of, boxed, grads_of, linear_shapes};
+use super::method::{
+    Bucket, MethodActs, MethodName, TaskMethod, TaskTerms, acts_of, boxed, grads_of, linear_shapes,
+};
 use crate::gpu::{GpuError, Recorder, Tensor};
 use crate::kernels::elementwise;
 use crate::model::BertConfig;
@@ -22,10 +24,16 @@ pub struct LowRankActs<T> {
 }
 
 impl LowRank {
-    fn build<T: Clone>(&self, c: &BertConfig, b: Bucket, alloc: Alloc<T>) -> Result<LowRankActs<T>, GpuError> {
+    fn build<T: Clone>(
+        &self,
+        c: &BertConfig,
+        b: Bucket,
+        alloc: Alloc<T>,
+    ) -> Result<LowRankActs<T>, GpuError> {
         let (rows, r) = (b.rows(), self.rank);
         let mut a = |name: &str, shape: &[usize]| alloc(format!("tasks.{name}"), shape);
-        let pre = per_layer(c.num_hidden_layers, b.training, |l| a(&format!("bottleneck.{l}.0.pre"), &[rows, r]))?;
+        let pre =
+            per_layer(c.num_hidden_layers, b.training, |l| a(&format!("bottleneck.{l}.0.pre"), &[rows, r]))?;
         let scratch = BottleneckBuffers::build((rows, b.backward_rows(), r), &mut a)?;
         Ok(LowRankActs { pre, scratch })
     }
@@ -61,7 +69,12 @@ impl TaskMethod for LowRank {
         Box::new(LowRankTerms { params: of(params), grads: grads.map(of) })
     }
 
-    fn activations(&self, c: &BertConfig, bucket: Bucket, alloc: Alloc<Tensor>) -> Result<MethodActs, GpuError> {
+    fn activations(
+        &self,
+        c: &BertConfig,
+        bucket: Bucket,
+        alloc: Alloc<Tensor>,
+    ) -> Result<MethodActs, GpuError> {
         boxed(self.build(c, bucket, alloc))
     }
 
@@ -77,7 +90,11 @@ struct LowRankTerms {
 }
 
 impl TaskTerms for LowRankTerms {
-    fn hook<'a>(&'a self, _c: &'a BertConfig, acts: &'a TaskActivations) -> Result<Box<dyn LayerHook + 'a>, GpuError> {
+    fn hook<'a>(
+        &'a self,
+        _c: &'a BertConfig,
+        acts: &'a TaskActivations,
+    ) -> Result<Box<dyn LayerHook + 'a>, GpuError> {
         let own = acts_of::<LowRankActs<Tensor>>(acts, "low-rank")?;
         Ok(Box::new(LowRankHook { terms: self, own, term: &acts.head.term }))
     }

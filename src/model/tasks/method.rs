@@ -116,9 +116,11 @@ impl Method {
             MethodName::Pals => Method::Pals { dim: scaled(h, PAL_DIM_BASE, PAL_HEADS), heads: PAL_HEADS },
             MethodName::LowRank => Method::LowRank { rank: scaled(h, LOW_RANK_BASE, 1) },
             MethodName::Adapters => Method::Adapters { size: scaled(h, ADAPTER_BASE, 1) },
-            MethodName::TopAttn => {
-                Method::TopAttn { dim: scaled(h, TOP_DIM_BASE, TOP_HEADS), heads: TOP_HEADS, blocks: TOP_BLOCKS }
-            }
+            MethodName::TopAttn => Method::TopAttn {
+                dim: scaled(h, TOP_DIM_BASE, TOP_HEADS),
+                heads: TOP_HEADS,
+                blocks: TOP_BLOCKS,
+            },
             MethodName::Separate => Method::Separate,
         }
     }
@@ -187,7 +189,13 @@ pub trait TaskMethod {
 
     /// One task's terms from its parameters and gradients (None: inference), found by
     /// `param_shapes` name after `prefix`.
-    fn terms(&self, c: &BertConfig, prefix: &str, params: &ByName, grads: Option<&ByName>) -> Box<dyn TaskTerms>;
+    fn terms(
+        &self,
+        c: &BertConfig,
+        prefix: &str,
+        params: &ByName,
+        grads: Option<&ByName>,
+    ) -> Box<dyn TaskTerms>;
 
     /// The buffers of one bucket (only a forward's without `training`), from `alloc`.
     fn activations(
@@ -222,14 +230,18 @@ impl Bucket {
 
 /// One task's terms: the hook the encoder calls at every layer for one step.
 pub trait TaskTerms: Send + Sync {
-    fn hook<'a>(&'a self, c: &'a BertConfig, acts: &'a TaskActivations) -> Result<Box<dyn LayerHook + 'a>, GpuError>;
+    fn hook<'a>(
+        &'a self,
+        c: &'a BertConfig,
+        acts: &'a TaskActivations,
+    ) -> Result<Box<dyn LayerHook + 'a>, GpuError>;
 }
 
 /// A method's buffers, by type: an error if `acts` were made by another method.
 pub(crate) fn acts_of<'a, S: 'static>(acts: &'a TaskActivations, method: &str) -> Result<&'a S, GpuError> {
-    acts.terms.downcast_ref::<S>().ok_or_else(|| {
-        shape_error(method, format!("activations made for {:?}", acts.method))
-    })
+    acts.terms
+        .downcast_ref::<S>()
+        .ok_or_else(|| shape_error(method, format!("activations made for {:?}", acts.method)))
 }
 
 /// A task's gradients: an error for a model loaded for inference.

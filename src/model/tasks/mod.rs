@@ -57,7 +57,6 @@
 //!
 //! A term joins LN1's or LN2's input by `elementwise::add_assign` (y += x).
 
-
 pub mod adapters;
 pub mod low_rank;
 pub mod method;
@@ -71,7 +70,9 @@ pub use method::{
 };
 
 use super::bert::{Activations, BatchInputs, Bert, ByName, download_named, make_named, upload_named};
-use super::blocks::{Alloc, GradMode, Linear, allocate, dropout_backward, dropout_finish, dropout_target, plan_of, shape_error};
+use super::blocks::{
+    Alloc, GradMode, Linear, allocate, dropout_backward, dropout_finish, dropout_target, plan_of, shape_error,
+};
 use super::{BertConfig, DropoutKey, HostTensor, SITE_HEAD, Weights, param_count as bert_param_count};
 use crate::contract::DropoutSpec;
 use crate::error::ModelError;
@@ -276,7 +277,12 @@ pub struct HeadActs<T> {
     pub loss: T,
 }
 
-fn build_head<T>(c: &BertConfig, max_labels: usize, b: Bucket, alloc: Alloc<T>) -> Result<HeadActs<T>, GpuError> {
+fn build_head<T>(
+    c: &BertConfig,
+    max_labels: usize,
+    b: Bucket,
+    alloc: Alloc<T>,
+) -> Result<HeadActs<T>, GpuError> {
     let (h, bb) = (c.hidden_size, if b.training { b.batch } else { 0 });
     let mut a = |name: &str, shape: &[usize]| alloc(format!("tasks.{name}"), shape);
     Ok(HeadActs {
@@ -304,7 +310,12 @@ impl TaskActivations {
     }
 
     /// `plan` for training or inference.
-    pub fn plan_for(c: &BertConfig, method: &Method, max_labels: usize, bucket: Bucket) -> Vec<(String, Vec<usize>)> {
+    pub fn plan_for(
+        c: &BertConfig,
+        method: &Method,
+        max_labels: usize,
+        bucket: Bucket,
+    ) -> Vec<(String, Vec<usize>)> {
         let mut list = method.imp().plan(c, bucket);
         list.extend(plan_of(|alloc| build_head(c, max_labels, bucket, alloc)));
         list
@@ -405,7 +416,11 @@ impl MultiTaskModel {
             return Err(ModelError::method(method.name(), detail));
         }
         method.check_for(config).map_err(|detail| ModelError::method(method.name(), detail))?;
-        let bert = if training { Bert::upload(gpu, config, shared)? } else { Bert::upload_inference(gpu, config, shared)? };
+        let bert = if training {
+            Bert::upload(gpu, config, shared)?
+        } else {
+            Bert::upload_inference(gpu, config, shared)?
+        };
         let mut modules = Vec::with_capacity(tasks.len());
         for (spec, weights) in tasks {
             if spec.num_labels == 0 || modules.iter().any(|m: &TaskModule| m.spec.name == spec.name) {

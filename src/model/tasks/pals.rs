@@ -7,7 +7,8 @@
 
 use super::TaskActivations;
 use super::method::{
-    Bucket, MethodActs, MethodName, TaskMethod, TaskTerms, acts_of, boxed, check_heads, grads_of, linear_shapes,
+    Bucket, MethodActs, MethodName, TaskMethod, TaskTerms, acts_of, boxed, check_heads, grads_of,
+    linear_shapes,
 };
 use crate::contract::{AttentionShape, DropoutSpec, Site, site};
 use crate::gpu::{GpuError, Recorder, Tensor};
@@ -65,7 +66,8 @@ pub struct PalActs<T> {
 
 impl Pals {
     fn build<T: Clone>(&self, c: &BertConfig, b: Bucket, alloc: Alloc<T>) -> Result<PalActs<T>, GpuError> {
-        let (h, rows, brows, (p, heads)) = (c.hidden_size, b.rows(), b.backward_rows(), (self.dim, self.heads));
+        let (h, rows, brows, (p, heads)) =
+            (c.hidden_size, b.rows(), b.backward_rows(), (self.dim, self.heads));
         let mut a = |name: &str, shape: &[usize]| alloc(format!("tasks.{name}"), shape);
         let layers = per_layer(c.num_hidden_layers, b.training, |l| {
             let mut a = |name: &str, shape: &[usize]| a(&format!("pal.{l}.{name}"), shape);
@@ -126,7 +128,12 @@ impl TaskMethod for Pals {
         Box::new(PalTerms { heads: self.heads, params: of(params), grads: grads.map(of) })
     }
 
-    fn activations(&self, c: &BertConfig, bucket: Bucket, alloc: Alloc<Tensor>) -> Result<MethodActs, GpuError> {
+    fn activations(
+        &self,
+        c: &BertConfig,
+        bucket: Bucket,
+        alloc: Alloc<Tensor>,
+    ) -> Result<MethodActs, GpuError> {
         boxed(self.build(c, bucket, alloc))
     }
 
@@ -143,7 +150,11 @@ struct PalTerms {
 }
 
 impl TaskTerms for PalTerms {
-    fn hook<'a>(&'a self, c: &'a BertConfig, acts: &'a TaskActivations) -> Result<Box<dyn LayerHook + 'a>, GpuError> {
+    fn hook<'a>(
+        &'a self,
+        c: &'a BertConfig,
+        acts: &'a TaskActivations,
+    ) -> Result<Box<dyn LayerHook + 'a>, GpuError> {
         let pal = acts_of::<PalActs<Tensor>>(acts, "pals")?;
         Ok(Box::new(PalHook { c, terms: self, pal, term: &acts.head.term }))
     }
@@ -198,7 +209,8 @@ impl LayerHook for PalHook<'_> {
             rec, shape, &x.q, &x.k, &x.v, &x.ctx, &t.d_ctx, mask, &x.lse, &t.delta, &t.dq, &t.dk, &t.dv,
             shape.scale(), drop,
         )?;
-        for (i, ((w, gw), dy)) in p.layers[l].iter().zip(&g.layers[l]).zip([&t.dq, &t.dk, &t.dv]).enumerate() {
+        for (i, ((w, gw), dy)) in p.layers[l].iter().zip(&g.layers[l]).zip([&t.dq, &t.dk, &t.dv]).enumerate()
+        {
             let epilogue = if i == 0 { Epilogue::None } else { Epilogue::Accumulate };
             let to_enc = Some((&t.d_enc, epilogue));
             w.backward(rec, rows, &x.enc, dy, (gw, GradMode::Overwrite), to_enc, &e.colsum)?;

@@ -27,11 +27,22 @@ impl TaskMethod for Shared {
         self.separate
     }
 
-    fn terms(&self, _c: &BertConfig, _prefix: &str, _params: &ByName, _grads: Option<&ByName>) -> Box<dyn TaskTerms> {
+    fn terms(
+        &self,
+        _c: &BertConfig,
+        _prefix: &str,
+        _params: &ByName,
+        _grads: Option<&ByName>,
+    ) -> Box<dyn TaskTerms> {
         Box::new(NoTerms)
     }
 
-    fn activations(&self, _c: &BertConfig, _bucket: Bucket, _alloc: Alloc<Tensor>) -> Result<MethodActs, GpuError> {
+    fn activations(
+        &self,
+        _c: &BertConfig,
+        _bucket: Bucket,
+        _alloc: Alloc<Tensor>,
+    ) -> Result<MethodActs, GpuError> {
         boxed(Ok(()))
     }
 
@@ -43,7 +54,11 @@ impl TaskMethod for Shared {
 struct NoTerms;
 
 impl TaskTerms for NoTerms {
-    fn hook<'a>(&'a self, _c: &'a BertConfig, _acts: &'a TaskActivations) -> Result<Box<dyn LayerHook + 'a>, GpuError> {
+    fn hook<'a>(
+        &'a self,
+        _c: &'a BertConfig,
+        _acts: &'a TaskActivations,
+    ) -> Result<Box<dyn LayerHook + 'a>, GpuError> {
         Ok(Box::new(NoHook))
     }
 }

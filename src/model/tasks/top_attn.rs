@@ -16,8 +16,8 @@
 
 use super::TaskActivations;
 use super::method::{
-    Bucket, MethodActs, MethodName, TaskMethod, TaskTerms, acts_of, boxed, check_heads, grads_of, linear_shapes,
-    top_dropout_sites, top_sites_fit,
+    Bucket, MethodActs, MethodName, TaskMethod, TaskTerms, acts_of, boxed, check_heads, grads_of,
+    linear_shapes, top_dropout_sites, top_sites_fit,
 };
 use crate::contract::{AttentionShape, DropoutSpec};
 use crate::gpu::{GpuError, Recorder, Tensor};
@@ -27,7 +27,8 @@ use crate::kernels::reduce;
 use crate::model::BertConfig;
 use crate::model::bert::ByName;
 use crate::model::blocks::{
-    Alloc, AttentionActs, AttentionBlock, AttentionScratch, AttentionStep, GradMode, Linear, copy, in_turn, per_layer, plan_of,
+    Alloc, AttentionActs, AttentionBlock, AttentionScratch, AttentionStep, GradMode, Linear, copy, in_turn,
+    per_layer, plan_of,
 };
 use crate::model::hook::{HookStep, LayerHook};
 
@@ -158,7 +159,12 @@ impl TaskMethod for TopAttn {
         Box::new(TopTerms { top, params: of(params), grads: grads.map(of) })
     }
 
-    fn activations(&self, c: &BertConfig, bucket: Bucket, alloc: Alloc<Tensor>) -> Result<MethodActs, GpuError> {
+    fn activations(
+        &self,
+        c: &BertConfig,
+        bucket: Bucket,
+        alloc: Alloc<Tensor>,
+    ) -> Result<MethodActs, GpuError> {
         boxed(self.build(c, bucket, alloc))
     }
 
@@ -175,7 +181,11 @@ struct TopTerms {
 }
 
 impl TaskTerms for TopTerms {
-    fn hook<'a>(&'a self, c: &'a BertConfig, acts: &'a TaskActivations) -> Result<Box<dyn LayerHook + 'a>, GpuError> {
+    fn hook<'a>(
+        &'a self,
+        c: &'a BertConfig,
+        acts: &'a TaskActivations,
+    ) -> Result<Box<dyn LayerHook + 'a>, GpuError> {
         let own = acts_of::<TopActs<Tensor>>(acts, "top-attn")?;
         Ok(Box::new(TopHook { c, terms: self, own }))
     }

@@ -24,7 +24,13 @@ impl LayerHook for Adapters<'_> {
         Some(super::bottleneck_forward(ctx, a, self.adapter(ctx.layer, "ffn")))
     }
 
-    fn attention_term_backward(&self, ctx: &HookContext, x: &[f64], d: &[f64], g: &mut Grads) -> Option<Vec<f64>> {
+    fn attention_term_backward(
+        &self,
+        ctx: &HookContext,
+        x: &[f64],
+        d: &[f64],
+        g: &mut Grads,
+    ) -> Option<Vec<f64>> {
         Some(super::bottleneck_backward(ctx, x, d, self.adapter(ctx.layer, "attention"), g))
     }
 

@@ -9,7 +9,10 @@ pub struct LowRank<'a> {
 
 impl LowRank<'_> {
     fn layer(&self, l: usize) -> (Linear, Linear) {
-        (self.p.linear(&format!("low_rank.layer.{l}.encoder")), self.p.linear(&format!("low_rank.layer.{l}.decoder")))
+        (
+            self.p.linear(&format!("low_rank.layer.{l}.encoder")),
+            self.p.linear(&format!("low_rank.layer.{l}.decoder")),
+        )
     }
 }
 

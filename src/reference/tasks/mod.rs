@@ -102,7 +102,13 @@ fn bottleneck_forward(ctx: &HookContext, x: &[f64], (down, up): (Linear, Linear)
 }
 
 /// Stores the bottleneck's gradients; returns d x.
-fn bottleneck_backward(ctx: &HookContext, x: &[f64], dy: &[f64], (down, up): (Linear, Linear), g: &mut Grads) -> Vec<f64> {
+fn bottleneck_backward(
+    ctx: &HookContext,
+    x: &[f64],
+    dy: &[f64],
+    (down, up): (Linear, Linear),
+    g: &mut Grads,
+) -> Vec<f64> {
     let rows = ctx.rows();
     let pre = down.forward(x, rows);
     let d_act = up.backward(&gelu(&pre), dy, rows, g);
@@ -256,8 +262,8 @@ pub fn step(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::tasks::random_task_weights;
     use crate::contract::{Site, site};
+    use crate::model::tasks::random_task_weights;
     use crate::model::{param_shapes, random_weights};
     use crate::reference::{random_vec, rng};
 

@@ -45,7 +45,13 @@ impl Pals<'_> {
     }
 
     /// Stores PALs' gradients (V^E and V^D summed over layers); returns d h.
-    pub(crate) fn pal_backward(&self, ctx: &HookContext, h: &[f64], d_term: &[f64], g: &mut Grads) -> Vec<f64> {
+    pub(crate) fn pal_backward(
+        &self,
+        ctx: &HookContext,
+        h: &[f64],
+        d_term: &[f64],
+        g: &mut Grads,
+    ) -> Vec<f64> {
         let rows = ctx.rows();
         let c = self.pal_forward(ctx, h);
         let d_pre = gelu_backward(&c.pre, d_term);

@@ -43,7 +43,11 @@ impl TopAttn<'_> {
     }
 
     /// Block i's (attention shape, scale, attention dropout, output dropout).
-    pub(crate) fn top_attention(&self, ctx: &HookContext, i: usize) -> (AttentionShape, f64, DropoutSpec, DropoutSpec) {
+    pub(crate) fn top_attention(
+        &self,
+        ctx: &HookContext,
+        i: usize,
+    ) -> (AttentionShape, f64, DropoutSpec, DropoutSpec) {
         let (dim, heads) = (self.dim, self.heads);
         let shape = AttentionShape { batch: ctx.batch, seq: ctx.seq, heads, head_dim: dim / heads };
         let (attention, output) = top_dropout_sites(self.p.config, i);
@@ -76,7 +80,13 @@ impl TopAttn<'_> {
     }
 
     /// Stores the top's gradients; returns d h.
-    pub(crate) fn top_backward(&self, ctx: &HookContext, h: &[f64], d_out: &[f64], g: &mut Grads) -> Vec<f64> {
+    pub(crate) fn top_backward(
+        &self,
+        ctx: &HookContext,
+        h: &[f64],
+        d_out: &[f64],
+        g: &mut Grads,
+    ) -> Vec<f64> {
         let (rows, eps) = (ctx.rows(), self.p.config.layer_norm_eps);
         let c = self.top_forward(ctx, h);
         let mut d_x = self.p.linear("top.up").backward(&c.xs[c.blocks.len()], d_out, rows, g);
