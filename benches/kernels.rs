@@ -10,6 +10,7 @@ use pals::bench::{
 };
 use pals::gpu::Gpu;
 use pals::model::BertConfig;
+use pals::model::tasks::MethodName;
 
 fn gpu() -> Gpu {
     Gpu::from_env().unwrap_or_else(|error| panic!("benchmarks need a GPU adapter: {error}"))
@@ -49,7 +50,7 @@ fn attention(c: &mut Criterion) {
 fn training_step(c: &mut Criterion) {
     let gpu = gpu();
     let bench =
-        TrainBench { config: BertConfig::minilm(), method: "pals".into(), batch: 8, seq: 64, steps: 1 };
+        TrainBench { config: BertConfig::minilm(), method: MethodName::Pals, batch: 8, seq: 64, steps: 1 };
     let mut session = TrainSession::new(&gpu, &bench).unwrap();
     for _ in 0..WARMUP_STEPS {
         session.step().unwrap(); // compile, tune and allocate outside the timing

@@ -101,7 +101,7 @@ fn submits_reuse_the_params_buffer_in_order() {
     // A submit needing more parameter space than there is grows the buffer once.
     let mut rec = gpu.recorder();
     for _ in 0..200 {
-        elementwise::dropout(&mut rec, &x, &dropped, DropoutSpec { p: 0.0, seed: 0, stream: 0 }).unwrap();
+        elementwise::dropout(&mut rec, &x, &dropped, DropoutSpec::NONE).unwrap();
     }
     let buffers = gpu.buffers_created();
     rec.submit().unwrap();

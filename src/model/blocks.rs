@@ -23,6 +23,9 @@ pub(crate) fn shape_error(op: &str, detail: String) -> GpuError {
 /// nothing when only the list is wanted (the memory report).
 pub type Alloc<'a, T> = &'a mut dyn FnMut(String, &[usize]) -> Result<T, GpuError>;
 
+/// An allocator of buffers by a name within its caller's namespace.
+pub type NamedAlloc<'a, T> = &'a mut dyn FnMut(&str, &[usize]) -> Result<T, GpuError>;
+
 /// The (name, shape) list of what `build` allocates, without a GPU.
 pub(crate) fn plan_of<S>(build: impl FnOnce(Alloc<()>) -> Result<S, GpuError>) -> Vec<(String, Vec<usize>)> {
     let mut list = Vec::new();
@@ -277,7 +280,7 @@ pub struct BottleneckBuffers<T> {
 impl<T> BottleneckBuffers<T> {
     pub(crate) fn build(
         (rows, backward_rows, r): (usize, usize, usize),
-        a: &mut dyn FnMut(&str, &[usize]) -> Result<T, GpuError>,
+        a: NamedAlloc<T>,
     ) -> Result<Self, GpuError> {
         Ok(BottleneckBuffers {
             g: a("scratch.bottleneck.g", &[rows, r])?,
@@ -360,11 +363,7 @@ pub struct AttentionActs<T> {
 impl<T> AttentionActs<T> {
     /// The buffers named `{prefix}{q,k,v,ctx,lse}` and `{prefix}{out, ln_mean, ln_rstd}`
     /// with the names in `names` (the encoder keeps its historical names).
-    pub(crate) fn build(
-        shape: AttentionShape,
-        names: [&str; 3],
-        a: &mut dyn FnMut(&str, &[usize]) -> Result<T, GpuError>,
-    ) -> Result<Self, GpuError> {
+    pub(crate) fn build(shape: AttentionShape, names: [&str; 3], a: NamedAlloc<T>) -> Result<Self, GpuError> {
         let (rows, width) = (shape.batch * shape.seq, shape.heads * shape.head_dim);
         let lse = [shape.batch, shape.heads, shape.seq];
         Ok(AttentionActs {

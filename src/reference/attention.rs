@@ -205,7 +205,7 @@ mod tests {
     #[test]
     fn gradients_match_finite_differences() {
         let no_mask = vec![0.0; SHAPE.mask_len()];
-        let no_drop = DropoutSpec { p: 0.0, seed: 0, stream: 0 };
+        let no_drop = DropoutSpec::NONE;
         check_gradients(&no_mask, no_drop);
     }
 

@@ -96,7 +96,7 @@ impl Dropout {
     fn spec(&self, site: u32, p: f32) -> DropoutSpec {
         match self.key {
             Some(key) => DropoutSpec { p, seed: key.seed, stream: dropout_stream(key.step, site) },
-            None => DropoutSpec { p: 0.0, seed: 0, stream: 0 },
+            None => DropoutSpec::NONE,
         }
     }
 

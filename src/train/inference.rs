@@ -19,9 +19,11 @@ use crate::train::checkpoint::Checkpoint;
 use crate::train::metrics::TaskScore;
 use crate::train::trainer::{TaskData, TrainSettings, score_split};
 
+/// The models of a run and, per task, (model, task within it).
+pub type Placed = (Vec<MultiTaskModel>, Vec<(usize, usize)>);
+
 /// The models of a run: one for every task, or for `separate` one per task, whose own
 /// encoder is in its weights when they hold one (a checkpoint's) and `shared` else.
-/// Returns the models and, per task, (model, task within it).
 pub fn build_models(
     gpu: &Gpu,
     config: &BertConfig,
@@ -29,7 +31,7 @@ pub fn build_models(
     shared: &Weights,
     tasks: &[(TaskSpec, &Weights)],
     training: bool,
-) -> Result<(Vec<MultiTaskModel>, Vec<(usize, usize)>)> {
+) -> Result<Placed> {
     let upload = |shared: &Weights, tasks: &[(TaskSpec, &Weights)]| match training {
         true => MultiTaskModel::upload(gpu, config, method, shared, tasks),
         false => MultiTaskModel::upload_inference(gpu, config, method, shared, tasks),

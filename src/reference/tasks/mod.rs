@@ -80,7 +80,7 @@ impl TaskParams<'_> {
     pub fn dropout_spec(&self, ctx: &HookContext, site: u32, p: f64) -> DropoutSpec {
         match ctx.dropout {
             Some(key) => DropoutSpec { p: p as f32, seed: key.seed, stream: dropout_stream(key.step, site) },
-            None => DropoutSpec { p: 0.0, seed: 0, stream: 0 },
+            None => DropoutSpec::NONE,
         }
     }
 
