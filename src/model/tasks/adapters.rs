@@ -5,14 +5,14 @@
 
 use super::TaskActivations;
 use super::method::{
-    Bucket, MethodActs, MethodName, TaskMethod, TaskTerms, acts_of, boxed, grads_of, linear_shapes,
+    Bucket, MethodBuffers, MethodName, TaskMethod, TaskTerms, acts_of, grads_of, linear_shapes,
 };
 use crate::gpu::{GpuError, Recorder, Tensor};
 use crate::kernels::elementwise;
 use crate::model::BertConfig;
 use crate::model::bert::ByName;
 use crate::model::blocks::{
-    Alloc, Bottleneck, BottleneckBuffers, BottleneckScratch, add_input_grad, copy, per_layer, plan_of,
+    Alloc, Bottleneck, BottleneckBuffers, BottleneckScratch, add_input_grad, copy, per_layer,
 };
 use crate::model::hook::{HookStep, LayerHook};
 
@@ -41,7 +41,9 @@ pub struct AdapterActs<T> {
     pub d_x: T,
 }
 
-impl Adapters {
+impl MethodBuffers for Adapters {
+    type Acts<T> = AdapterActs<T>;
+
     fn build<T: Clone>(
         &self,
         c: &BertConfig,
@@ -98,19 +100,6 @@ impl TaskMethod for Adapters {
             (0..c.num_hidden_layers).map(|l| SITES.map(|site| adapter(l, site))).collect()
         };
         Box::new(AdapterTerms { params: of(params), grads: grads.map(of) })
-    }
-
-    fn activations(
-        &self,
-        c: &BertConfig,
-        bucket: Bucket,
-        alloc: Alloc<Tensor>,
-    ) -> Result<MethodActs, GpuError> {
-        boxed(self.build(c, bucket, alloc))
-    }
-
-    fn plan(&self, c: &BertConfig, bucket: Bucket) -> Vec<(String, Vec<usize>)> {
-        plan_of(|alloc| self.build(c, bucket, alloc))
     }
 }
 

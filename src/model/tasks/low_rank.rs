@@ -4,13 +4,13 @@
 
 use super::TaskActivations;
 use super::method::{
-    Bucket, MethodActs, MethodName, TaskMethod, TaskTerms, acts_of, boxed, grads_of, linear_shapes,
+    Bucket, MethodBuffers, MethodName, TaskMethod, TaskTerms, acts_of, grads_of, linear_shapes,
 };
 use crate::gpu::{GpuError, Recorder, Tensor};
 use crate::kernels::elementwise;
 use crate::model::BertConfig;
 use crate::model::bert::ByName;
-use crate::model::blocks::{Alloc, Bottleneck, BottleneckBuffers, add_input_grad, per_layer, plan_of};
+use crate::model::blocks::{Alloc, Bottleneck, BottleneckBuffers, add_input_grad, per_layer};
 use crate::model::hook::{HookStep, LayerHook};
 
 pub struct LowRank {
@@ -23,7 +23,9 @@ pub struct LowRankActs<T> {
     pub scratch: BottleneckBuffers<T>,
 }
 
-impl LowRank {
+impl MethodBuffers for LowRank {
+    type Acts<T> = LowRankActs<T>;
+
     fn build<T: Clone>(
         &self,
         c: &BertConfig,
@@ -67,19 +69,6 @@ impl TaskMethod for LowRank {
             (0..c.num_hidden_layers).map(layer).collect()
         };
         Box::new(LowRankTerms { params: of(params), grads: grads.map(of) })
-    }
-
-    fn activations(
-        &self,
-        c: &BertConfig,
-        bucket: Bucket,
-        alloc: Alloc<Tensor>,
-    ) -> Result<MethodActs, GpuError> {
-        boxed(self.build(c, bucket, alloc))
-    }
-
-    fn plan(&self, c: &BertConfig, bucket: Bucket) -> Vec<(String, Vec<usize>)> {
-        plan_of(|alloc| self.build(c, bucket, alloc))
     }
 }
 

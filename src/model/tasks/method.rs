@@ -12,7 +12,7 @@ use crate::gpu::{GpuError, Tensor};
 use crate::kernels::attention::MAX_HEAD_DIM;
 use crate::model::BertConfig;
 use crate::model::bert::ByName;
-use crate::model::blocks::{Alloc, shape_error};
+use crate::model::blocks::{Alloc, plan_of, shape_error};
 use crate::model::hook::LayerHook;
 
 /// The paper's sizes for BERT-base (hidden 768); other widths scale them.
@@ -164,9 +164,54 @@ impl Method {
 /// A method's buffers of one (batch, seq) bucket, made by its `activations`.
 pub type MethodActs = Box<dyn Any + Send + Sync>;
 
+/// A method's buffers of one bucket, from one builder generic over what `alloc` makes
+/// (tensors, or plan entries for the memory report).
+pub trait MethodBuffers {
+    type Acts<T>;
+
+    /// The buffers (only a forward's without `bucket.training`).
+    fn build<T: Clone>(
+        &self,
+        c: &BertConfig,
+        bucket: Bucket,
+        alloc: Alloc<T>,
+    ) -> Result<Self::Acts<T>, GpuError>;
+}
+
+/// [`MethodBuffers`] as [`TaskMethod`] uses them: allocated and boxed, or planned.
+pub trait Buffers {
+    fn activations(
+        &self,
+        c: &BertConfig,
+        bucket: Bucket,
+        alloc: Alloc<Tensor>,
+    ) -> Result<MethodActs, GpuError>;
+
+    /// (name, shape) of what `activations` allocates.
+    fn plan(&self, c: &BertConfig, bucket: Bucket) -> Vec<(String, Vec<usize>)>;
+}
+
+impl<M: MethodBuffers> Buffers for M
+where
+    M::Acts<Tensor>: Any + Send + Sync,
+{
+    fn activations(
+        &self,
+        c: &BertConfig,
+        bucket: Bucket,
+        alloc: Alloc<Tensor>,
+    ) -> Result<MethodActs, GpuError> {
+        Ok(Box::new(self.build(c, bucket, alloc)?))
+    }
+
+    fn plan(&self, c: &BertConfig, bucket: Bucket) -> Vec<(String, Vec<usize>)> {
+        plan_of(|alloc| self.build(c, bucket, alloc))
+    }
+}
+
 /// What a task method is: its parameters, its buffers, and (through [`TaskTerms`]) what it
 /// adds to a layer's forward and backward.
-pub trait TaskMethod {
+pub trait TaskMethod: Buffers {
     fn name(&self) -> MethodName;
 
     /// An error unless the sizes are usable.
@@ -196,17 +241,6 @@ pub trait TaskMethod {
         params: &ByName,
         grads: Option<&ByName>,
     ) -> Box<dyn TaskTerms>;
-
-    /// The buffers of one bucket (only a forward's without `training`), from `alloc`.
-    fn activations(
-        &self,
-        c: &BertConfig,
-        bucket: Bucket,
-        alloc: Alloc<Tensor>,
-    ) -> Result<MethodActs, GpuError>;
-
-    /// (name, shape) of what `activations` allocates.
-    fn plan(&self, c: &BertConfig, bucket: Bucket) -> Vec<(String, Vec<usize>)>;
 }
 
 /// The shape of one bucket's buffers: batch, sequence length, and whether a backward runs.
@@ -247,11 +281,6 @@ pub(crate) fn acts_of<'a, S: 'static>(acts: &'a TaskActivations, method: &str) -
 /// A task's gradients: an error for a model loaded for inference.
 pub(crate) fn grads_of<'a, S>(grads: &'a Option<S>, method: &str) -> Result<&'a S, GpuError> {
     grads.as_ref().ok_or_else(|| shape_error(method, "an inference model has no gradients".into()))
-}
-
-/// A method's buffers, boxed for [`TaskActivations`].
-pub(crate) fn boxed<S: Any + Send + Sync>(built: Result<S, GpuError>) -> Result<MethodActs, GpuError> {
-    Ok(Box::new(built?))
 }
 
 /// A Linear's two parameters: weight [out, in] and bias [out].

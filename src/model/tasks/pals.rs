@@ -7,8 +7,7 @@
 
 use super::TaskActivations;
 use super::method::{
-    Bucket, MethodActs, MethodName, TaskMethod, TaskTerms, acts_of, boxed, check_heads, grads_of,
-    linear_shapes,
+    Bucket, MethodBuffers, MethodName, TaskMethod, TaskTerms, acts_of, check_heads, grads_of, linear_shapes,
 };
 use crate::contract::{AttentionShape, DropoutSpec, Site, site};
 use crate::gpu::{GpuError, Recorder, Tensor};
@@ -17,7 +16,7 @@ use crate::kernels::elementwise;
 use crate::kernels::matmul::Epilogue;
 use crate::model::BertConfig;
 use crate::model::bert::ByName;
-use crate::model::blocks::{Alloc, GradMode, Linear, add_input_grad, per_layer, plan_of};
+use crate::model::blocks::{Alloc, GradMode, Linear, add_input_grad, per_layer};
 use crate::model::hook::{HookStep, LayerHook};
 
 pub struct Pals {
@@ -64,7 +63,9 @@ pub struct PalActs<T> {
     pub delta: T,
 }
 
-impl Pals {
+impl MethodBuffers for Pals {
+    type Acts<T> = PalActs<T>;
+
     fn build<T: Clone>(&self, c: &BertConfig, b: Bucket, alloc: Alloc<T>) -> Result<PalActs<T>, GpuError> {
         let (h, rows, brows, (p, heads)) =
             (c.hidden_size, b.rows(), b.backward_rows(), (self.dim, self.heads));
@@ -126,19 +127,6 @@ impl TaskMethod for Pals {
                 .collect(),
         };
         Box::new(PalTerms { heads: self.heads, params: of(params), grads: grads.map(of) })
-    }
-
-    fn activations(
-        &self,
-        c: &BertConfig,
-        bucket: Bucket,
-        alloc: Alloc<Tensor>,
-    ) -> Result<MethodActs, GpuError> {
-        boxed(self.build(c, bucket, alloc))
-    }
-
-    fn plan(&self, c: &BertConfig, bucket: Bucket) -> Vec<(String, Vec<usize>)> {
-        plan_of(|alloc| self.build(c, bucket, alloc))
     }
 }
 

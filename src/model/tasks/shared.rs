@@ -3,8 +3,8 @@
 //! its parameter count, each task having its own encoder.
 
 use super::TaskActivations;
-use super::method::{Bucket, MethodActs, MethodName, TaskMethod, TaskTerms, boxed};
-use crate::gpu::{GpuError, Tensor};
+use super::method::{Bucket, MethodBuffers, MethodName, TaskMethod, TaskTerms};
+use crate::gpu::GpuError;
 use crate::model::BertConfig;
 use crate::model::bert::ByName;
 use crate::model::blocks::Alloc;
@@ -36,18 +36,13 @@ impl TaskMethod for Shared {
     ) -> Box<dyn TaskTerms> {
         Box::new(NoTerms)
     }
+}
 
-    fn activations(
-        &self,
-        _c: &BertConfig,
-        _bucket: Bucket,
-        _alloc: Alloc<Tensor>,
-    ) -> Result<MethodActs, GpuError> {
-        boxed(Ok(()))
-    }
+impl MethodBuffers for Shared {
+    type Acts<T> = ();
 
-    fn plan(&self, _c: &BertConfig, _bucket: Bucket) -> Vec<(String, Vec<usize>)> {
-        Vec::new()
+    fn build<T: Clone>(&self, _c: &BertConfig, _bucket: Bucket, _alloc: Alloc<T>) -> Result<(), GpuError> {
+        Ok(())
     }
 }
 

@@ -16,8 +16,8 @@
 
 use super::TaskActivations;
 use super::method::{
-    Bucket, MethodActs, MethodName, TaskMethod, TaskTerms, acts_of, boxed, check_heads, grads_of,
-    linear_shapes, top_dropout_sites, top_sites_fit,
+    Bucket, MethodBuffers, MethodName, TaskMethod, TaskTerms, acts_of, check_heads, grads_of, linear_shapes,
+    top_dropout_sites, top_sites_fit,
 };
 use crate::contract::{AttentionShape, DropoutSpec};
 use crate::gpu::{GpuError, Recorder, Tensor};
@@ -28,7 +28,7 @@ use crate::model::BertConfig;
 use crate::model::bert::ByName;
 use crate::model::blocks::{
     Alloc, AttentionActs, AttentionBlock, AttentionScratch, AttentionStep, GradMode, Linear, copy, in_turn,
-    per_layer, plan_of,
+    per_layer,
 };
 use crate::model::hook::{HookStep, LayerHook};
 
@@ -77,6 +77,10 @@ impl TopAttn {
     fn shape(&self, batch: usize, seq: usize) -> AttentionShape {
         AttentionShape { batch, seq, heads: self.heads, head_dim: self.dim / self.heads.max(1) }
     }
+}
+
+impl MethodBuffers for TopAttn {
+    type Acts<T> = TopActs<T>;
 
     fn build<T: Clone>(&self, c: &BertConfig, b: Bucket, alloc: Alloc<T>) -> Result<TopActs<T>, GpuError> {
         let (h, rows, brows, dim) = (c.hidden_size, b.rows(), b.backward_rows(), self.dim);
@@ -157,19 +161,6 @@ impl TaskMethod for TopAttn {
         };
         let top = TopAttn { dim: self.dim, heads: self.heads, blocks: self.blocks };
         Box::new(TopTerms { top, params: of(params), grads: grads.map(of) })
-    }
-
-    fn activations(
-        &self,
-        c: &BertConfig,
-        bucket: Bucket,
-        alloc: Alloc<Tensor>,
-    ) -> Result<MethodActs, GpuError> {
-        boxed(self.build(c, bucket, alloc))
-    }
-
-    fn plan(&self, c: &BertConfig, bucket: Bucket) -> Vec<(String, Vec<usize>)> {
-        plan_of(|alloc| self.build(c, bucket, alloc))
     }
 }
 
