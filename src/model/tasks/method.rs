@@ -104,8 +104,6 @@ fn scaled(hidden: usize, base: usize, multiple: usize) -> usize {
 }
 
 impl Method {
-    pub const NAMES: [&str; 6] = ["shared", "pals", "low-rank", "adapters", "top-attn", "separate"];
-
     /// The method `name` with the paper's sizes scaled to the model's width: PALs 204 (6
     /// heads of 34) at hidden 768, 102 (6 × 17) at 384; low-rank 100 and adapters 50 at
     /// 768; top-attn 6 blocks of 204 (12 heads of 17) at 768, 108 (12 × 9) at 384.
