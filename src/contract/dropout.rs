@@ -30,6 +30,14 @@ pub fn site(layer: usize, which: Site) -> u32 {
     1 + 4 * layer as u32 + which as u32
 }
 
+/// The dropout sites of top-attn block `block` after `layers` encoder layers: (attention
+/// probabilities, block output), the task-specific sites of virtual layers L + 2·block
+/// and L + 2·block + 1.
+pub fn top_dropout_sites(layers: usize, block: usize) -> (u32, u32) {
+    let layer = layers + 2 * block;
+    (site(layer, Site::TaskSpecific), site(layer + 1, Site::TaskSpecific))
+}
+
 /// Every training step draws fresh masks: 256 sites per step.
 pub fn dropout_stream(step: u32, site: u32) -> u32 {
     step.wrapping_mul(256).wrapping_add(site)

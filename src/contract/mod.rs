@@ -6,7 +6,9 @@
 pub mod dropout;
 pub mod rng;
 
-pub use dropout::{DropoutKey, DropoutSpec, SITE_EMBEDDINGS, SITE_HEAD, Site, dropout_stream, site};
+pub use dropout::{
+    DropoutKey, DropoutSpec, SITE_EMBEDDINGS, SITE_HEAD, Site, dropout_stream, site, top_dropout_sites,
+};
 
 /// q, k, v, o and their gradients are [batch, seq, heads, head_dim]; the mask is
 /// [batch, seq]; lse and delta are [batch, heads, seq].

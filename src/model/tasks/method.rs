@@ -7,7 +7,7 @@ use std::str::FromStr;
 
 use super::TaskActivations;
 use super::{adapters::Adapters, low_rank::LowRank, pals::Pals, shared::Shared, top_attn::TopAttn};
-use crate::contract::{SITE_HEAD, Site, site};
+use crate::contract::{SITE_HEAD, top_dropout_sites};
 use crate::gpu::{GpuError, Tensor};
 use crate::kernels::attention::MAX_HEAD_DIM;
 use crate::model::BertConfig;
@@ -296,16 +296,9 @@ pub(crate) fn check_heads(what: &str, dim: usize, heads: usize) -> Result<(), St
     Ok(())
 }
 
-/// The dropout sites of top-attn block `block`: (attention probabilities, block output),
-/// the task-specific sites of virtual layers L + 2·block and L + 2·block + 1.
-pub fn top_dropout_sites(c: &BertConfig, block: usize) -> (u32, u32) {
-    let layer = c.num_hidden_layers + 2 * block;
-    (site(layer, Site::TaskSpecific), site(layer + 1, Site::TaskSpecific))
-}
-
 /// Whether top-attn's `blocks` fit below the head's dropout site.
 pub(crate) fn top_sites_fit(c: &BertConfig, blocks: usize) -> Result<(), String> {
-    if blocks > 0 && top_dropout_sites(c, blocks - 1).1 >= SITE_HEAD {
+    if blocks > 0 && top_dropout_sites(c.num_hidden_layers, blocks - 1).1 >= SITE_HEAD {
         let detail = format!("{blocks} blocks after {} layers", c.num_hidden_layers);
         return Err(format!("top-attn has more dropout sites than a step has: {detail}"));
     }

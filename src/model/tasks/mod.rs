@@ -66,7 +66,7 @@ pub mod top_attn;
 
 pub use method::{
     ADAPTER_BASE, Bucket, LOW_RANK_BASE, Method, MethodActs, MethodName, PAL_DIM_BASE, PAL_HEADS, TOP_BLOCKS,
-    TOP_DIM_BASE, TOP_HEADS, TaskMethod, TaskTerms, top_dropout_sites,
+    TOP_DIM_BASE, TOP_HEADS, TaskMethod, TaskTerms,
 };
 
 use super::bert::{Activations, BatchInputs, Bert, ByName, download_named, make_named, upload_named};

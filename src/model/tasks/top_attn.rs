@@ -17,9 +17,9 @@
 use super::TaskActivations;
 use super::method::{
     Bucket, MethodBuffers, MethodName, TaskMethod, TaskTerms, acts_of, check_heads, grads_of, linear_shapes,
-    top_dropout_sites, top_sites_fit,
+    top_sites_fit,
 };
-use crate::contract::{AttentionShape, DropoutSpec};
+use crate::contract::{AttentionShape, DropoutSpec, top_dropout_sites};
 use crate::gpu::{GpuError, Recorder, Tensor};
 use crate::kernels::layernorm::{self, LayerNormScratch};
 use crate::kernels::matmul::Epilogue;
@@ -191,7 +191,7 @@ struct TopHook<'a> {
 impl TopHook<'_> {
     /// Block i's step: shape, mask, attention-probability and output dropout.
     fn step<'m>(&self, s: &HookStep<'m>, i: usize) -> AttentionStep<'m> {
-        let (attention, output) = top_dropout_sites(self.c, i);
+        let (attention, output) = top_dropout_sites(self.c.num_hidden_layers, i);
         AttentionStep {
             shape: self.terms.top.shape(s.acts.batch, s.acts.seq),
             mask: &s.inputs.buffers.mask,

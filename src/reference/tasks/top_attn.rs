@@ -1,8 +1,7 @@
 //! `top-attn` on the CPU: the function model/tasks/top_attn.rs computes (formulas there).
 
 use super::{Linear, TaskParams, accumulate, add, dropout};
-use crate::contract::{AttentionShape, DropoutSpec};
-use crate::model::tasks::top_dropout_sites;
+use crate::contract::{AttentionShape, DropoutSpec, top_dropout_sites};
 use crate::reference::bert::{Grads, HookContext, LayerHook};
 use crate::reference::{attention, layernorm};
 
@@ -50,7 +49,7 @@ impl TopAttn<'_> {
     ) -> (AttentionShape, f64, DropoutSpec, DropoutSpec) {
         let (dim, heads) = (self.dim, self.heads);
         let shape = AttentionShape { batch: ctx.batch, seq: ctx.seq, heads, head_dim: dim / heads };
-        let (attention, output) = top_dropout_sites(self.p.config, i);
+        let (attention, output) = top_dropout_sites(self.p.config.num_hidden_layers, i);
         let c = self.p.config;
         let attention = self.p.dropout_spec(ctx, attention, c.attention_probs_dropout_prob);
         let output = self.p.dropout_spec(ctx, output, c.hidden_dropout_prob);
