@@ -4,10 +4,11 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use pals::encode::{Encoder, Pooling};
 use pals::gpu::{AdapterChoice, Gpu};
 use pals::model::tasks::MethodName;
+use pals::train::checks::{at_least, checked};
 use pals::train::commands;
 use pals::train::trainer::TrainSettings;
 
@@ -170,9 +171,13 @@ enum Command {
         output: PathBuf,
         #[command(flatten)]
         run: RunArgs,
-        /// Continue from OUTPUT/last (bit-identical to an uninterrupted run).
-        #[arg(long)]
+        /// Continue from OUTPUT/last (bit-identical to an uninterrupted run); flags that
+        /// differ from the saved run are refused, except --stop-after and --max-eval-examples.
+        #[arg(long, conflicts_with = "overwrite")]
         resume: bool,
+        /// Replace the run OUTPUT already holds (without it, such a run is never overwritten).
+        #[arg(long)]
+        overwrite: bool,
         /// Save OUTPUT/init before the first step.
         #[arg(long)]
         save_init: bool,
@@ -248,18 +253,60 @@ enum Command {
 }
 
 fn main() {
-    if let Err(error) = run(Cli::parse()) {
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
+    if let Err(error) = check_numbers(&cli.command).and_then(|_| run(cli, given_flags(&matches))) {
         eprintln!("error: {error:#}");
         std::process::exit(1);
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+/// The flags of the subcommand set on the command line or through the environment, as
+/// clap ids (which are the settings' field names).
+fn given_flags(matches: &ArgMatches) -> Vec<String> {
+    let Some((_, sub)) = matches.subcommand() else { return Vec::new() };
+    sub.ids()
+        .filter(|id| {
+            matches!(
+                sub.value_source(id.as_str()),
+                Some(clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable)
+            )
+        })
+        .map(|id| id.to_string())
+        .collect()
+}
+
+/// Range checks of every number a command takes, before any model or GPU is touched
+/// (train's are its settings' checks).
+fn check_numbers(command: &Command) -> Result<()> {
+    match command {
+        Command::Train { run, .. } => checked(run.settings()).map(|_| ()),
+        Command::Bench { reps, steps, batch, seq, .. } => {
+            at_least("--reps", *reps as u64, 1)?;
+            at_least("--steps", *steps as u64, 1)?;
+            at_least("--batch", *batch as u64, 1)?;
+            at_least("--seq", *seq as u64, 1)
+        }
+        Command::Params { pal_dim: Some(dim), .. } => at_least("--pal-dim", *dim as u64, 1),
+        Command::Demo { steps_per_epoch, epochs, .. } => {
+            at_least("--steps-per-epoch", *steps_per_epoch as u64, 1)?;
+            at_least("--epochs", *epochs as u64, 1)
+        }
+        Command::Encode { batch_size, max_length, .. } => {
+            at_least("--batch-size", *batch_size as u64, 1)?;
+            at_least("--max-length", *max_length as u64, 2)
+        }
+        _ => Ok(()),
+    }
+}
+
+fn run(cli: Cli, given: Vec<String>) -> Result<()> {
     match cli.command {
         Command::Devices { adapter } => devices(adapter.backend.as_deref()),
-        Command::Train { adapter, model, glue_dir, output, run, resume, save_init } => {
+        Command::Train { adapter, model, glue_dir, output, run, resume, overwrite, save_init } => {
             let gpu = adapter.open()?;
-            commands::train(&gpu, &model, &glue_dir, &output, run.settings(), resume, save_init)
+            let start = commands::Start { resume, overwrite, save_init, given };
+            commands::train(&gpu, &model, &glue_dir, &output, run.settings(), &start)
         }
         Command::Eval { adapter, checkpoint, glue_dir } => {
             commands::eval(&adapter.open()?, &checkpoint, &glue_dir)

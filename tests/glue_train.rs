@@ -109,7 +109,8 @@ fn train_eval_and_predict_on_a_tiny_model_and_glue_directory() {
     std::fs::create_dir_all(&model).unwrap();
     tiny_model(&model);
     tiny_glue(&glue);
-    commands::train(gpu(), &model, &glue, &output, settings(10, 8, 16, 1e-3, None), false, true).unwrap();
+    let start = commands::Start { save_init: true, ..Default::default() };
+    commands::train(gpu(), &model, &glue, &output, settings(10, 8, 16, 1e-3, None), &start).unwrap();
     check_run(&output, 10);
     assert!(output.join("init/shared.safetensors").exists(), "--save-init");
 
@@ -136,7 +137,8 @@ fn train_eval_and_predict_on_a_tiny_model_and_glue_directory() {
 
     // A resumed run refuses other tasks instead of mixing checkpoints.
     let other = TrainSettings { tasks: vec!["sst-2".into()], ..settings(10, 8, 16, 1e-3, None) };
-    let error = commands::train(gpu(), &glue, &glue, &output, other, true, false).unwrap_err().to_string();
+    let resume = commands::Start { resume: true, given: vec!["tasks".into()], ..Default::default() };
+    let error = commands::train(gpu(), &glue, &glue, &output, other, &resume).unwrap_err().to_string();
     assert!(error.contains("--resume"), "{error}");
     let _ = std::fs::remove_dir_all(&root);
 }
@@ -156,8 +158,7 @@ fn short_real_run_with_minilm_on_sst2_and_stsb() {
         Path::new(&glue),
         &output,
         settings(steps, 8, 32, 1e-4, Some(48)),
-        false,
-        false,
+        &commands::Start::default(),
     )
     .unwrap();
     let log = check_run(&output, steps);

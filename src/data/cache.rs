@@ -76,8 +76,10 @@ pub fn tokenized_split(
     };
     let data = glue::parse_split(&bytes, &path, task, split)?;
     let examples = tokenize_all(tokenizer, &data.examples, max_len, &path)?;
-    if let Some((file, key)) = cache_file {
-        write_atomically(&file, &encode(&examples, data.skipped, key))?;
+    if let Some((file, key)) = cache_file
+        && let Err(error) = write_atomically(&file, &encode(&examples, data.skipped, key))
+    {
+        warn_once(&error);
     }
     Ok(TokenizedSplit { task, split, examples, skipped: data.skipped, cached: false })
 }
@@ -116,7 +118,7 @@ fn cache_key(
     max_len: usize,
 ) -> Result<u64> {
     let source = &tokenizer.source;
-    let vocab = std::fs::read(source).map_err(|e| DataError::Io { path: source.clone(), source: e })?;
+    let vocab = std::fs::read(source).map_err(|e| DataError::Io { path: source.clone(), error: e })?;
     let probe = tokenizer.tokenize(PROBE).map_err(|e| {
         DataError::Invalid(format!("{}: cannot tokenize the probe text: {e}", source.display()))
     })?;
@@ -252,10 +254,19 @@ fn decode(bytes: &[u8], key: u64) -> Option<(Vec<TokenizedExample>, usize)> {
 }
 
 /// Writes `file` whole or not at all: a temporary file in the same directory, then a rename.
+/// The cache only saves time: a directory that cannot be written is a warning (once per
+/// process) and the run goes on without it.
+fn warn_once(error: &DataError) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !WARNED.swap(true, Ordering::Relaxed) {
+        eprintln!("warning: tokenization cache not written ({error}); continuing without it");
+    }
+}
+
 fn write_atomically(file: &Path, bytes: &[u8]) -> Result<()> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
-        move |source| DataError::Io { path, source }
+        move |error| DataError::Io { path, error }
     };
     let dir = file.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io(dir))?;

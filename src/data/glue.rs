@@ -17,12 +17,9 @@ pub enum DataError {
     Missing { task: Task, split: Split, path: PathBuf },
     #[error("{task} has no {split} split (it has: {})", names(task.splits()))]
     NoSuchSplit { task: Task, split: Split },
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    // The cause is in the message, not chained as a source: printed once.
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{path}:{line}: {message}")]
     Row { path: PathBuf, line: usize, message: String },
     #[error("{path}:{line}: {source}")]
@@ -262,7 +259,7 @@ pub(crate) fn read_split_bytes(glue_dir: &Path, task: Task, split: Split) -> Res
     match std::fs::read(&path) {
         Ok(bytes) => Ok((path, bytes)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(DataError::Missing { task, split, path }),
-        Err(source) => Err(DataError::Io { path, source }),
+        Err(error) => Err(DataError::Io { path, error }),
     }
 }
 

@@ -22,12 +22,9 @@ const MASK: &str = "[MASK]";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    // The cause is in the message, not chained as a source: printed once.
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
     #[error("{path}: the vocabulary has no {token} token")]
@@ -38,6 +35,11 @@ pub enum TokenizerError {
     Encode { text: String, message: String },
     #[error("max_len {max_len} leaves no room for the {specials} special tokens")]
     MaxLen { max_len: usize, specials: usize },
+    #[error(
+        "config error: the tokenizer {path} has {tokens} tokens but the model's vocab_size is {vocab_size}: \
+         ids from {vocab_size} on would have no embedding"
+    )]
+    VocabTooLarge { path: PathBuf, tokens: usize, vocab_size: usize },
 }
 
 /// One packed sequence: `[CLS] A [SEP] (B [SEP])` and its token types (0 for A, 1 for B).
@@ -93,7 +95,7 @@ impl Tokenizer {
     pub fn from_tokenizer_json(path: impl AsRef<Path>) -> Result<Tokenizer, TokenizerError> {
         let path = path.as_ref();
         let bytes =
-            std::fs::read(path).map_err(|source| TokenizerError::Io { path: path.to_path_buf(), source })?;
+            std::fs::read(path).map_err(|error| TokenizerError::Io { path: path.to_path_buf(), error })?;
         let mut inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| invalid(path, e))?;
         inner.with_truncation(None).map_err(|e| invalid(path, e))?;
         inner.with_padding(None);
@@ -107,7 +109,7 @@ impl Tokenizer {
     ) -> Result<Tokenizer, TokenizerError> {
         let path = path.as_ref();
         let bytes =
-            std::fs::read(path).map_err(|source| TokenizerError::Io { path: path.to_path_buf(), source })?;
+            std::fs::read(path).map_err(|error| TokenizerError::Io { path: path.to_path_buf(), error })?;
         let vocab = WordPiece::read_bytes(&bytes).map_err(|e| invalid(path, e))?;
         if !vocab.contains_key(UNK) {
             return Err(TokenizerError::MissingToken { path: path.to_path_buf(), token: UNK });
@@ -202,6 +204,15 @@ impl Tokenizer {
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
+
+    /// Every id the tokenizer can produce has a row in an embedding of `vocab_size` rows.
+    pub fn check_fits(&self, vocab_size: usize) -> Result<(), TokenizerError> {
+        let tokens = self.vocab_size();
+        if tokens > vocab_size {
+            return Err(TokenizerError::VocabTooLarge { path: self.source.clone(), tokens, vocab_size });
+        }
+        Ok(())
+    }
 }
 
 /// Drops tokens from the end of the longer list (the second on a tie) until both fit `budget`.
@@ -226,7 +237,7 @@ fn read_options(path: &Path) -> Result<BasicOptions, TokenizerError> {
         return Ok(options);
     }
     let text = std::fs::read_to_string(path)
-        .map_err(|source| TokenizerError::Io { path: path.to_path_buf(), source })?;
+        .map_err(|error| TokenizerError::Io { path: path.to_path_buf(), error })?;
     let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| invalid(path, e))?;
     let flag = |field: &str| match value.get(field) {
         None | Some(serde_json::Value::Null) => Ok(None),

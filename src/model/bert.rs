@@ -357,7 +357,7 @@ pub(crate) fn check_config(c: &BertConfig) -> Result<(), ModelError> {
         let message = format!("{} is not a multiple of {heads} heads", c.hidden_size);
         return Err(ModelError::config("hidden_size", message));
     }
-    if c.hidden_act != "gelu" {
+    if !crate::model::config::SUPPORTED_ACTS.contains(&c.hidden_act.as_str()) {
         return Err(ModelError::config("hidden_act", format!("'{}' is not supported (gelu)", c.hidden_act)));
     }
     Ok(())

@@ -77,6 +77,50 @@ impl BertConfig {
     }
 }
 
+/// Size limits, far above any BERT (BERT-large: 24 layers, 1024 wide, 30522 tokens), so a
+/// config whose tensors could not exist is refused before anything is built.
+pub const MAX_LAYERS: usize = 1024;
+/// Kernels index a tensor with u32.
+pub const MAX_TENSOR_ELEMENTS: u128 = u32::MAX as u128;
+/// 2^34 parameters are 64 GiB of f32 before gradients and optimizer state.
+pub const MAX_PARAMETERS: u128 = 1 << 34;
+
+impl BertConfig {
+    /// Refuses sizes whose tensors could not exist: too many layers, a tensor past u32
+    /// indexing, or more parameters than any machine holds.
+    fn check_sizes(&self) -> Result<(), ConfigError> {
+        if self.num_hidden_layers > MAX_LAYERS {
+            let message = format!("{} is above the limit of {MAX_LAYERS}", self.num_hidden_layers);
+            return Err(ConfigError::new("num_hidden_layers", message));
+        }
+        let hidden = self.hidden_size as u128;
+        let tables = [
+            ("vocab_size", self.vocab_size as u128 * hidden),
+            ("hidden_size", hidden * hidden),
+            ("intermediate_size", self.intermediate_size as u128 * hidden),
+            ("max_position_embeddings", self.max_position_embeddings as u128 * hidden),
+            ("type_vocab_size", self.type_vocab_size as u128 * hidden),
+        ];
+        for (field, elements) in tables {
+            if elements > MAX_TENSOR_ELEMENTS {
+                let message = format!(
+                    "a {field} × hidden_size tensor has {elements} elements, above the limit of \
+                     {MAX_TENSOR_ELEMENTS}"
+                );
+                return Err(ConfigError::new(field, message));
+            }
+        }
+        let per_layer = 4 * hidden * hidden + 2 * self.intermediate_size as u128 * hidden;
+        let total = per_layer * self.num_hidden_layers as u128 + tables[0].1 + tables[3].1;
+        if total > MAX_PARAMETERS {
+            let message =
+                format!("the model would have about {total} parameters, above the limit of {MAX_PARAMETERS}");
+            return Err(ConfigError::new("num_hidden_layers", message));
+        }
+        Ok(())
+    }
+}
+
 /// Activations we implement: both names Hugging Face uses for the exact erf GELU. The tanh and
 /// sigmoid approximations ("gelu_new", "gelu_fast", "gelu_pytorch_tanh", "quick_gelu", …) give
 /// different outputs from the same weights, so they are refused rather than silently swapped.
@@ -170,6 +214,7 @@ impl BertConfig {
                 return Err(ConfigError::new(field, "must be greater than 0"));
             }
         }
+        self.check_sizes()?;
         if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(ConfigError::new(
                 "hidden_size",

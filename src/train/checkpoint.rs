@@ -4,16 +4,18 @@
 //! and for `--resume` the optimizer moments and the trainer state.
 //!
 //! A checkpoint is written into `<name>.partial/` and then swapped in with directory
-//! renames, so an interrupted save never damages the checkpoint that was there before.
+//! renames (see `rundir`), so an interrupted save never damages the checkpoint that was
+//! there before.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::model::load::{read_tensors, save_weights};
 use crate::model::{BertConfig, Weights};
+use crate::train::rundir::{COMPLETE, sibling, swap_in, sync_dir};
 
 /// Where training stands: enough, with the run config, to continue bit for bit.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -80,6 +82,14 @@ impl Checkpoint {
         if let Some(optimizer) = &self.optimizer {
             save_weights(partial.join("optimizer.safetensors"), optimizer)?;
         }
+        // Recovery after a crash trusts a `.partial` only with this marker, so every file
+        // must be on disk before it is.
+        sync_files(&partial)?;
+        let marker = partial.join(COMPLETE);
+        std::fs::File::create(&marker)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("writing {}", marker.display()))?;
+        sync_dir(&partial)?;
         swap_in(&partial, dir)
     }
 
@@ -89,7 +99,9 @@ impl Checkpoint {
             bail!("{} is not a pals checkpoint (no shared.safetensors)", dir.display());
         }
         let run = json_from(&dir.join("run.json"))?;
-        let config: BertConfig = json_from(&dir.join("config.json"))?;
+        let config_path = dir.join("config.json");
+        let config: BertConfig = json_from(&config_path)?;
+        config.validate().map_err(|e| anyhow::anyhow!("config error: {}: {e}", config_path.display()))?;
         let state = json_from(&dir.join("trainer_state.json"))?;
         let shared = read_tensors(dir.join("shared.safetensors"))?;
         let mut tasks = BTreeMap::new();
@@ -97,7 +109,7 @@ impl Checkpoint {
         let entries =
             std::fs::read_dir(&task_dir).with_context(|| format!("reading {}", task_dir.display()))?;
         for entry in entries {
-            let path = entry?.path();
+            let path = entry.with_context(|| format!("reading {}", task_dir.display()))?.path();
             if path.extension().is_some_and(|e| e == "safetensors") {
                 let name = path.file_stem().unwrap_or_default().to_string_lossy().to_string();
                 tasks.insert(name, read_tensors(&path)?);
@@ -111,42 +123,21 @@ impl Checkpoint {
     }
 }
 
-fn sibling(dir: &Path, suffix: &str) -> PathBuf {
-    let mut name = dir.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".{suffix}"));
-    dir.with_file_name(name)
-}
-
-/// `partial` becomes `dir`; the old `dir` is kept as `dir.old` until the swap is done.
-fn swap_in(partial: &Path, dir: &Path) -> Result<()> {
-    let old = sibling(dir, "old");
-    if old.exists() {
-        std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
-    }
-    if dir.exists() {
-        std::fs::rename(dir, &old).with_context(|| format!("moving {} aside", dir.display()))?;
-    }
-    std::fs::rename(partial, dir)
-        .with_context(|| format!("renaming {} to {}", partial.display(), dir.display()))?;
-    if old.exists() {
-        std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
-    }
-    Ok(())
-}
-
-/// The checkpoint to evaluate in an output directory: `best/` if training kept one, else
-/// `last/`, else the directory itself.
-pub fn resolve(dir: &Path) -> PathBuf {
-    for sub in ["best", "last"] {
-        if dir.join(sub).join("shared.safetensors").exists() {
-            return dir.join(sub);
+/// Syncs every file under `dir` to disk.
+fn sync_files(dir: &Path) -> Result<()> {
+    let entries = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+    for entry in entries {
+        let path = entry.with_context(|| format!("reading {}", dir.display()))?.path();
+        if path.is_dir() {
+            sync_files(&path)?;
+            sync_dir(&path)?;
+        } else {
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .with_context(|| format!("syncing {}", path.display()))?;
         }
     }
-    // An interrupted swap leaves the previous checkpoint as `last.old`.
-    if dir.join("last.old").join("shared.safetensors").exists() {
-        return dir.join("last.old");
-    }
-    dir.to_path_buf()
+    Ok(())
 }
 
 #[cfg(test)]
@@ -180,7 +171,8 @@ mod tests {
         assert_eq!(loaded.shared["pooler.dense.bias"].data, vec![1.0, 7.0]);
         assert_eq!(loaded.tasks["RTE"]["tasks.RTE.head.bias"].data, vec![0.5, -0.5]);
         assert!(!sibling(&dir, "partial").exists() && !sibling(&dir, "old").exists());
-        assert_eq!(resolve(&root), dir);
+        assert!(dir.join(COMPLETE).exists());
+        assert_eq!(crate::train::rundir::checkpoint_to_read(&root).unwrap(), dir);
         let _ = std::fs::remove_dir_all(&root);
     }
 

@@ -1,6 +1,7 @@
 //! What `pals train`, `eval`, `predict`, `params` and `demo` do; src/main.rs parses.
 
 use std::collections::BTreeMap;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,11 +15,12 @@ use crate::data::glue::{Split, Task};
 use crate::gpu::Gpu;
 use crate::model::tasks::{Method, MethodName, TaskSpec, param_count, task_param_count};
 use crate::model::{BertConfig, Weights, param_count as encoder_params};
-use crate::train::checkpoint::{Checkpoint, resolve};
+use crate::train::checkpoint::Checkpoint;
 use crate::train::inference::{InferenceModel, evaluate_tasks};
 use crate::train::log::LogRecords;
 use crate::train::metrics::format_table;
 use crate::train::trainer::{TaskData, TrainSettings, Trainer, load_glue_tasks};
+use crate::train::{checks, rundir};
 
 /// Where tokenized GLUE splits are cached.
 fn token_cache() -> Option<PathBuf> {
@@ -34,13 +36,27 @@ fn progress_bar() -> indicatif::ProgressBar {
     bar
 }
 
-/// Ctrl-C sets the flag; the loop then saves a resumable checkpoint and stops.
+/// Ctrl-C, SIGTERM or SIGHUP (what `timeout`, Slurm, `docker stop` and systemd send) sets
+/// the flag; the loop then finishes its step, saves a resumable checkpoint and stops. A
+/// second signal stops at once: the checkpoint swap keeps the last complete save intact.
 fn interrupt_flag() -> Arc<AtomicBool> {
-    let flag = Arc::new(AtomicBool::new(false));
-    let setter = flag.clone();
-    // Only one handler per process: a second call (tests) keeps the first.
-    let _ = ctrlc::set_handler(move || setter.store(true, Ordering::SeqCst));
-    flag
+    static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+    let flag = FLAG.get_or_init(|| {
+        let flag = Arc::new(AtomicBool::new(false));
+        let setter = flag.clone();
+        let installed = ctrlc::set_handler(move || {
+            if setter.swap(true, Ordering::SeqCst) {
+                eprintln!("second interrupt: stopping now without saving");
+                std::process::exit(130);
+            }
+        });
+        if let Err(error) = installed {
+            eprintln!("warning: no signal handler ({error}): an interrupt will not save a checkpoint");
+        }
+        flag
+    });
+    flag.store(false, Ordering::SeqCst);
+    flag.clone()
 }
 
 fn apply_dropout(config: &mut BertConfig, dropout: Option<f64>) {
@@ -50,51 +66,116 @@ fn apply_dropout(config: &mut BertConfig, dropout: Option<f64>) {
     }
 }
 
+/// How `pals train` treats an output directory that already holds a run.
+#[derive(Clone, Debug, Default)]
+pub struct Start {
+    /// Continue from OUTPUT/last (a directory without a run starts a new one).
+    pub resume: bool,
+    /// Replace a run that is there.
+    pub overwrite: bool,
+    /// Save OUTPUT/init before the first step.
+    pub save_init: bool,
+    /// The settings given on the command line (field names, e.g. "epochs"): on `--resume`
+    /// those that differ from the saved run are refused; the others are the saved run's.
+    pub given: Vec<String>,
+}
+
 /// Trains from a model directory (or resumes from `output/last`), then prints the dev table
-/// and writes the loss/score plot.
+/// and writes the loss/score plot. The output directory is locked for the whole run.
 pub fn train(
     gpu: &Gpu,
     model_dir: &Path,
     glue_dir: &Path,
     output: &Path,
     settings: TrainSettings,
-    resume: bool,
-    save_init: bool,
+    start: &Start,
 ) -> Result<()> {
+    let settings = checks::checked(settings)?;
+    if start.resume && start.overwrite {
+        bail!("config error: --resume and --overwrite exclude each other");
+    }
+    let _lock = rundir::lock(output)?;
+    for note in rundir::recover(output)? {
+        eprintln!("{note}");
+    }
     let last = output.join("last");
-    let resuming = resume && last.join("shared.safetensors").exists();
+    let resuming = start.resume && last.join("shared.safetensors").exists();
+    if !resuming && rundir::holds_run(output) {
+        if start.overwrite {
+            eprintln!("--overwrite: removing the run in {}", output.display());
+            rundir::clear(output)?;
+        } else if start.resume {
+            bail!(
+                "output error: {} holds a run but no last/ checkpoint to resume; start it again with --overwrite",
+                output.display()
+            );
+        } else {
+            bail!(
+                "output error: {} already holds a run; continue it with --resume, or replace it with --overwrite",
+                output.display()
+            );
+        }
+    } else if start.resume && !resuming {
+        eprintln!("nothing to resume in {}: starting a new run", output.display());
+    }
     let checkpoint = if resuming { Some(Checkpoint::load(&last, true)?) } else { None };
     let settings = match &checkpoint {
         Some(c) => {
-            let saved: TrainSettings =
-                serde_json::from_value(c.run.clone()).context("reading the checkpoint's run.json")?;
-            if saved.tasks != settings.tasks || saved.method != settings.method {
-                bail!(
-                    "--resume: {} was trained with --tasks {} --method {}",
-                    last.display(),
-                    saved.tasks.join(","),
-                    saved.method
-                );
-            }
-            TrainSettings { stop_after: settings.stop_after, ..saved }
+            let run_json = last.join("run.json");
+            let saved: TrainSettings = serde_json::from_value(c.run.clone())
+                .with_context(|| format!("reading {}", run_json.display()))?;
+            checks::resume_settings(&saved, &settings, &start.given, &last)?
         }
         None => settings,
     };
     let (mut config, shared) = crate::model::load::load_model_dir(model_dir)?;
+    check_max_length(settings.max_length, &config, &model_dir.join("config.json"))?;
     apply_dropout(&mut config, settings.dropout);
     let tokenizer = Tokenizer::from_dir(model_dir)?;
+    tokenizer.check_fits(config.vocab_size)?;
     let cache = token_cache();
     let data = load_glue_tasks(&tokenizer, glue_dir, &settings.tasks, settings.max_length, cache.as_deref())?;
+    check_splits(&data, glue_dir, true)?;
     report_data(&data, &settings);
     let mut trainer =
         Trainer::new(gpu, settings, config, &shared, &BTreeMap::new(), data, output, model_dir)?;
     if let Some(checkpoint) = &checkpoint {
         trainer.restore(checkpoint)?;
         eprintln!("resuming from {} at step {}", last.display(), trainer.state.step);
-    } else if save_init {
+    } else if start.save_init {
         trainer.save("init", false)?;
     }
     finish(&mut trainer, output)
+}
+
+/// Sequences longer than the model's position table cannot be embedded: refused at start.
+fn check_max_length(max_length: usize, config: &BertConfig, config_path: &Path) -> Result<()> {
+    if max_length > config.max_position_embeddings {
+        bail!(
+            "config error: --max-length {max_length} is longer than the model's max_position_embeddings {} ({})",
+            config.max_position_embeddings,
+            config_path.display()
+        );
+    }
+    Ok(())
+}
+
+/// An empty split is an error naming its file: nothing to train on, or nothing to score.
+fn check_splits(data: &[TaskData], glue_dir: &Path, training: bool) -> Result<()> {
+    for t in data {
+        let task = Task::from_name(&t.spec.name)?;
+        let mut splits = t.dev.iter().map(|(_, d)| d).collect::<Vec<_>>();
+        if training {
+            splits.insert(0, &t.train);
+        }
+        for split in splits {
+            if split.examples.is_empty() {
+                let path = crate::data::glue::split_path(glue_dir, task, split.split)?;
+                bail!("data error: {} {} has no examples ({})", task, split.split, path.display());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Examples per task, and the padding a pass of length-bucketed batches carries.
@@ -123,11 +204,16 @@ fn report_data(data: &[TaskData], settings: &TrainSettings) {
 
 fn finish(trainer: &mut Trainer, output: &Path) -> Result<()> {
     let interrupted = interrupt_flag();
-    let bar = progress_bar();
+    // Without a terminal the bar is hidden and the trainer prints plain lines instead.
+    let bar = if std::io::stderr().is_terminal() { progress_bar() } else { indicatif::ProgressBar::hidden() };
     let started = std::time::Instant::now();
     let scores = trainer.run(&interrupted, &bar)?;
     bar.finish_and_clear();
-    let records = LogRecords::read(&output.join("metrics.jsonl"))?;
+    let log_path = output.join("metrics.jsonl");
+    let (records, torn) = LogRecords::read_with_torn(&log_path)?;
+    if let Some(line) = torn {
+        eprintln!("note: {} line {line} is torn (a crash cut it short); it was skipped", log_path.display());
+    }
     crate::train::plot::write_svg(&output.join("training.svg"), &records)?;
     eprintln!(
         "{} steps in {:.1} s; checkpoint {}; plot {}",
@@ -137,8 +223,14 @@ fn finish(trainer: &mut Trainer, output: &Path) -> Result<()> {
         output.join("training.svg").display()
     );
     if interrupted.load(Ordering::SeqCst) {
-        eprintln!("interrupted: continue with the same command and --resume");
-    } else if !scores.is_empty() {
+        bail!(
+            "interrupted: saved a resumable checkpoint at step {} in {}; continue with the same command \
+             and --resume",
+            trainer.state.step,
+            output.join("last").display()
+        );
+    }
+    if !scores.is_empty() {
         println!("{}", format_table(&scores));
     }
     Ok(())
@@ -151,12 +243,26 @@ fn load_for_eval<'g>(
     checkpoint_dir: &Path,
     glue_dir: &Path,
 ) -> Result<(InferenceModel<'g>, Vec<TaskData>, Tokenizer, PathBuf)> {
-    let dir = resolve(checkpoint_dir);
-    let model = InferenceModel::load(gpu, &dir)?;
+    let dir = rundir::checkpoint_to_read(checkpoint_dir)?;
+    let checkpoint = Checkpoint::load(&dir, false)?;
+    let run_json = dir.join("run.json");
+    let settings: TrainSettings = serde_json::from_value(checkpoint.run.clone())
+        .with_context(|| format!("reading {}", run_json.display()))?;
+    // A task without its file must not be scored with a freshly initialised head.
+    for task in &settings.tasks {
+        let name = Task::from_name(task).map(|t| t.name().to_string()).unwrap_or_else(|_| task.clone());
+        if !checkpoint.tasks.contains_key(&name) {
+            let file = dir.join("tasks").join(format!("{name}.safetensors"));
+            bail!("weights error: {} is missing: the checkpoint has no weights for {name}", file.display());
+        }
+    }
+    let model = InferenceModel::from_checkpoint(gpu, &checkpoint)?;
     let tokenizer = Tokenizer::from_dir(&dir)?;
+    tokenizer.check_fits(checkpoint.config.vocab_size)?;
     let cache = token_cache();
     let settings = &model.settings;
     let data = load_glue_tasks(&tokenizer, glue_dir, &settings.tasks, settings.max_length, cache.as_deref())?;
+    check_splits(&data, glue_dir, false)?;
     Ok((model, data, tokenizer, dir))
 }
 
@@ -277,6 +383,11 @@ pub fn demo(gpu: &Gpu, output: &Path, steps_per_epoch: usize, epochs: usize, see
         ..TrainSettings::default()
     };
     let shared: Weights = crate::model::random_weights(&config, seed);
+    let _lock = rundir::lock(output)?;
+    if rundir::holds_run(output) {
+        eprintln!("replacing the previous run in {}", output.display());
+        rundir::clear(output)?;
+    }
     eprintln!("pals demo on {}", gpu.describe());
     eprintln!(
         "a random 2-layer BERT (width 64) with PALs learns: contains (is the marker word in the sentence?), \

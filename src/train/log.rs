@@ -19,7 +19,7 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -94,22 +94,46 @@ pub struct LogRecords {
 }
 
 impl LogRecords {
-    /// Reads the log at `path` (an `InvalidData` error names a bad line).
+    /// Reads the log at `path`; errors name the file (and a bad line).
     pub fn read(path: &Path) -> io::Result<LogRecords> {
-        LogRecords::parse(&std::fs::read_to_string(path)?)
+        Ok(LogRecords::read_with_torn(path)?.0)
+    }
+
+    /// Reads the log at `path`, and the 1-based number of a torn last line it skipped.
+    pub fn read_with_torn(path: &Path) -> io::Result<(LogRecords, Option<usize>)> {
+        let text = std::fs::read_to_string(path).map_err(|e| at(path, "reading metrics log", e))?;
+        let (records, torn) =
+            LogRecords::parse_with_torn(&text).map_err(|e| at(path, "reading metrics log", e))?;
+        Ok((records, torn))
     }
 
     /// Parses log text; a partial last line is ignored.
     pub fn parse(text: &str) -> io::Result<LogRecords> {
+        Ok(LogRecords::parse_with_torn(text)?.0)
+    }
+
+    fn parse_with_torn(text: &str) -> io::Result<(LogRecords, Option<usize>)> {
         let mut records = LogRecords::default();
-        for (_, record) in parse_lines(text)? {
-            match record {
-                Record::Step(s) => records.steps.push(s),
-                Record::Eval(e) => records.evals.push(e),
+        let mut torn = None;
+        for line in parse_lines(text) {
+            match line.record {
+                Ok(Record::Step(s)) => records.steps.push(s),
+                Ok(Record::Eval(e)) => records.evals.push(e),
+                Err(_) if line.tail => torn = Some(line.number),
+                Err(error) => {
+                    let message = format!("line {}: {error}", line.number);
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, message));
+                }
             }
         }
-        Ok(records)
+        Ok((records, torn))
     }
+}
+
+/// An I/O error that says what was done to which file: "creating metrics log runs/x/metrics.jsonl:
+/// Permission denied".
+fn at(path: &Path, doing: &str, error: io::Error) -> io::Error {
+    io::Error::new(error.kind(), format!("{doing} {}: {error}", path.display()))
 }
 
 /// The length of `text` up to and including its last newline: the complete lines.
@@ -117,65 +141,92 @@ fn complete_len(text: &str) -> usize {
     text.rfind('\n').map_or(0, |i| i + 1)
 }
 
-/// Each non-empty line with its record. A bad complete line is an error; the text after the
-/// last newline is a record if it parses, else the remains of a crash and ignored.
-fn parse_lines(text: &str) -> io::Result<Vec<(&str, Record)>> {
+/// A non-empty line of the log.
+struct Line<'a> {
+    /// 1-based.
+    number: usize,
+    text: &'a str,
+    record: Result<Record, String>,
+    /// The text after the last newline: a record if it parses, else the remains of a crash
+    /// inside a write (a torn line).
+    tail: bool,
+}
+
+fn parse_lines(text: &str) -> Vec<Line<'_>> {
     let (body, tail) = text.split_at(complete_len(text));
-    let mut out = Vec::new();
-    for (number, line) in body.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let record = serde_json::from_str(line).map_err(|error| {
-            io::Error::new(io::ErrorKind::InvalidData, format!("metrics log line {}: {error}", number + 1))
-        })?;
-        out.push((line, record));
+    let parse = |line: &str| serde_json::from_str(line).map_err(|e: serde_json::Error| e.to_string());
+    let mut out: Vec<Line> = body
+        .lines()
+        .enumerate()
+        .filter(|(_, text)| !text.trim().is_empty())
+        .map(|(i, text)| Line { number: i + 1, text, record: parse(text), tail: false })
+        .collect();
+    if !tail.trim().is_empty() {
+        out.push(Line { number: body.lines().count() + 1, text: tail, record: parse(tail), tail: true });
     }
-    if let Ok(record) = serde_json::from_str(tail) {
-        out.push((tail, record));
-    }
-    Ok(out)
+    out
 }
 
 /// Appends records to a log, one flushed line each.
 pub struct LogWriter {
     file: File,
+    path: PathBuf,
 }
 
 impl LogWriter {
     /// A new, empty log at `path` (an existing one is replaced).
     pub fn create(path: &Path) -> io::Result<LogWriter> {
-        Ok(LogWriter { file: File::create(path)? })
+        let file = File::create(path).map_err(|e| at(path, "creating metrics log", e))?;
+        Ok(LogWriter { file, path: path.to_path_buf() })
     }
 
     /// Appends to the log at `path` (created if missing), first cutting off a partial last
     /// line left by a crash so the next record starts on a line of its own.
     pub fn append(path: &Path) -> io::Result<LogWriter> {
-        let file = OpenOptions::new().read(true).append(true).create(true).open(path)?;
-        let text = std::fs::read(path)?;
+        let opened = OpenOptions::new().read(true).append(true).create(true).open(path);
+        let file = opened.map_err(|e| at(path, "opening metrics log", e))?;
+        let text = std::fs::read(path).map_err(|e| at(path, "reading metrics log", e))?;
         let complete = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
         if complete < text.len() {
-            file.set_len(complete as u64)?;
+            file.set_len(complete as u64).map_err(|e| at(path, "cutting a torn line off metrics log", e))?;
         }
-        Ok(LogWriter { file })
+        Ok(LogWriter { file, path: path.to_path_buf() })
     }
 
     /// Continues the log of a run resumed from a checkpoint taken after `steps_done` steps:
     /// drops what the interrupted run logged after that checkpoint (step lines from
     /// `steps_done` on, evaluations after it), rewriting the file atomically, then appends.
+    /// Lines that are not records (torn by a crash) are moved to `<log>.torn`, and said so.
     pub fn resume(path: &Path, steps_done: u32) -> io::Result<LogWriter> {
         let text = match std::fs::read_to_string(path) {
             Err(error) if error.kind() == io::ErrorKind::NotFound => String::new(),
-            other => other?,
+            other => other.map_err(|e| at(path, "reading metrics log", e))?,
         };
-        let mut kept = String::new();
-        for (line, record) in parse_lines(&text)? {
-            if record.before(steps_done) {
-                kept.push_str(line);
-                kept.push('\n');
+        let (mut kept, mut torn) = (String::new(), String::new());
+        let mut torn_lines = Vec::new();
+        for line in parse_lines(&text) {
+            match &line.record {
+                Ok(record) if record.before(steps_done) => kept.push_str(line.text),
+                Ok(_) => continue,
+                Err(_) => {
+                    torn.push_str(line.text);
+                    torn_lines.push(line.number.to_string());
+                }
             }
+            let target = if line.record.is_ok() { &mut kept } else { &mut torn };
+            target.push('\n');
         }
-        write_atomic(path, kept.as_bytes())?;
+        if !torn_lines.is_empty() {
+            let aside = path.with_extension("jsonl.torn");
+            append_to(&aside, torn.as_bytes()).map_err(|e| at(&aside, "writing", e))?;
+            eprintln!(
+                "note: {} line(s) {} were torn (not records); moved to {}",
+                path.display(),
+                torn_lines.join(", "),
+                aside.display()
+            );
+        }
+        write_atomic(path, kept.as_bytes()).map_err(|e| at(path, "rewriting metrics log", e))?;
         LogWriter::append(path)
     }
 
@@ -183,8 +234,8 @@ impl LogWriter {
     pub fn write(&mut self, record: &Record) -> io::Result<()> {
         let mut line = serde_json::to_string(record).map_err(io::Error::other)?;
         line.push('\n');
-        self.file.write_all(line.as_bytes())?;
-        self.file.flush()
+        let written = self.file.write_all(line.as_bytes()).and_then(|_| self.file.flush());
+        written.map_err(|e| at(&self.path, "writing metrics log", e))
     }
 
     /// Writes a step line.
@@ -195,8 +246,12 @@ impl LogWriter {
     /// Writes an eval line and syncs the file to disk: evaluations are rare and precious.
     pub fn eval(&mut self, record: EvalRecord) -> io::Result<()> {
         self.write(&Record::Eval(record))?;
-        self.file.sync_data()
+        self.file.sync_data().map_err(|e| at(&self.path, "syncing metrics log", e))
     }
+}
+
+fn append_to(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    OpenOptions::new().append(true).create(true).open(path)?.write_all(bytes)
 }
 
 /// JSON has no NaN: a non-finite f32 is written as `null`, and `null` is read as NaN.

@@ -2,6 +2,7 @@
 //! GLUE metrics, the learning-rate schedule, the JSON-lines metrics log and its SVG plot.
 
 pub mod checkpoint;
+pub mod checks;
 pub mod commands;
 pub mod demo;
 pub mod inference;
@@ -9,6 +10,7 @@ pub mod log;
 pub mod metrics;
 pub mod optim;
 pub mod plot;
+pub mod rundir;
 pub mod schedule;
 pub mod trainer;
 

@@ -402,7 +402,7 @@ impl<'g> Trainer<'g> {
         progress.set_position(self.state.step);
         while self.state.step < stop {
             if interrupted.load(Ordering::SeqCst) {
-                progress.println("interrupted: saving a resumable checkpoint");
+                say(progress, "interrupted: saving a resumable checkpoint".into());
                 break;
             }
             self.train_step()?;
@@ -419,7 +419,11 @@ impl<'g> Trainer<'g> {
                     self.settings.warmup,
                     self.settings.lr,
                 );
-                progress.set_message(format!("{task:<6} loss {loss:.4} lr {lr:.2e}"));
+                let message = format!("{task:<6} loss {loss:.4} lr {lr:.2e}");
+                if progress.is_hidden() && self.state.step.is_multiple_of(plain_every(&self.settings)) {
+                    eprintln!("step {}/{total}  {message}", self.state.step);
+                }
+                progress.set_message(message);
             }
             if epoch_done {
                 last_scores = self.evaluate()?;
@@ -525,16 +529,19 @@ impl<'g> Trainer<'g> {
         if let Some(log) = &mut self.log {
             log.eval(EvalRecord::new(self.state.evals as u32, self.state.step as u32, scores))?;
         }
-        progress.println(format!(
-            "step {}: dev GLUE average {:.2} ({})",
-            self.state.step,
-            100.0 * average,
-            scores
-                .iter()
-                .map(|s| format!("{} {:.1}", s.task, 100.0 * s.score))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
+        say(
+            progress,
+            format!(
+                "step {}: dev GLUE average {:.2} ({})",
+                self.state.step,
+                100.0 * average,
+                scores
+                    .iter()
+                    .map(|s| format!("{} {:.1}", s.task, 100.0 * s.score))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
         if self.state.best_score.is_none_or(|best| average > best) {
             self.state.best_score = Some(average);
             self.state.best_step = Some(self.state.step);
@@ -583,6 +590,17 @@ impl TrainSettings {
     pub fn batch_options(&self) -> BatchOptions {
         train_options(self)
     }
+}
+
+/// Prints above the progress bar, or as a plain line where there is no bar (stderr not a
+/// terminal: nohup, Slurm, CI), where `println` would drop it.
+fn say(progress: &indicatif::ProgressBar, line: String) {
+    if progress.is_hidden() { eprintln!("{line}") } else { progress.println(line) }
+}
+
+/// Steps between plain progress lines when there is no bar: ten a epoch.
+fn plain_every(settings: &TrainSettings) -> u64 {
+    (settings.steps_per_epoch as u64 / 10).max(1)
 }
 
 fn train_options(settings: &TrainSettings) -> BatchOptions {
