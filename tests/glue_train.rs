@@ -8,69 +8,16 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::gpu;
-use pals::model::{BertConfig, load::save_weights, random_weights};
+use common::tiny::{tiny_glue, tiny_model};
 use pals::train::LogRecords;
 use pals::train::commands;
 use pals::train::trainer::TrainSettings;
-
-const WORDS: &[&str] = &[
-    "good", "bad", "great", "awful", "movie", "plot", "a", "the", "is", "was", "cat", "dog", "runs", "sits",
-];
 
 fn temp(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("pals-glue-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-/// A tiny BERT: config.json, random weights, a WordPiece vocabulary.
-fn tiny_model(dir: &Path) {
-    let config =
-        BertConfig { vocab_size: 5 + WORDS.len(), max_position_embeddings: 64, ..BertConfig::tiny(2, 32, 4) };
-    std::fs::write(dir.join("config.json"), serde_json::to_string(&config).unwrap()).unwrap();
-    save_weights(dir.join("model.safetensors"), &random_weights(&config, 5)).unwrap();
-    let vocab =
-        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"].iter().chain(WORDS).copied().collect::<Vec<_>>();
-    std::fs::write(dir.join("vocab.txt"), vocab.join("\n") + "\n").unwrap();
-}
-
-fn sentence(i: usize, len: usize) -> String {
-    (0..len).map(|j| WORDS[(i * 7 + j * 3) % WORDS.len()]).collect::<Vec<_>>().join(" ")
-}
-
-/// SST-2 and STS-B in GLUE's layout: train, dev and test files.
-fn tiny_glue(dir: &Path) {
-    let sst = dir.join("SST-2");
-    std::fs::create_dir_all(&sst).unwrap();
-    let rows = |n: usize, labels: bool| {
-        let mut text = String::from(if labels { "sentence\tlabel\n" } else { "index\tsentence\n" });
-        for i in 0..n {
-            let s = sentence(i, 3 + i % 5);
-            text +=
-                &if labels { format!("{s}\t{}\n", s.contains("good") as u8) } else { format!("{i}\t{s}\n") };
-        }
-        text
-    };
-    std::fs::write(sst.join("train.tsv"), rows(64, true)).unwrap();
-    std::fs::write(sst.join("dev.tsv"), rows(20, true)).unwrap();
-    std::fs::write(sst.join("test.tsv"), rows(13, false)).unwrap();
-    let sts = dir.join("STS-B");
-    std::fs::create_dir_all(&sts).unwrap();
-    let pairs = |n: usize, labels: bool| {
-        let mut text =
-            String::from("index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2");
-        text += if labels { "\tscore\n" } else { "\n" };
-        for i in 0..n {
-            let (a, b) = (sentence(i, 4), sentence(i + i % 3, 4));
-            text += &format!("{i}\tmain\tx\t2012\t{i:04}\tnone\tnone\t{a}\t{b}");
-            text += &if labels { format!("\t{:.3}\n", (i % 6) as f32 * 0.9) } else { "\n".to_string() };
-        }
-        text
-    };
-    std::fs::write(sts.join("train.tsv"), pairs(48, true)).unwrap();
-    std::fs::write(sts.join("dev.tsv"), pairs(16, true)).unwrap();
-    std::fs::write(sts.join("test.tsv"), pairs(11, false)).unwrap();
 }
 
 fn settings(steps: usize, batch: usize, max_length: usize, lr: f32, eval: Option<usize>) -> TrainSettings {

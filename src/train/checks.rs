@@ -110,6 +110,8 @@ fn shown(value: &serde_json::Value) -> String {
         serde_json::Value::Null => "(none)".into(),
         serde_json::Value::String(s) => s.clone(),
         serde_json::Value::Array(items) => items.iter().map(shown).collect::<Vec<_>>().join(","),
+        // f32 settings pass through f64 in JSON: show them as typed (0.0005, not 0.000500000023…).
+        serde_json::Value::Number(n) if n.is_f64() => format!("{}", n.as_f64().unwrap_or(f64::NAN) as f32),
         other => other.to_string(),
     }
 }

@@ -6,6 +6,8 @@ use std::sync::OnceLock;
 
 use pals::gpu::Gpu;
 
+pub mod tiny;
+
 /// The adapter `PALS_ADAPTER`/`PALS_BACKEND` choose, else the best one. Without one the
 /// test fails, saying how to get one: GPU tests never pass silently.
 pub fn gpu() -> &'static Gpu {
