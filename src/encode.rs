@@ -35,6 +35,7 @@ impl<'g> Encoder<'g> {
     pub fn from_dir(gpu: &'g Gpu, dir: &Path) -> Result<Encoder<'g>> {
         let (config, weights) = crate::model::load::load_model_dir(dir)?;
         let tokenizer = Tokenizer::from_dir(dir)?;
+        tokenizer.check_fits(config.vocab_size)?;
         let bert = Bert::upload_inference(gpu, &config, &weights)?;
         Ok(Encoder { gpu, tokenizer, bert, buffers: HashMap::new() })
     }

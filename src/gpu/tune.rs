@@ -60,10 +60,10 @@ impl TuneCache {
 
     /// Measures each candidate with `seconds` (smaller is better), remembers the fastest.
     pub fn choose(&self, key: &str, candidates: &[String], mut seconds: impl FnMut(&str) -> f64) -> String {
-        if let Some(found) = self.get(key) {
-            if candidates.contains(&found) {
-                return found;
-            }
+        if let Some(found) = self.get(key)
+            && candidates.contains(&found)
+        {
+            return found;
         }
         let started = Instant::now();
         let mut best = (f64::INFINITY, candidates[0].clone());
