@@ -22,20 +22,13 @@ impl ConfigError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    // Causes are in the messages, not chained as sources: printed once.
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{path}: invalid JSON at line {line}, column {column}: {message}")]
     Json { path: PathBuf, line: usize, column: usize, message: String },
     #[error("{path}: {error}")]
-    Config {
-        path: PathBuf,
-        #[source]
-        error: ConfigError,
-    },
+    Config { path: PathBuf, error: ConfigError },
     #[error("{path}: not a readable safetensors file, it may be truncated or corrupt ({message})")]
     Safetensors { path: PathBuf, message: String },
     #[error("{path}: the tensors do not match the configuration:\n{}", .problems.join("\n"))]
@@ -57,7 +50,7 @@ pub enum LoadError {
 
 impl LoadError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> LoadError {
-        LoadError::Io { path: path.to_path_buf(), source }
+        LoadError::Io { path: path.to_path_buf(), error: source }
     }
 }
 

@@ -82,9 +82,13 @@ fn configs_whose_tensors_cannot_exist_are_refused_by_size() {
         std::fs::write(tmp.join("config.json"), config.to_string()).unwrap();
         for args in [["params", "--model"], ["bench", "--memory"]] {
             let output = pals(&[args[0], args[1], tmp.0.to_str().unwrap()], &tmp.0);
-            assert_refused(&output, &[named, "limit"], field);
+            let text = assert_refused(&output, &[named, "limit"], field);
+            assert_eq!(text.matches("limit").count(), 1, "the cause once: {text}");
         }
     }
+    let missing = pals(&["params", "--model", "/nonexistent/model"], &tmp.0);
+    let text = assert_refused(&missing, &["/nonexistent/model/config.json"], "no config.json");
+    assert_eq!(text.matches("No such file").count(), 1, "the cause once: {text}");
 }
 
 /// `pals train` on the tiny model and GLUE directory with `extra` flags.

@@ -147,7 +147,7 @@ fn tokenize_all(
     let encode_one = |index: usize, e: &Example| {
         let encoded = tokenizer
             .encode_pair(&e.text_a, e.text_b.as_deref(), max_len)
-            .map_err(|source| DataError::Tokenize { path: path.to_path_buf(), line: e.line, source })?;
+            .map_err(|error| DataError::Tokenize { path: path.to_path_buf(), line: e.line, error })?;
         Ok(TokenizedExample { ids: encoded.ids, type_ids: encoded.type_ids, label: e.label, index })
     };
     let parts: Vec<Result<Vec<TokenizedExample>>> = std::thread::scope(|s| {

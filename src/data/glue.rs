@@ -22,13 +22,8 @@ pub enum DataError {
     Io { path: PathBuf, error: std::io::Error },
     #[error("{path}:{line}: {message}")]
     Row { path: PathBuf, line: usize, message: String },
-    #[error("{path}:{line}: {source}")]
-    Tokenize {
-        path: PathBuf,
-        line: usize,
-        #[source]
-        source: TokenizerError,
-    },
+    #[error("{path}:{line}: {error}")]
+    Tokenize { path: PathBuf, line: usize, error: TokenizerError },
     #[error("unknown {what} '{name}' (known: {known})")]
     UnknownName { what: &'static str, name: String, known: String },
     #[error("{0}")]
