@@ -61,6 +61,7 @@ fn every_bad_number_is_refused_naming_its_flag_before_anything_is_loaded() {
         (&["demo", "--epochs", "0"], "--epochs"),
         (&["bench", "--reps", "0"], "--reps"),
         (&["params", "--pal-dim", "0"], "--pal-dim"),
+        (&["params", "--tasks", "rte,RTE"], "RTE twice"),
     ];
     for (args, named) in others {
         assert_refused(&pals(args, &tmp.0), &["config error", named], &args.join(" "));

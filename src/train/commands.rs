@@ -142,6 +142,9 @@ pub fn train(
     if let Some(checkpoint) = &checkpoint {
         trainer.restore(checkpoint)?;
         eprintln!("resuming from {} at step {}", last.display(), trainer.state.step);
+        if start.save_init {
+            eprintln!("note: --save-init does nothing on --resume: init/ is the first run's");
+        }
     } else if start.save_init {
         trainer.save("init", false)?;
     }
@@ -338,7 +341,7 @@ pub fn params(
     let method = settings.method(config)?;
     // Separate models train as `shared` ones but count an encoder per task.
     let counted = if name == MethodName::Separate { Method::Separate } else { method };
-    let specs: Vec<TaskSpec> = tasks
+    let specs: Vec<TaskSpec> = checks::task_names(tasks)?
         .iter()
         .map(|name| Task::from_name(name).map(|t| TaskSpec::new(t.name(), t.num_labels())))
         .collect::<Result<_, _>>()?;
