@@ -529,19 +529,17 @@ impl<'g> Trainer<'g> {
         if let Some(log) = &mut self.log {
             log.eval(EvalRecord::new(self.state.evals as u32, self.state.step as u32, scores))?;
         }
-        say(
-            progress,
-            format!(
-                "step {}: dev GLUE average {:.2} ({})",
-                self.state.step,
-                100.0 * average,
-                scores
-                    .iter()
-                    .map(|s| format!("{} {:.1}", s.task, 100.0 * s.score))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+        let line = format!(
+            "step {}: dev GLUE average {:.2} ({})",
+            self.state.step,
+            100.0 * average,
+            scores
+                .iter()
+                .map(|s| format!("{} {:.1}", s.task, 100.0 * s.score))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
+        say(progress, line);
         if self.state.best_score.is_none_or(|best| average > best) {
             self.state.best_score = Some(average);
             self.state.best_step = Some(self.state.step);
