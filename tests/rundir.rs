@@ -150,6 +150,16 @@ fn interrupted_swaps_are_recovered_and_runs_are_never_overwritten_or_resumed_wit
     assert!(!s.run.join("init").exists() && s.saved_step("last") == 2);
 }
 
+/// A child process that a failing test does not leave running.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Waits until `path` holds at least one line (the trainer flushes its log every 16 steps).
 fn wait_for_log(path: &Path, child: &mut std::process::Child) {
     let started = Instant::now();
@@ -166,13 +176,16 @@ fn a_second_trainer_is_refused_and_sigterm_saves_a_resumable_checkpoint() {
     let cache = s.tmp.join("cache");
     let args = s.train_args("1", "100000", &[]);
     let log = std::fs::File::create(s.tmp.join("first.log")).unwrap();
-    let mut first = Command::new(env!("CARGO_BIN_EXE_pals"))
+    let child = Command::new(env!("CARGO_BIN_EXE_pals"))
         .args(&args)
         .env("PALS_CACHE_DIR", &cache)
+        .stdout(Stdio::null())
         .stderr(Stdio::from(log))
         .spawn()
         .unwrap();
-    wait_for_log(&s.run.join("metrics.jsonl"), &mut first);
+    let mut first = KillOnDrop(child);
+    let first = &mut first.0;
+    wait_for_log(&s.run.join("metrics.jsonl"), first);
 
     let second = s.train(&["--resume", "--stop-after", "1"], &cache);
     assert_fails(&second, &["in use by another pals process", &format!("process {}", first.id())], "second");
