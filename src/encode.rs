@@ -96,15 +96,25 @@ impl<'g> Encoder<'g> {
         let mut rec = gpu.recorder();
         bert.forward(&mut rec, acts, inputs, None)?;
         rec.submit()?;
-        let hidden = bert.config.hidden_size;
-        if pooling == Pooling::Pooler {
-            let pooled: Vec<f32> = gpu.read(&acts.pooled)?;
-            return Ok(pooled.chunks(hidden).map(<[f32]>::to_vec).collect());
-        }
-        let last = acts.hidden.last().expect("at least the embeddings' output");
-        let states: Vec<f32> = gpu.read(last)?;
-        Ok((0..batch.batch).map(|b| pool(&states, &batch.mask, b, batch.seq, hidden, pooling)).collect())
+        read_embeddings(gpu, acts, batch, pooling)
     }
+}
+
+/// One embedding per row of `batch` from the encoder's outputs in `acts` (after its forward).
+pub fn read_embeddings(
+    gpu: &Gpu,
+    acts: &Activations,
+    batch: &EncoderBatch,
+    pooling: Pooling,
+) -> Result<Vec<Vec<f32>>> {
+    if pooling == Pooling::Pooler {
+        let pooled: Vec<f32> = gpu.read(&acts.pooled)?;
+        return Ok(pooled.chunks(pooled.len() / batch.batch).map(<[f32]>::to_vec).collect());
+    }
+    let last = acts.hidden.last().expect("at least the embeddings' output");
+    let states: Vec<f32> = gpu.read(last)?;
+    let hidden = states.len() / (batch.batch * batch.seq);
+    Ok((0..batch.batch).map(|b| pool(&states, &batch.mask, b, batch.seq, hidden, pooling)).collect())
 }
 
 fn pad<'a>(rows: impl Iterator<Item = &'a [u32]>, seq: usize, value: u32) -> Vec<u32> {

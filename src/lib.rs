@@ -7,4 +7,5 @@ pub mod gpu;
 pub mod kernels;
 pub mod model;
 pub mod reference;
+pub mod serve;
 pub mod train;

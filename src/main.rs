@@ -30,9 +30,12 @@ struct AdapterArgs {
 }
 
 impl AdapterArgs {
+    fn choice(&self) -> AdapterChoice {
+        AdapterChoice { adapter: self.adapter.clone(), backend: self.backend.clone() }
+    }
+
     fn open(&self) -> Result<Gpu> {
-        let choice = AdapterChoice { adapter: self.adapter.clone(), backend: self.backend.clone() };
-        Ok(Gpu::new(&choice)?)
+        Ok(Gpu::new(&self.choice())?)
     }
 }
 
@@ -155,6 +158,16 @@ enum Command {
         /// Sequence length for --memory and --train.
         #[arg(long, default_value_t = 128)]
         seq: usize,
+        /// Instead: `pals serve` on this checkpoint, driven over HTTP on 127.0.0.1 at each
+        /// --concurrency, with and without batching: requests/s, p50/p99 latency.
+        #[arg(long, value_name = "CHECKPOINT")]
+        serve: Option<PathBuf>,
+        /// Concurrent clients for --serve.
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+        concurrency: Vec<usize>,
+        /// Requests per concurrency level and mode for --serve.
+        #[arg(long, default_value_t = 256)]
+        requests: usize,
     },
     /// Train BERT-PALs (or another method) on GLUE tasks, multi-task.
     Train {
@@ -226,6 +239,14 @@ enum Command {
         epochs: usize,
         #[arg(long, default_value_t = 42)]
         seed: u32,
+    },
+    /// Serve a checkpoint's tasks over HTTP (POST /v1/predict, /v1/encode; GET /v1/tasks,
+    /// /health, /metrics) from one model on the GPU, batching requests of the same task.
+    Serve {
+        #[command(flatten)]
+        adapter: AdapterArgs,
+        #[command(flatten)]
+        serve: pals::serve::ServeArgs,
     },
     /// Embed each line of standard input (or --input) with a BERT checkpoint.
     Encode {
@@ -322,6 +343,19 @@ fn run(cli: Cli, given: Vec<String>) -> Result<()> {
         }
         Command::Demo { adapter, output, steps_per_epoch, epochs, seed } => {
             commands::demo(&adapter.open()?, &output, steps_per_epoch, epochs, seed)
+        }
+        Command::Serve { adapter, serve } => pals::serve::serve(&serve.options(adapter.choice())),
+        Command::Bench { adapter, serve: Some(checkpoint), concurrency, requests, .. } => {
+            let bench = pals::bench::serve::ServeBench {
+                checkpoint,
+                adapter: adapter.choice(),
+                concurrency,
+                requests,
+            };
+            for line in pals::bench::serve::serve_bench(&bench)? {
+                println!("{line}");
+            }
+            Ok(())
         }
         Command::Bench { memory: Some(model), batch, seq, .. } => {
             let config = model_config(&model)?;
