@@ -97,10 +97,13 @@ pub fn serve_bench(bench: &ServeBench) -> Result<Vec<String>> {
                     "1.00×".into()
                 }
             };
-            rows.push(format!(
+            let row = format!(
                 "{clients:>11}  {mode:<12} {:>9.1} {:>9.1} {:>9.1} {:>9.1}  {ratio}",
                 figures.requests_per_s, figures.p50_ms, figures.p99_ms, figures.inputs_per_batch
-            ));
+            );
+            // Levels can take minutes on a CPU adapter: show each as it is measured.
+            eprintln!("{row}");
+            rows.push(row);
         }
         server.stop()?;
     }
