@@ -19,6 +19,7 @@ use common::gpu;
 use pals::data::glue::{Example, Split, Task, read_split};
 use pals::data::tokenizer::Encoded;
 use pals::encode::Pooling;
+use pals::gpu::Gpu;
 use pals::serve::client::{Client, Reply};
 use pals::serve::infer::{CheckpointModel, Infer, ModelInfo};
 use pals::serve::{ServeOptions, Server};
@@ -345,13 +346,13 @@ fn bad_requests_get_json_errors_naming_what_is_wrong() {
 
 /// The checkpoint's model behind a gate: each batch waits to be let through, and says
 /// when it has started.
-struct Gated {
-    inner: CheckpointModel,
+struct Gated<'g> {
+    inner: CheckpointModel<'g>,
     started: Sender<()>,
     go: Receiver<()>,
 }
 
-impl Infer for Gated {
+impl Infer for Gated<'_> {
     fn info(&self) -> ModelInfo {
         self.inner.info()
     }
@@ -365,8 +366,8 @@ impl Infer for Gated {
     }
 }
 
-fn load(options: &ServeOptions) -> CheckpointModel {
-    CheckpointModel::load(&options.adapter, &options.checkpoint, options.max_batch).unwrap()
+fn load<'g>(gpu: &'g Gpu, options: &ServeOptions) -> CheckpointModel<'g> {
+    CheckpointModel::load(gpu, &options.checkpoint, options.max_batch).unwrap()
 }
 
 #[test]
@@ -375,9 +376,13 @@ fn a_full_queue_answers_503_and_then_recovers() {
     let (started_tx, started) = channel();
     let (go, go_rx) = channel();
     let model_options = options.clone();
-    let server = Server::start_with(&options, move || {
-        Ok(Box::new(Gated { inner: load(&model_options), started: started_tx, go: go_rx }) as Box<dyn Infer>)
-    })
+    let server = Server::start_with(
+        &options,
+        Box::new(move |gpu| {
+            Ok(Box::new(Gated { inner: load(gpu, &model_options), started: started_tx, go: go_rx })
+                as Box<dyn Infer>)
+        }),
+    )
     .unwrap();
     let url = server.url();
     let rt = runtime();
@@ -414,12 +419,12 @@ fn a_full_queue_answers_503_and_then_recovers() {
 
 /// The checkpoint's model, failing on cue: a batch with an unknown word fails with an
 /// error in the first text, with a panic in the second.
-struct Faulty {
-    inner: CheckpointModel,
+struct Faulty<'g> {
+    inner: CheckpointModel<'g>,
     unknown: u32,
 }
 
-impl Infer for Faulty {
+impl Infer for Faulty<'_> {
     fn info(&self) -> ModelInfo {
         self.inner.info()
     }
@@ -443,9 +448,12 @@ impl Infer for Faulty {
 fn a_failed_batch_answers_500_and_serving_goes_on() {
     let options = options(8, 1);
     let model_options = options.clone();
-    let server = Server::start_with(&options, move || {
-        Ok(Box::new(Faulty { inner: load(&model_options), unknown: 1 }) as Box<dyn Infer>)
-    })
+    let server = Server::start_with(
+        &options,
+        Box::new(move |gpu| {
+            Ok(Box::new(Faulty { inner: load(gpu, &model_options), unknown: 1 }) as Box<dyn Infer>)
+        }),
+    )
     .unwrap();
     let url = server.url();
     let rt = runtime();

@@ -19,6 +19,7 @@ use super::infer::{Infer, ModelInfo};
 use super::metrics::Metrics;
 use crate::data::tokenizer::Encoded;
 use crate::encode::Pooling;
+use crate::gpu::{AdapterChoice, Gpu};
 
 /// What a job asks of the model; jobs batch together only when this is equal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,18 +76,30 @@ impl Queue {
     }
 }
 
-/// Starts the GPU thread: `load` runs on it and makes the model. Returns once the model is
-/// loaded (or failed to). The thread ends when every [`Queue`] clone is dropped and the
-/// jobs already queued are answered.
-pub fn spawn<F>(load: F, limits: Limits, metrics: Arc<Metrics>) -> Result<(Queue, ModelInfo, JoinHandle<()>)>
-where
-    F: FnOnce() -> Result<Box<dyn Infer>> + Send + 'static,
-{
+/// Makes the model on the GPU thread, from the GPU that thread opened.
+pub type Loader = Box<dyn for<'g> FnOnce(&'g Gpu) -> Result<Box<dyn Infer + 'g>> + Send>;
+
+/// Starts the GPU thread: it opens `adapter`, and `load` makes the model there. Returns once
+/// the model is loaded (or failed to). The thread ends when every [`Queue`] clone is
+/// dropped and the jobs already queued are answered.
+pub fn spawn(
+    adapter: AdapterChoice,
+    load: Loader,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+) -> Result<(Queue, ModelInfo, JoinHandle<()>)> {
     let (sender, jobs) = sync_channel::<Job>(limits.queue.max(1));
     let (loaded_tx, loaded_rx) = sync_channel::<Result<ModelInfo>>(1);
     let thread_metrics = metrics.clone();
     let thread = std::thread::Builder::new().name("pals-gpu".into()).spawn(move || {
-        let mut model = match load() {
+        let gpu = match Gpu::new(&adapter) {
+            Ok(gpu) => gpu,
+            Err(error) => {
+                let _ = loaded_tx.send(Err(error.into()));
+                return;
+            }
+        };
+        let mut model = match load(&gpu) {
             Ok(model) => model,
             Err(error) => {
                 let _ = loaded_tx.send(Err(error));

@@ -1,25 +1,22 @@
 //! What the server runs on the GPU: a checkpoint loaded for inference, behind [`Infer`], so
-//! the batcher and the routes do not depend on how a model is stored or run. Loading and the
-//! forward follow `pals predict` (`Trainer::predict`): the same checkpoint reading, the same
-//! padded batches, the same head outputs.
+//! the batcher and the routes do not depend on how a model is stored or run. The model is
+//! `pals predict`'s ([`InferenceModel`]): the same loading, padded batches and head outputs.
 
-use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use serde::Serialize;
 
 use crate::data::batch::{BatchOptions, make_batch};
 use crate::data::cache::TokenizedExample;
 use crate::data::glue::Task;
 use crate::data::tokenizer::Encoded;
-use crate::encode::{Pooling, read_embeddings};
-use crate::gpu::{AdapterChoice, Gpu};
-use crate::model::bert::BatchInputs;
-use crate::model::tasks::{MultiTaskModel, REGRESSION_SCALE, TaskActivations, TaskSpec, task_prefix};
-use crate::model::{EncoderBatch, Weights};
-use crate::train::checkpoint::{Checkpoint, resolve};
-use crate::train::trainer::TrainSettings;
+use crate::encode::Pooling;
+use crate::gpu::Gpu;
+use crate::model::EncoderBatch;
+use crate::model::tasks::{MethodName, REGRESSION_SCALE};
+use crate::train::checkpoint::resolve;
+use crate::train::inference::InferenceModel;
 
 /// One task the model answers.
 #[derive(Clone, Debug, Serialize)]
@@ -28,7 +25,8 @@ pub struct TaskInfo {
     /// Class names (GLUE's for GLUE tasks, "0", "1", … for others); empty for a score.
     pub labels: Vec<String>,
     pub regression: bool,
-    /// Which encoder runs the task: 0 for every method but `separate`.
+    /// Which encoder runs the task, named by the first task that runs on it: 0 for every
+    /// method but `separate`, where each task has its own.
     #[serde(skip)]
     pub encoder: usize,
 }
@@ -88,78 +86,47 @@ impl Answer {
     }
 }
 
-/// Buffers of one (encoder, batch, seq) shape; at most [`MAX_BUCKETS`] are kept.
-struct Bucket {
-    acts: TaskActivations,
-    inputs: BatchInputs,
-    last_used: u64,
-}
-
-/// Shapes whose buffers are kept: batch and sequence sizes are rounded up to powers of two,
-/// so a few shapes serve all traffic, and the least recently used is dropped beyond this.
-const MAX_BUCKETS: usize = 8;
-
-/// A `pals train` checkpoint on the GPU.
-pub struct CheckpointModel {
-    gpu: Gpu,
-    /// One model, or one per task for `separate`.
-    models: Vec<MultiTaskModel>,
-    /// Task i is models[tasks[i].encoder]'s task place[i].
-    place: Vec<usize>,
+/// A `pals train` checkpoint on the GPU, as `pals predict` loads it ([`InferenceModel`]).
+pub struct CheckpointModel<'g> {
+    model: InferenceModel<'g>,
     info: ModelInfo,
     max_batch: usize,
-    buckets: HashMap<(usize, usize, usize), Bucket>,
-    uses: u64,
 }
 
-impl CheckpointModel {
-    /// Opens the adapter and uploads the checkpoint in `dir` (an output directory serves its
-    /// `best/`, as `pals predict` does). Batches run at most `max_batch` inputs at once.
-    pub fn load(adapter: &AdapterChoice, dir: &Path, max_batch: usize) -> Result<CheckpointModel> {
+impl<'g> CheckpointModel<'g> {
+    /// Uploads the checkpoint in `dir` (an output directory serves its `best/`, as
+    /// `pals predict` does). Batches run at most `max_batch` inputs at once.
+    pub fn load(gpu: &'g Gpu, dir: &Path, max_batch: usize) -> Result<CheckpointModel<'g>> {
         let dir = resolve(dir);
-        let checkpoint = Checkpoint::load(&dir, false)?;
-        let settings: TrainSettings =
-            serde_json::from_value(checkpoint.run.clone()).context("reading the checkpoint's run.json")?;
-        let gpu = Gpu::new(adapter)?;
-        let config = &checkpoint.config;
-        let method = settings.method(config)?;
-        let separate = settings.method == "separate";
+        let model = InferenceModel::load(gpu, &dir)?;
+        let separate = model.settings.method == MethodName::Separate;
         let mut tasks = Vec::new();
-        let mut weights = Vec::new();
-        for name in &settings.tasks {
-            let (info, task_weights) = task_info(&checkpoint, name, &dir)?;
-            tasks.push(TaskInfo { encoder: if separate { tasks.len() } else { 0 }, ..info });
-            weights.push(task_weights);
+        for (i, spec) in model.tasks().iter().enumerate() {
+            let labels = Task::from_name(&spec.name)?.labels().iter().map(|l| l.to_string()).collect();
+            let encoder = if separate { i } else { 0 };
+            tasks.push(TaskInfo {
+                name: spec.name.clone(),
+                labels,
+                regression: spec.is_regression(),
+                encoder,
+            });
         }
-        let spec = |t: &TaskInfo| TaskSpec::new(&t.name, t.labels.len().max(1));
-        let mut models = Vec::new();
-        if separate {
-            // A separate task's file holds its own encoder, as the trainer saves it.
-            for (task, w) in tasks.iter().zip(&weights) {
-                let encoder = if w.contains_key("pooler.dense.weight") { w } else { &checkpoint.shared };
-                models.push(MultiTaskModel::upload(&gpu, config, method, encoder, &[(spec(task), w)])?);
-            }
-        } else {
-            let specs: Vec<(TaskSpec, &Weights)> = tasks.iter().map(spec).zip(weights.iter()).collect();
-            models.push(MultiTaskModel::upload(&gpu, config, method, &checkpoint.shared, &specs)?);
-        }
-        let place = tasks.iter().enumerate().map(|(i, _)| if separate { 0 } else { i }).collect();
         let info = ModelInfo {
-            method: settings.method.clone(),
+            method: model.settings.method.to_string(),
+            encoders: if separate { tasks.len() } else { 1 },
             tasks,
-            max_length: settings.max_length,
-            hidden_size: config.hidden_size,
-            layers: config.num_hidden_layers,
-            encoders: models.len(),
+            max_length: model.settings.max_length,
+            hidden_size: model.config.hidden_size,
+            layers: model.config.num_hidden_layers,
             checkpoint: dir.display().to_string(),
             adapter: gpu.describe(),
         };
-        let max_batch = max_batch.max(1);
-        Ok(CheckpointModel { gpu, models, place, info, max_batch, buckets: HashMap::new(), uses: 0 })
+        Ok(CheckpointModel { model, info, max_batch: max_batch.max(1) })
     }
 
     /// The padded batch of `inputs` exactly as `pals predict` pads (pad id 0, filler rows),
-    /// but with batch and sequence sizes rounded up to powers of two.
+    /// but with batch and sequence sizes rounded up to powers of two, so that a few
+    /// buffer sets serve all traffic.
     fn batch(&self, inputs: &[Encoded]) -> EncoderBatch {
         let examples: Vec<TokenizedExample> = inputs
             .iter()
@@ -179,73 +146,21 @@ impl CheckpointModel {
         let rows: Vec<usize> = (0..inputs.len()).collect();
         make_batch(&examples, &rows, &options).encoder
     }
-
-    /// Uploads `batch` into the buffers of its shape (made on first use); returns their key.
-    fn upload(&mut self, encoder: usize, batch: &EncoderBatch) -> Result<(usize, usize, usize)> {
-        let key = (encoder, batch.batch, batch.seq);
-        self.uses += 1;
-        if !self.buckets.contains_key(&key) {
-            if self.buckets.len() >= MAX_BUCKETS {
-                let oldest = self.buckets.iter().min_by_key(|(_, b)| b.last_used).map(|(k, _)| *k);
-                oldest.and_then(|k| self.buckets.remove(&k));
-            }
-            let model = &self.models[encoder];
-            let acts = model.activations(&self.gpu, batch.batch, batch.seq)?;
-            let inputs = BatchInputs::new(&self.gpu, &model.bert.config, batch.batch, batch.seq)?;
-            self.buckets.insert(key, Bucket { acts, inputs, last_used: 0 });
-        }
-        let bucket = self.buckets.get_mut(&key).expect("inserted above");
-        bucket.last_used = self.uses;
-        bucket.inputs.write(&self.gpu, batch)?;
-        Ok(key)
-    }
 }
 
-/// Task `name` of a checkpoint: its canonical name, labels and weights; the number of
-/// outputs is read from its head.
-fn task_info(checkpoint: &Checkpoint, name: &str, dir: &Path) -> Result<(TaskInfo, Weights)> {
-    let glue = Task::from_name(name).ok();
-    let canonical = glue.map_or(name.to_string(), |t| t.name().to_string());
-    let Some(weights) = checkpoint.tasks.get(&canonical) else {
-        bail!("{}: run.json lists task '{name}' but tasks/{canonical}.safetensors is missing", dir.display());
-    };
-    let head = format!("{}head.bias", task_prefix(&canonical));
-    let Some(bias) = weights.get(&head) else {
-        bail!("{}: tasks/{canonical}.safetensors has no '{head}'", dir.display());
-    };
-    let outputs = bias.data.len();
-    let labels: Vec<String> = match glue {
-        Some(task) if task.num_labels() != outputs => {
-            bail!("{}: '{head}' has {outputs} outputs, {canonical} has {}", dir.display(), task.num_labels())
-        }
-        Some(task) => task.labels().iter().map(|l| l.to_string()).collect(),
-        None if outputs == 1 => Vec::new(),
-        None => (0..outputs).map(|i| i.to_string()).collect(),
-    };
-    let info = TaskInfo { name: canonical, regression: outputs == 1, labels, encoder: 0 };
-    Ok((info, weights.clone()))
-}
-
-impl Infer for CheckpointModel {
+impl Infer for CheckpointModel<'_> {
     fn info(&self) -> ModelInfo {
         self.info.clone()
     }
 
     fn predict(&mut self, task: usize, inputs: &[Encoded]) -> Result<Vec<Vec<f32>>> {
-        let (encoder, k) = (self.info.tasks[task].encoder, self.place[task]);
         let regression = self.info.tasks[task].regression;
         let mut out = Vec::with_capacity(inputs.len());
         for chunk in inputs.chunks(self.max_batch) {
             let batch = self.batch(chunk);
-            let key = self.upload(encoder, &batch)?;
-            let (model, gpu, bucket) = (&self.models[encoder], &self.gpu, &self.buckets[&key]);
-            let mut rec = gpu.recorder();
-            model.forward(&mut rec, &bucket.acts, &bucket.inputs, k, None)?;
-            rec.submit()?;
-            let logits: Vec<f32> = gpu.read(&model.logits(&bucket.acts, k)?)?;
-            let width = logits.len() / batch.batch;
-            for row in logits.chunks(width).take(chunk.len()) {
-                // Regression heads predict score / 5 (see MultiTaskModel::forward).
+            let logits = self.model.logits(task, &batch)?;
+            for row in logits.chunks(logits.len() / batch.batch).take(chunk.len()) {
+                // Regression heads predict score / 5, as in `predict_split`.
                 out.push(if regression { vec![row[0] * REGRESSION_SCALE] } else { row.to_vec() });
             }
         }
@@ -256,12 +171,7 @@ impl Infer for CheckpointModel {
         let mut out = Vec::with_capacity(inputs.len());
         for chunk in inputs.chunks(self.max_batch) {
             let batch = self.batch(chunk);
-            let key = self.upload(encoder, &batch)?;
-            let (bert, gpu, bucket) = (&self.models[encoder].bert, &self.gpu, &self.buckets[&key]);
-            let mut rec = gpu.recorder();
-            bert.forward(&mut rec, &bucket.acts.encoder, &bucket.inputs, None)?;
-            rec.submit()?;
-            let embeddings = read_embeddings(gpu, &bucket.acts.encoder, &batch, pooling)?;
+            let embeddings = self.model.embeddings(encoder, &batch, pooling)?;
             out.extend(embeddings.into_iter().take(chunk.len()));
         }
         Ok(out)

@@ -25,7 +25,7 @@ use tokio::sync::oneshot;
 
 use crate::data::Tokenizer;
 use crate::gpu::AdapterChoice;
-use batcher::Limits;
+use batcher::{Limits, Loader};
 use infer::{CheckpointModel, Infer, ModelInfo};
 use metrics::Metrics;
 use routes::AppState;
@@ -138,24 +138,21 @@ pub struct Server {
 impl Server {
     /// Loads the checkpoint onto the adapter and starts answering on host:port.
     pub fn start(options: &ServeOptions) -> Result<Server> {
-        let (adapter, dir, max_batch) =
-            (options.adapter.clone(), options.checkpoint.clone(), options.max_batch);
-        Server::start_with(options, move || {
-            Ok(Box::new(CheckpointModel::load(&adapter, &dir, max_batch)?) as Box<dyn Infer>)
-        })
+        let (dir, max_batch) = (options.checkpoint.clone(), options.max_batch);
+        Server::start_with(
+            options,
+            Box::new(move |gpu| Ok(Box::new(CheckpointModel::load(gpu, &dir, max_batch)?) as Box<dyn Infer>)),
+        )
     }
 
-    /// As [`Server::start`] with the model `load` makes (on the GPU thread); the tokenizer
-    /// is still the checkpoint's.
-    pub fn start_with<F>(options: &ServeOptions, load: F) -> Result<Server>
-    where
-        F: FnOnce() -> Result<Box<dyn Infer>> + Send + 'static,
-    {
+    /// As [`Server::start`] with the model `load` makes on the GPU thread (from the adapter
+    /// of `options`); the tokenizer is still the checkpoint's.
+    pub fn start_with(options: &ServeOptions, load: Loader) -> Result<Server> {
         options.check()?;
         let metrics = Arc::new(Metrics::default());
         let limits =
             Limits { max_batch: options.max_batch, max_wait: options.max_wait, queue: options.queue };
-        let (queue, info, gpu) = batcher::spawn(load, limits, metrics.clone())?;
+        let (queue, info, gpu) = batcher::spawn(options.adapter.clone(), load, limits, metrics.clone())?;
         // On an error from here on, dropping `queue` ends the GPU thread.
         let dir = crate::train::checkpoint::resolve(&options.checkpoint);
         let tokenizer = Tokenizer::from_dir(&dir)?;

@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::data::batch::{BatchOptions, eval_batches, scatter};
 use crate::data::cache::TokenizedSplit;
+use crate::encode::{Pooling, read_embeddings};
 use crate::gpu::Gpu;
 use crate::model::bert::BatchInputs;
 use crate::model::tasks::{Method, MultiTaskModel, REGRESSION_SCALE, TaskActivations, TaskSpec};
@@ -148,6 +149,33 @@ impl<'g> InferenceModel<'g> {
 
     /// Task `task`'s logits for `batch`, [B, k] row-major (regression: score / 5).
     pub fn logits(&mut self, task: usize, batch: &EncoderBatch) -> Result<Vec<f32>> {
+        let (m, k) = self.upload(task, batch)?;
+        let (acts, inputs) = &self.buckets[&(m, batch.batch, batch.seq)];
+        let mut rec = self.gpu.recorder();
+        self.models[m].forward(&mut rec, acts, inputs, k, None)?;
+        rec.submit()?;
+        Ok(self.gpu.read(&self.models[m].logits(acts, k)?)?)
+    }
+
+    /// One embedding per row of `batch` from the encoder task `task` runs on, without the
+    /// task's own modules (the shared encoder, or under `separate` the task's own).
+    pub fn embeddings(
+        &mut self,
+        task: usize,
+        batch: &EncoderBatch,
+        pooling: Pooling,
+    ) -> Result<Vec<Vec<f32>>> {
+        let (m, _) = self.upload(task, batch)?;
+        let (acts, inputs) = &self.buckets[&(m, batch.batch, batch.seq)];
+        let mut rec = self.gpu.recorder();
+        self.models[m].bert.forward(&mut rec, &acts.encoder, inputs, None)?;
+        rec.submit()?;
+        read_embeddings(self.gpu, &acts.encoder, batch, pooling)
+    }
+
+    /// Writes `batch` into the buffers of its shape for task `task`'s model (made on first
+    /// use); returns (model, task within it).
+    fn upload(&mut self, task: usize, batch: &EncoderBatch) -> Result<(usize, usize)> {
         let Some(&(m, k)) = self.place.get(task) else { bail!("task {task} of {}", self.specs.len()) };
         let key = (m, batch.batch, batch.seq);
         if !self.buckets.contains_key(&key) {
@@ -155,12 +183,9 @@ impl<'g> InferenceModel<'g> {
             let inputs = BatchInputs::new(self.gpu, &self.config, batch.batch, batch.seq)?;
             self.buckets.insert(key, (acts, inputs));
         }
-        let (acts, inputs) = self.buckets.get_mut(&key).expect("inserted above");
+        let (_, inputs) = self.buckets.get_mut(&key).expect("inserted above");
         inputs.write(self.gpu, batch)?;
-        let mut rec = self.gpu.recorder();
-        self.models[m].forward(&mut rec, acts, inputs, k, None)?;
-        rec.submit()?;
-        Ok(self.gpu.read(&self.models[m].logits(acts, k)?)?)
+        Ok((m, k))
     }
 
     /// Predictions of task `task` on `split` (see [`predict_split`]).
