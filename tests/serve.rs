@@ -564,3 +564,26 @@ fn a_missing_checkpoint_is_a_clear_error() {
     let error = Server::start(&ServeOptions { max_batch: 0, ..options(1, 0) }).err().unwrap();
     assert!(error.to_string().contains("--max-batch"), "{error}");
 }
+
+#[test]
+fn bench_reports_both_modes_at_each_concurrency() {
+    let bench = pals::bench::serve::ServeBench {
+        checkpoint: fixture().run.clone(),
+        adapter: pals::gpu::AdapterChoice::from_env(),
+        concurrency: vec![1, 4],
+        requests: 8,
+    };
+    let lines = pals::bench::serve::serve_bench(&bench).unwrap();
+    // A row per concurrency and mode: "clients  mode  req/s p50 p99 batch  ratio×".
+    let rows: Vec<&String> = lines.iter().filter(|l| l.ends_with('×')).collect();
+    assert_eq!(rows.len(), 4, "{lines:#?}");
+    for (row, (clients, mode)) in
+        rows.iter().zip([(1, "no batching"), (1, "batching"), (4, "no batching"), (4, "batching")])
+    {
+        assert!(row.trim_start().starts_with(&format!("{clients}  {mode} ")), "{row}");
+    }
+    let error = pals::bench::serve::serve_bench(&pals::bench::serve::ServeBench { requests: 0, ..bench })
+        .err()
+        .unwrap();
+    assert!(error.to_string().contains("--requests"), "{error}");
+}
