@@ -38,7 +38,8 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let root = std::env::temp_dir().join(format!("pals-serve-{}", std::process::id()));
+        // Cargo's scratch directory for tests: one fixture, replaced by the next run.
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("serve-fixture");
         let _ = std::fs::remove_dir_all(&root);
         let f = Fixture {
             glue: root.join("glue"),
