@@ -14,8 +14,8 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use common::tiny::{tiny_glue, tiny_model};
 use common::gpu;
+use common::tiny::{tiny_glue, tiny_model};
 use pals::data::glue::{Example, Split, Task, read_split};
 use pals::data::tokenizer::Encoded;
 use pals::encode::Pooling;
@@ -59,7 +59,8 @@ fn fixture() -> &'static Fixture {
             steps_per_epoch: 8,
             ..TrainSettings::default()
         };
-        commands::train(gpu(), &root.join("model"), &f.glue, &f.run, settings, false, true).unwrap();
+        let start = commands::Start { save_init: true, ..Default::default() };
+        commands::train(gpu(), &root.join("model"), &f.glue, &f.run, settings, &start).unwrap();
         commands::predict(gpu(), &f.run, &f.glue, &f.predictions).unwrap();
         f
     })

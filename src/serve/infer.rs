@@ -15,8 +15,8 @@ use crate::encode::Pooling;
 use crate::gpu::Gpu;
 use crate::model::EncoderBatch;
 use crate::model::tasks::{MethodName, REGRESSION_SCALE};
-use crate::train::checkpoint::resolve;
 use crate::train::inference::InferenceModel;
+use crate::train::rundir::checkpoint_to_read;
 
 /// One task the model answers.
 #[derive(Clone, Debug, Serialize)]
@@ -97,7 +97,7 @@ impl<'g> CheckpointModel<'g> {
     /// Uploads the checkpoint in `dir` (an output directory serves its `best/`, as
     /// `pals predict` does). Batches run at most `max_batch` inputs at once.
     pub fn load(gpu: &'g Gpu, dir: &Path, max_batch: usize) -> Result<CheckpointModel<'g>> {
-        let dir = resolve(dir);
+        let dir = checkpoint_to_read(dir)?;
         let model = InferenceModel::load(gpu, &dir)?;
         let separate = model.settings.method == MethodName::Separate;
         let mut tasks = Vec::new();

@@ -154,7 +154,7 @@ impl Server {
             Limits { max_batch: options.max_batch, max_wait: options.max_wait, queue: options.queue };
         let (queue, info, gpu) = batcher::spawn(options.adapter.clone(), load, limits, metrics.clone())?;
         // On an error from here on, dropping `queue` ends the GPU thread.
-        let dir = crate::train::checkpoint::resolve(&options.checkpoint);
+        let dir = crate::train::rundir::checkpoint_to_read(&options.checkpoint)?;
         let tokenizer = Tokenizer::from_dir(&dir)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
