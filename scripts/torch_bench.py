@@ -1,7 +1,18 @@
 #!/usr/bin/env python3
 """PyTorch yardstick for `pals bench` on the same card: the same matmul and attention
-shapes in fp32 (TF32 off, so both sides do full-precision f32 math)."""
+shapes in fp32 (TF32 off, so both sides do full-precision f32 math).
+
+With `--train minilm|base --device cpu|cuda --batch B --seq S --precision fp32|amp`: a
+whole BERT-PALs training step instead (scripts/torch_train_bench.py)."""
+import os
+import sys
 import time
+
+if "--train" in sys.argv:  # the training-step yardstick lives in its own file
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from torch_train_bench import train_main
+
+    sys.exit(train_main())
 
 import torch
 

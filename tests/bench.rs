@@ -32,6 +32,12 @@ fn warm_training_steps_create_no_buffers() {
     assert_eq!(report.timed_buffers, 0, "buffers created during the timed steps");
     assert!(report.warmup_buffers[0] > 0, "the first step allocates its buffers");
     assert_eq!(report.warmup_buffers[1], 0, "nothing is allocated after the first step");
+    assert!(report.warmup_bind_groups[0] > 0, "the first step makes its bind groups");
+    assert_eq!(report.warmup_bind_groups[1], 0, "bind groups are cached after the first step");
+    assert_eq!(report.timed_bind_groups, 0, "bind groups created during the timed steps");
+    assert!(report.host_seconds > 0.0 && report.host_seconds < report.step_seconds);
+    assert!(report.encoding_seconds > 0.0 && report.encoding_seconds < report.host_seconds);
+    assert!(lines.iter().any(|l| l.starts_with("host time per step:")));
     assert_eq!(report.padded_seq, 8);
     if gpu.has(wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES) {
         assert_eq!(report.families.len(), FAMILIES.len());
@@ -126,4 +132,64 @@ fn readback_reuses_its_staging_buffer() {
     gpu.write(&b, &[0.5f32, 0.25, 0.125]).unwrap();
     assert_eq!(gpu.read::<f32>(&b).unwrap(), [0.5, 0.25, 0.125]);
     assert_eq!(gpu.buffers_created() - buffers, 1);
+}
+
+/// The same dispatch over the same tensors reuses its bind group; other tensors get their
+/// own; a dropped tensor's bind groups leave the cache at the next submit.
+#[test]
+fn bind_groups_are_reused_and_dropped_with_their_tensors() {
+    let gpu = gpu();
+    let n = 300;
+    let x = gpu.upload("x", &[n], &vec![2.0f32; n]).unwrap();
+    let y = gpu.zeros("y", &[n]).unwrap();
+    let copy = |from: &pals::gpu::Tensor, to: &pals::gpu::Tensor| {
+        let mut rec = gpu.recorder();
+        elementwise::dropout(&mut rec, from, to, DropoutSpec { p: 0.0, seed: 0, stream: 0 }).unwrap();
+        rec.submit().unwrap();
+    };
+    copy(&x, &y);
+    let (made, cached) = (gpu.bind_groups_created(), gpu.bind_groups_cached());
+    copy(&x, &y);
+    copy(&x.view(&[n / 2]), &y.view(&[n / 2])); // views bind the same buffers
+    assert_eq!(gpu.bind_groups_created() - made, 0, "same pipeline and buffers: reused");
+    {
+        let z = gpu.zeros("z", &[n]).unwrap();
+        copy(&x, &z);
+        assert_eq!(gpu.bind_groups_created() - made, 1, "another buffer: a new bind group");
+        assert_eq!(gpu.bind_groups_cached(), cached + 1);
+        assert_eq!(gpu.read::<f32>(&z).unwrap(), vec![2.0; n]);
+    }
+    copy(&x, &y); // the next submit drops z's entry
+    assert_eq!(gpu.bind_groups_cached(), cached, "z's bind group left with z");
+    assert_eq!(gpu.bind_groups_created() - made, 1);
+}
+
+/// A copy between dispatches sees the dispatch before it and is seen by the one after;
+/// a timed submit still returns one timing per dispatch.
+#[test]
+fn copies_are_ordered_between_dispatches() {
+    let gpu = gpu();
+    let x = gpu.upload("x", &[4], &[1.0f32, 2.0, 3.0, 4.0]).unwrap();
+    let doubled = gpu.zeros("doubled", &[4]).unwrap();
+    let ring = gpu.zeros("ring", &[6]).unwrap();
+    let out = gpu.zeros("out", &[6]).unwrap();
+    let keep_all = DropoutSpec { p: 0.0, seed: 0, stream: 0 };
+    let mut rec = gpu.recorder();
+    elementwise::add(&mut rec, &x, &x, &doubled).unwrap(); // [2, 4, 6, 8]
+    rec.copy(&doubled, 1, &ring, 3, 2).unwrap(); // ring [0, 0, 0, 4, 6, 0]
+    elementwise::dropout(&mut rec, &ring, &out, keep_all).unwrap();
+    assert_eq!(rec.len(), 2, "copies are not dispatches");
+    let timings = rec.submit_timed().unwrap();
+    if gpu.has(wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES) {
+        let labels: Vec<&str> = timings.iter().map(|t| t.label).collect();
+        assert_eq!(labels, ["add", "dropout"]);
+    }
+    assert_eq!(gpu.read::<f32>(&out).unwrap(), [0.0, 0.0, 0.0, 4.0, 6.0, 0.0]);
+
+    let mut rec = gpu.recorder();
+    let error = rec.copy(&doubled, 3, &ring, 0, 2).unwrap_err().to_string();
+    assert!(error.contains("'doubled'") && error.contains("past an end"), "{error}");
+    let error = rec.copy(&ring, 0, &ring, 3, 3).unwrap_err().to_string();
+    assert!(error.contains("one buffer"), "{error}");
+    assert!(rec.is_empty());
 }

@@ -1,4 +1,5 @@
-//! LayerNorm (with and without the fused residual add) on the GPU against the CPU reference.
+//! LayerNorm (with and without the fused residual add, and the fused dropout + residual +
+//! LayerNorm) on the GPU against the CPU reference.
 //! Tolerances: forward rtol 1e-5 / atol 1e-5, backward rtol 1e-4 / atol 1e-5 (dgamma and
 //! dbeta sum M rows, so their atol grows as 1e-6 * M past 10 rows).
 
@@ -6,7 +7,11 @@ mod common;
 
 use common::{assert_close, gpu};
 use pals::gpu::Tensor;
-use pals::kernels::layernorm::{self, LayerNorm, LayerNormGrads, LayerNormStats};
+use pals::kernels::elementwise::DropoutSpec;
+use pals::kernels::layernorm::{
+    self, DropoutResidual, LayerNorm, LayerNormGrads, LayerNormScratch, LayerNormStats, backward_scratch_len,
+};
+use pals::reference::layernorm::Dropout;
 use pals::reference::{self, random_vec};
 
 const EPS: f32 = 1e-12;
@@ -110,6 +115,128 @@ fn forward_and_backward_match_reference() {
             assert_close(&what("dbeta"), &got.dbeta, &dbeta, 1e-4, sum_atol);
         }
     }
+}
+
+/// The fused kernels' outputs, and the gradient of x before dropout.
+struct FusedOutputs {
+    ln: Outputs,
+    d_input: Vec<f32>,
+}
+
+fn run_fused(m: usize, n: usize, input: &Inputs, dropout: DropoutSpec) -> FusedOutputs {
+    let gpu = gpu();
+    let x = gpu.upload("x", &[m, n], &input.x).unwrap();
+    let residual = gpu.upload("residual", &[m, n], input.residual.as_ref().unwrap()).unwrap();
+    let gamma = gpu.upload("gamma", &[n], &input.gamma).unwrap();
+    let beta = gpu.upload("beta", &[n], &input.beta).unwrap();
+    let dy = gpu.upload("dy", &[m, n], &input.dy).unwrap();
+    let [y, dx, d_input] = ["y", "dx", "d_input"].map(|name| gpu.zeros(name, &[m, n]).unwrap());
+    let [mean, rstd] = ["mean", "rstd"].map(|name| gpu.zeros(name, &[m]).unwrap());
+    let [dgamma, dbeta] = ["dgamma", "dbeta"].map(|name| gpu.zeros(name, &[n]).unwrap());
+    let partials = gpu.zeros("partials", &[backward_scratch_len(m, n).0]).unwrap();
+    let ln = LayerNorm { gamma: &gamma, beta: &beta, eps: eps_for(n) };
+    let stats = LayerNormStats { mean: &mean, rstd: &rstd };
+    let grads = LayerNormGrads { dx: &dx, dgamma: &dgamma, dbeta: &dbeta };
+    let fused = DropoutResidual { x: &x, dropout, residual: &residual };
+    let scratch = LayerNormScratch { partials: &partials, colsum: None };
+    let mut rec = gpu.recorder();
+    layernorm::dropout_residual_layernorm_forward(&mut rec, &ln, &fused, &y, &stats).unwrap();
+    layernorm::dropout_residual_layernorm_backward(
+        &mut rec, &ln, &fused, &stats, &dy, &grads, &d_input, &scratch,
+    )
+    .unwrap();
+    rec.submit().unwrap();
+    let read = |t: &Tensor| gpu.read::<f32>(t).unwrap();
+    let ln = Outputs {
+        y: read(&y),
+        mean: read(&mean),
+        rstd: read(&rstd),
+        dx: read(&dx),
+        dgamma: read(&dgamma),
+        dbeta: read(&dbeta),
+    };
+    FusedOutputs { ln, d_input: read(&d_input) }
+}
+
+/// LN(Dropout(x) + residual) in one kernel each way, at the shapes above and drop
+/// probabilities 0 (a plain residual LayerNorm), 0.1 (BERT's) and 0.5.
+#[test]
+fn fused_dropout_residual_layernorm_matches_reference() {
+    for &(m, n) in SHAPES {
+        for p in [0.0, 0.1, 0.5] {
+            let input = inputs(m, n, true, 40);
+            let dropout = DropoutSpec { p, seed: 17, stream: 3 + m as u32 };
+            let got = run_fused(m, n, &input, dropout);
+            let drop = Dropout { p, seed: dropout.seed, stream: dropout.stream };
+            let residual = input.residual.as_deref().unwrap();
+            let what = |name: &str| format!("fused {name} {m}x{n} p={p}");
+            let (y, mean, rstd) = reference::layernorm::dropout_residual_layernorm_forward(
+                &input.x,
+                drop,
+                residual,
+                &input.gamma,
+                &input.beta,
+                eps_for(n),
+            );
+            assert_close(&what("y"), &got.ln.y, &y, 1e-5, 1e-5);
+            assert_close(&what("mean"), &got.ln.mean, &mean, 1e-5, 1e-5);
+            assert_close(&what("rstd"), &got.ln.rstd, &rstd, 1e-5, 1e-5);
+            let (ds, dx, dgamma, dbeta) = reference::layernorm::dropout_residual_layernorm_backward(
+                &input.x,
+                drop,
+                residual,
+                &input.gamma,
+                &input.dy,
+                eps_for(n),
+            );
+            let sum_atol = 1e-6 * (m as f32).max(10.0);
+            assert_close(&what("d residual"), &got.ln.dx, &ds, 1e-4, 1e-5);
+            assert_close(&what("dx"), &got.d_input, &dx, 1e-4, 1e-5);
+            assert_close(&what("dgamma"), &got.ln.dgamma, &dgamma, 1e-4, sum_atol);
+            assert_close(&what("dbeta"), &got.ln.dbeta, &dbeta, 1e-4, sum_atol);
+            if p > 0.0 && m * n >= 100 {
+                let zeros = got.d_input.iter().filter(|&&v| v == 0.0).count();
+                assert!(zeros > 0, "{}: nothing dropped", what("dx"));
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_shapes_are_checked() {
+    let gpu = gpu();
+    let [x, y, d_input] = ["x", "y", "d_input"].map(|name| gpu.zeros(name, &[4, 10]).unwrap());
+    let residual = gpu.zeros("residual", &[4, 11]).unwrap();
+    let short = gpu.zeros("short d_input", &[4, 9]).unwrap();
+    let gamma = gpu.zeros("gamma", &[10]).unwrap();
+    let [mean, rstd] = ["mean", "rstd"].map(|name| gpu.zeros(name, &[4]).unwrap());
+    let partials = gpu.zeros("partials", &[backward_scratch_len(4, 10).0]).unwrap();
+    let stats = LayerNormStats { mean: &mean, rstd: &rstd };
+    let ln = LayerNorm { gamma: &gamma, beta: &gamma, eps: EPS };
+    let dropout = DropoutSpec { p: 0.1, seed: 1, stream: 2 };
+    let mut rec = gpu.recorder();
+    let bad = DropoutResidual { x: &x, dropout, residual: &residual };
+    let error = layernorm::dropout_residual_layernorm_forward(&mut rec, &ln, &bad, &y, &stats)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("'residual'") && error.contains("[4, 11]"), "{error}");
+    let good = DropoutResidual { x: &x, dropout, residual: &y };
+    let grads = LayerNormGrads { dx: &d_input, dgamma: &gamma, dbeta: &mean };
+    let scratch = LayerNormScratch { partials: &partials, colsum: None };
+    let error = layernorm::dropout_residual_layernorm_backward(
+        &mut rec, &ln, &good, &stats, &y, &grads, &short, &scratch,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("'mean'"), "{error}");
+    let grads = LayerNormGrads { dbeta: &gamma, ..grads };
+    let error = layernorm::dropout_residual_layernorm_backward(
+        &mut rec, &ln, &good, &stats, &y, &grads, &short, &scratch,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("'short d_input'"), "{error}");
+    assert!(rec.is_empty(), "nothing is recorded on a shape error");
 }
 
 #[test]

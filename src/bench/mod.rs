@@ -5,7 +5,7 @@
 pub mod serve;
 
 use std::collections::BTreeMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::contract::random_vec;
 use crate::contract::rng::rng_u32;
@@ -310,6 +310,11 @@ pub struct TrainReport {
     pub padded_seq: usize,
     /// Mean wall time of one timed step (train_step + wait).
     pub step_seconds: f64,
+    /// Mean host time of one timed step before its wait: batch upload, recording the
+    /// dispatches, encoding and submitting.
+    pub host_seconds: f64,
+    /// The encoding-and-submitting part of `host_seconds`.
+    pub encoding_seconds: f64,
     pub dispatches_per_step: usize,
     pub submits_per_step: f64,
     /// Buffers created during each warm-up step.
@@ -318,6 +323,10 @@ pub struct TrainReport {
     pub timed_buffers: u64,
     /// Buffers created by the timestamped step (its query readback).
     pub timestamped_buffers: u64,
+    /// Bind groups created during each warm-up step, and during all timed steps together
+    /// (the target is 0: the recorder caches them).
+    pub warmup_bind_groups: Vec<u64>,
+    pub timed_bind_groups: u64,
     /// Bytes of every buffer created since the device opened (freed ones included).
     pub bytes_created: u64,
     /// Seconds spent tuning matmul tiles in this process (inside the first warm-up step).
@@ -436,10 +445,14 @@ impl<'g> TrainSession<'g> {
         Ok(TrainSession { gpu, trainer, method, padded_seq })
     }
 
-    /// One training step, waited for.
-    pub fn step(&mut self) -> anyhow::Result<()> {
+    /// One training step, waited for; returns the host time before the wait (batch
+    /// upload, recording, encoding and the submit).
+    pub fn step(&mut self) -> anyhow::Result<Duration> {
+        let started = Instant::now();
         self.trainer.train_step()?;
-        Ok(self.gpu.wait()?)
+        let host = started.elapsed();
+        self.gpu.wait()?;
+        Ok(host)
     }
 }
 
@@ -451,19 +464,26 @@ pub fn train_bench(gpu: &Gpu, bench: &TrainBench) -> anyhow::Result<TrainReport>
     }
     let mut session = TrainSession::new(gpu, bench)?;
     let padded_seq = session.padded_seq;
-    let mut warmup_buffers = Vec::new();
+    let (mut warmup_buffers, mut warmup_bind_groups) = (Vec::new(), Vec::new());
     for _ in 0..WARMUP_STEPS {
-        let before = gpu.buffers_created();
+        let (buffers, bind_groups) = (gpu.buffers_created(), gpu.bind_groups_created());
         session.step()?;
-        warmup_buffers.push(gpu.buffers_created() - before);
+        warmup_buffers.push(gpu.buffers_created() - buffers);
+        warmup_bind_groups.push(gpu.bind_groups_created() - bind_groups);
     }
-    let (buffers, submits) = (gpu.buffers_created(), gpu.submits());
+    let (buffers, bind_groups, submits) = (gpu.buffers_created(), gpu.bind_groups_created(), gpu.submits());
+    let encoding = gpu.encoding_seconds();
+    let mut host = Duration::ZERO;
     let started = Instant::now();
     for _ in 0..bench.steps {
-        session.step()?;
+        host += session.step()?;
     }
-    let step_seconds = started.elapsed().as_secs_f64() / bench.steps as f64;
+    let per_step = |seconds: f64| seconds / bench.steps as f64;
+    let step_seconds = per_step(started.elapsed().as_secs_f64());
+    let host_seconds = per_step(host.as_secs_f64());
+    let encoding_seconds = per_step(gpu.encoding_seconds() - encoding);
     let timed_buffers = gpu.buffers_created() - buffers;
+    let timed_bind_groups = gpu.bind_groups_created() - bind_groups;
     let submits_per_step = (gpu.submits() - submits) as f64 / bench.steps as f64;
     let dispatches_per_step = session.trainer.dispatches;
     let before = gpu.buffers_created();
@@ -480,11 +500,15 @@ pub fn train_bench(gpu: &Gpu, bench: &TrainBench) -> anyhow::Result<TrainReport>
         method: format!("{method:?}"),
         padded_seq,
         step_seconds,
+        host_seconds,
+        encoding_seconds,
         dispatches_per_step,
         submits_per_step,
         warmup_buffers,
         timed_buffers,
         timestamped_buffers,
+        warmup_bind_groups,
+        timed_bind_groups,
         bytes_created: gpu.bytes_created(),
         tuning_seconds: gpu.tune.spent.lock().unwrap().as_secs_f64(),
         families: if timings.is_empty() { Vec::new() } else { family_times(&timings) },
@@ -502,6 +526,12 @@ impl TrainReport {
         let total: f64 = self.families.iter().map(|f| f.1).sum();
         let matmul = self.families.iter().find(|f| f.0 == "matmul")?.1;
         (total > 0.0).then(|| matmul / total)
+    }
+
+    /// GPU seconds in the timestamped step's dispatches, if there are timestamps.
+    pub fn gpu_seconds(&self) -> Option<f64> {
+        let total: f64 = self.families.iter().map(|f| f.1).sum();
+        (total > 0.0).then_some(total * 1e-9)
     }
 
     /// The printed report.
@@ -536,6 +566,17 @@ impl TrainReport {
                 self.tokens_per_step() as f64 / self.step_seconds
             ),
             format!(
+                "host time per step: {:.1} ms before the wait ({:.1} ms uploading and recording, {:.1} ms \
+                 encoding and submitting); GPU time in dispatches: {}",
+                self.host_seconds * 1e3,
+                (self.host_seconds - self.encoding_seconds) * 1e3,
+                self.encoding_seconds * 1e3,
+                match self.gpu_seconds() {
+                    Some(gpu) => format!("{:.1} ms (timestamped step)", gpu * 1e3),
+                    None => "no timestamps inside passes on this adapter".into(),
+                }
+            ),
+            format!(
                 "dispatches per step: {}; submits per step: {:.2}",
                 self.dispatches_per_step, self.submits_per_step
             ),
@@ -547,6 +588,10 @@ impl TrainReport {
                 self.timed_buffers,
                 self.timestamped_buffers,
                 mib(self.bytes_created)
+            ),
+            format!(
+                "bind groups created: warm-up steps {:?}, timed steps {} (target 0)",
+                self.warmup_bind_groups, self.timed_bind_groups
             ),
             format!(
                 "matmul tile tuning in this run: {:.2} s (in the first warm-up step)",

@@ -135,8 +135,8 @@ pub struct Gpu {
     /// Measured kernel choices for this adapter and driver.
     pub tune: super::TuneCache,
     /// The uniform buffer holding every dispatch's parameters, reused by each submit and
-    /// recreated (larger) only when a submit needs more.
-    pub(crate) params: Mutex<Option<wgpu::Buffer>>,
+    /// recreated (larger) only when a submit needs more, with the cached bind groups.
+    pub(crate) params: Mutex<super::recorder::ParamsSlot>,
     /// Small idle staging buffers (readback, timestamps), unmapped, found again by usage
     /// and size: see `take_buffer`.
     spare: Mutex<Vec<wgpu::Buffer>>,
@@ -149,6 +149,9 @@ struct Counters {
     buffers: AtomicU64,
     bytes: AtomicU64,
     submits: AtomicU64,
+    bind_groups: AtomicU64,
+    /// Host time the recorder spent encoding and submitting.
+    encoding_nanos: AtomicU64,
 }
 
 /// Staging buffers up to this size are kept for reuse (losses, logits, timestamps); larger
@@ -188,7 +191,7 @@ impl Gpu {
             features,
             pipelines: Mutex::new(HashMap::new()),
             tune,
-            params: Mutex::new(None),
+            params: Mutex::new(Default::default()),
             spare: Mutex::new(Vec::new()),
             counters: Counters::default(),
         })
@@ -231,6 +234,16 @@ impl Gpu {
         self.device.create_buffer(descriptor)
     }
 
+    /// Creates a bind group, counted: the recorder caches them, so warm steps make none.
+    pub(crate) fn create_bind_group(&self, descriptor: &wgpu::BindGroupDescriptor) -> wgpu::BindGroup {
+        self.counters.bind_groups.fetch_add(1, Ordering::Relaxed);
+        self.device.create_bind_group(descriptor)
+    }
+
+    pub(crate) fn count_encoding(&self, spent: std::time::Duration) {
+        self.counters.encoding_nanos.fetch_add(spent.as_nanos() as u64, Ordering::Relaxed);
+    }
+
     /// Submits command buffers, counted.
     pub(crate) fn submit(&self, commands: impl IntoIterator<Item = wgpu::CommandBuffer>) {
         self.counters.submits.fetch_add(1, Ordering::Relaxed);
@@ -246,6 +259,17 @@ impl Gpu {
     /// Bytes of the buffers created so far (buffers freed since are not subtracted).
     pub fn bytes_created(&self) -> u64 {
         self.counters.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Bind groups created so far.
+    pub fn bind_groups_created(&self) -> u64 {
+        self.counters.bind_groups.load(Ordering::Relaxed)
+    }
+
+    /// Host seconds the recorder has spent encoding command buffers and submitting them
+    /// (the rest of a step's host time is recording: the kernels' checks and dispatches).
+    pub fn encoding_seconds(&self) -> f64 {
+        self.counters.encoding_nanos.load(Ordering::Relaxed) as f64 * 1e-9
     }
 
     /// Queue submits so far.

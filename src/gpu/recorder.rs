@@ -1,8 +1,15 @@
 //! The recorder: kernels append dispatches; `submit` encodes them all into one compute
 //! pass, writes every dispatch's parameters with one upload into the device's reused
 //! parameter buffer, and submits once.
+//!
+//! Bind groups are cached across submits, keyed by pipeline and bound buffers: a training
+//! step binds the same buffers every time, so warm steps create none. The parameter block
+//! is bound with a dynamic offset, which keeps each dispatch's place in the parameter
+//! buffer out of the key.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use std::time::Instant;
 
 use super::context::CachedPipeline;
 use super::{Gpu, GpuError, Tensor};
@@ -39,10 +46,89 @@ struct Dispatch {
     groups: [u32; 3],
 }
 
+/// A buffer-to-buffer copy between dispatches; it ends the compute pass before it.
+struct BufferCopy {
+    source: Arc<wgpu::Buffer>,
+    source_offset: u64,
+    target: Arc<wgpu::Buffer>,
+    target_offset: u64,
+    bytes: u64,
+}
+
+enum Command {
+    Dispatch(Dispatch),
+    Copy(BufferCopy),
+}
+
 pub struct Recorder<'g> {
     pub gpu: &'g Gpu,
-    dispatches: Vec<Dispatch>,
+    commands: Vec<Command>,
+    dispatches: usize,
     params: Vec<u8>,
+}
+
+/// A bind group is found again by its pipeline, its parameter block's size and the
+/// addresses of its buffers' `Arc`s (the entry holds a `Weak` of each, which keeps the
+/// address from being reused while the entry lives).
+#[derive(PartialEq, Eq, Hash)]
+struct BindKey {
+    pipeline: usize,
+    params_size: u64,
+    buffers: Vec<usize>,
+}
+
+struct CachedBindGroup {
+    group: wgpu::BindGroup,
+    /// Keeps the key's addresses valid; an entry with a buffer whose tensors are all gone
+    /// can never be used again and is dropped (`ParamsSlot::sweep`).
+    buffers: Vec<Weak<wgpu::Buffer>>,
+    _pipeline: Arc<CachedPipeline>,
+}
+
+/// The parameter buffer every submit reuses, and the bind groups that bind it: both
+/// under one lock, because growing the buffer invalidates every cached bind group.
+#[derive(Default)]
+pub(crate) struct ParamsSlot {
+    buffer: Option<wgpu::Buffer>,
+    bind_groups: HashMap<BindKey, CachedBindGroup>,
+}
+
+impl ParamsSlot {
+    /// The parameter buffer, at least `needed` bytes.
+    fn buffer(&mut self, gpu: &Gpu, needed: u64) -> &wgpu::Buffer {
+        if self.buffer.as_ref().is_none_or(|b| b.size() < needed) {
+            self.bind_groups.clear();
+            // Grow in powers of two so a slowly growing step recreates it only a few times.
+            self.buffer = Some(gpu.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("dispatch params"),
+                size: needed.next_power_of_two(),
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }));
+        }
+        self.buffer.as_ref().expect("made above")
+    }
+
+    /// Drops the bind groups of buffers whose tensors are gone.
+    fn sweep(&mut self) {
+        self.bind_groups.retain(|_, entry| entry.buffers.iter().all(|b| b.strong_count() > 0));
+    }
+
+    /// The cached bind group for `dispatch`, made on first use.
+    fn bind_group(&mut self, gpu: &Gpu, dispatch: &Dispatch) -> &wgpu::BindGroup {
+        let key = BindKey {
+            pipeline: Arc::as_ptr(&dispatch.pipeline) as usize,
+            params_size: dispatch.params_size,
+            buffers: dispatch.buffers.iter().map(|b| Arc::as_ptr(b) as usize).collect(),
+        };
+        let params = self.buffer.as_ref().expect("the params buffer exists before binding");
+        let entry = self.bind_groups.entry(key).or_insert_with(|| CachedBindGroup {
+            group: create_bind_group(gpu, params, dispatch),
+            buffers: dispatch.buffers.iter().map(Arc::downgrade).collect(),
+            _pipeline: dispatch.pipeline.clone(),
+        });
+        &entry.group
+    }
 }
 
 impl Gpu {
@@ -63,7 +149,7 @@ impl Gpu {
             visibility: wgpu::ShaderStages::COMPUTE,
             ty: wgpu::BindingType::Buffer {
                 ty: wgpu::BufferBindingType::Uniform,
-                has_dynamic_offset: false,
+                has_dynamic_offset: true,
                 min_binding_size: None,
             },
             count: None,
@@ -111,8 +197,14 @@ impl Gpu {
         Ok(CachedPipeline { pipeline, layout })
     }
 
+    /// Bind groups the recorder holds for reuse (entries of dropped tensors go at the
+    /// next submit).
+    pub fn bind_groups_cached(&self) -> usize {
+        self.params.lock().unwrap().bind_groups.len()
+    }
+
     pub fn recorder(&self) -> Recorder<'_> {
-        Recorder { gpu: self, dispatches: Vec::new(), params: Vec::new() }
+        Recorder { gpu: self, commands: Vec::new(), dispatches: 0, params: Vec::new() }
     }
 }
 
@@ -156,32 +248,79 @@ impl Recorder<'_> {
         let pipeline = self.gpu.pipeline(spec, defines)?;
         let align = self.gpu.limits.min_uniform_buffer_offset_alignment.max(16) as usize;
         let params_offset = self.params.len().div_ceil(align) * align;
+        if params_offset > u32::MAX as usize {
+            let detail = format!("over {} bytes of dispatch parameters in one submit", u32::MAX);
+            return Err(GpuError::Shape { op: spec.name.into(), detail });
+        }
         let bytes = bytemuck::bytes_of(params);
         self.params.resize(params_offset, 0);
         self.params.extend_from_slice(bytes);
         // Uniform blocks are sized in multiples of 16 bytes.
         let params_size = bytes.len().div_ceil(16).max(1) * 16;
         self.params.resize(params_offset + params_size, 0);
-        self.dispatches.push(Dispatch {
+        self.commands.push(Command::Dispatch(Dispatch {
             label: spec.name,
             pipeline,
             buffers: tensors.iter().map(|t| t.buffer.clone()).collect(),
             params_offset: params_offset as u64,
             params_size: params_size as u64,
             groups,
-        });
+        }));
+        self.dispatches += 1;
         Ok(())
     }
 
+    /// Appends a copy of `count` elements from `source[source_at..]` to `target[target_at..]`,
+    /// ordered after the dispatches before it and before those after it. Both tensors hold
+    /// the same element type; offsets and length are whole 4-byte words (any f32 range).
+    pub fn copy(
+        &mut self,
+        source: &Tensor,
+        source_at: usize,
+        target: &Tensor,
+        target_at: usize,
+        count: usize,
+    ) -> Result<(), GpuError> {
+        let error = |detail: String| Err(GpuError::Shape { op: "copy".into(), detail });
+        let what = format!("{count} elements from '{}' at {source_at} to '{}' at {target_at}", source.name, target.name);
+        let fits = |t: &Tensor, at: usize| at.checked_add(count).is_some_and(|end| end <= t.len());
+        if !fits(source, source_at) || !fits(target, target_at) {
+            return error(format!("{what} run past an end ({} and {} elements)", source.len(), target.len()));
+        }
+        if source.dtype != target.dtype {
+            return error(format!("{what}: {:?} into {:?}", source.dtype, target.dtype));
+        }
+        if Arc::ptr_eq(&source.buffer, &target.buffer) {
+            return error(format!("{what}: one buffer"));
+        }
+        let size = source.dtype.size();
+        let (source_offset, target_offset, bytes) = (size * source_at, size * target_at, size * count);
+        if (source_offset | target_offset | bytes) % 4 != 0 {
+            return error(format!("{what}: offsets and length must be whole 4-byte words"));
+        }
+        if count > 0 {
+            self.commands.push(Command::Copy(BufferCopy {
+                source: source.buffer.clone(),
+                source_offset: source_offset as u64,
+                target: target.buffer.clone(),
+                target_offset: target_offset as u64,
+                bytes: bytes as u64,
+            }));
+        }
+        Ok(())
+    }
+
+    /// Dispatches recorded so far (copies not counted).
     pub fn len(&self) -> usize {
-        self.dispatches.len()
+        self.dispatches
     }
 
     pub fn is_empty(&self) -> bool {
-        self.dispatches.is_empty()
+        self.dispatches == 0
     }
 
-    /// Encodes every dispatch into one pass and submits once.
+    /// Encodes every dispatch into one pass (one per run of dispatches between copies) and
+    /// submits once.
     pub fn submit(self) -> Result<(), GpuError> {
         self.encode_and_submit(false).map(|_| ())
     }
@@ -192,10 +331,23 @@ impl Recorder<'_> {
         self.encode_and_submit(true)
     }
 
+    /// Runs of consecutive dispatches: each becomes one compute pass.
+    fn passes(&self) -> u32 {
+        let mut passes = 0;
+        let mut in_pass = false;
+        for command in &self.commands {
+            let dispatch = matches!(command, Command::Dispatch(_));
+            passes += (dispatch && !in_pass) as u32;
+            in_pass = dispatch;
+        }
+        passes
+    }
+
     fn encode_and_submit(self, timed: bool) -> Result<Vec<Timing>, GpuError> {
-        if self.dispatches.is_empty() {
+        if self.commands.is_empty() {
             return Ok(Vec::new());
         }
+        let started = Instant::now();
         let gpu = self.gpu;
         let timed =
             timed && gpu.has(wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES);
@@ -203,36 +355,44 @@ impl Recorder<'_> {
         // earlier one may still be running is safe: queue.write_buffer is ordered with
         // submits on the queue (it lands after all work submitted before it and before the
         // next submit), and the lock keeps each write and its submit together.
-        let mut params_slot = gpu.params.lock().unwrap();
-        let needed = self.params.len() as u64;
-        if params_slot.as_ref().is_none_or(|b| b.size() < needed) {
-            // Grow in powers of two so a slowly growing step recreates it only a few times.
-            *params_slot = Some(gpu.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("dispatch params"),
-                size: needed.next_power_of_two(),
-                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            }));
-        }
-        let params = params_slot.as_ref().expect("made above");
-        gpu.queue.write_buffer(params, 0, &self.params);
-        let bind_groups: Vec<wgpu::BindGroup> =
-            self.dispatches.iter().map(|d| bind_group(gpu, params, d)).collect();
-        let queries = timed.then(|| Queries::new(gpu, self.dispatches.len() as u32 + 1));
+        let mut slot = gpu.params.lock().unwrap();
+        slot.sweep();
+        let params = slot.buffer(gpu, self.params.len() as u64).clone();
+        gpu.queue.write_buffer(&params, 0, &self.params);
+        // A timestamp opens each pass and follows each dispatch.
+        let queries = timed.then(|| Queries::new(gpu, self.dispatches as u32 + self.passes()));
+        let mut spans = Vec::new(); // (label, timestamp before, timestamp after)
 
         let mut encoder = gpu.device.create_command_encoder(&Default::default());
-        {
+        let mut commands = self.commands.iter().peekable();
+        let mut next_query = 0;
+        while commands.peek().is_some() {
+            while let Some(Command::Copy(c)) = commands.next_if(|c| matches!(c, Command::Copy(_))) {
+                encoder.copy_buffer_to_buffer(
+                    &c.source,
+                    c.source_offset,
+                    &c.target,
+                    c.target_offset,
+                    c.bytes,
+                );
+            }
+            if commands.peek().is_none() {
+                break;
+            }
             let mut pass = encoder.begin_compute_pass(&Default::default());
             if let Some(q) = &queries {
-                pass.write_timestamp(&q.set, 0);
+                pass.write_timestamp(&q.set, next_query);
+                next_query += 1;
             }
-            for (index, (dispatch, group)) in self.dispatches.iter().zip(&bind_groups).enumerate() {
-                pass.set_pipeline(&dispatch.pipeline.pipeline);
-                pass.set_bind_group(0, group, &[]);
-                let [x, y, z] = dispatch.groups;
+            while let Some(Command::Dispatch(d)) = commands.next_if(|c| matches!(c, Command::Dispatch(_))) {
+                pass.set_pipeline(&d.pipeline.pipeline);
+                pass.set_bind_group(0, slot.bind_group(gpu, d), &[d.params_offset as u32]);
+                let [x, y, z] = d.groups;
                 pass.dispatch_workgroups(x, y, z);
                 if let Some(q) = &queries {
-                    pass.write_timestamp(&q.set, index as u32 + 1);
+                    pass.write_timestamp(&q.set, next_query);
+                    spans.push((d.label, next_query as usize - 1, next_query as usize));
+                    next_query += 1;
                 }
             }
         }
@@ -240,29 +400,31 @@ impl Recorder<'_> {
             q.resolve(&mut encoder);
         }
         gpu.submit([encoder.finish()]);
-        drop(params_slot);
+        drop(slot);
+        gpu.count_encoding(started.elapsed());
         match queries {
             None => Ok(Vec::new()),
             Some(q) => {
                 let ticks = q.read(gpu)?;
                 let period = gpu.queue.get_timestamp_period() as f64;
-                Ok(self
-                    .dispatches
-                    .iter()
-                    .zip(ticks.windows(2))
-                    .map(|(d, w)| Timing { label: d.label, nanos: w[1].saturating_sub(w[0]) as f64 * period })
+                let nanos =
+                    |start: usize, end: usize| ticks[end].saturating_sub(ticks[start]) as f64 * period;
+                Ok(spans
+                    .into_iter()
+                    .map(|(label, start, end)| Timing { label, nanos: nanos(start, end) })
                     .collect())
             }
         }
     }
 }
 
-fn bind_group(gpu: &Gpu, params: &wgpu::Buffer, dispatch: &Dispatch) -> wgpu::BindGroup {
+fn create_bind_group(gpu: &Gpu, params: &wgpu::Buffer, dispatch: &Dispatch) -> wgpu::BindGroup {
+    // Offset 0 here; each dispatch's own offset is the dynamic offset given when binding.
     let mut entries = vec![wgpu::BindGroupEntry {
         binding: 0,
         resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
             buffer: params,
-            offset: dispatch.params_offset,
+            offset: 0,
             size: wgpu::BufferSize::new(dispatch.params_size),
         }),
     }];
@@ -270,7 +432,7 @@ fn bind_group(gpu: &Gpu, params: &wgpu::Buffer, dispatch: &Dispatch) -> wgpu::Bi
         entries
             .push(wgpu::BindGroupEntry { binding: index as u32 + 1, resource: buffer.as_entire_binding() });
     }
-    gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+    gpu.create_bind_group(&wgpu::BindGroupDescriptor {
         label: Some(dispatch.label),
         layout: &dispatch.pipeline.layout,
         entries: &entries,

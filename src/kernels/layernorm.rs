@@ -1,8 +1,11 @@
 //! LayerNorm with an optional fused residual add, forward and backward: shaders/layernorm.wgsl.
+//! `dropout_residual_layernorm_*` also fuse the dropout of a sublayer's output in front of
+//! the residual add: LN(Dropout(x) + residual), reading x once.
 //!
-//! The backward takes the same `x` and `residual` as the forward and recomputes their sum,
-//! so nothing beyond the per-row mean and rstd has to be stored.
+//! The backward takes the same `x` and `residual` as the forward and recomputes their sum
+//! (regenerating the dropout mask), so nothing beyond the per-row mean and rstd is stored.
 
+use super::elementwise::DropoutSpec;
 use super::reduce::{colsum_rows_in, colsum_scratch_len, rows_of};
 use super::{expect_len, expect_shape, to_u32};
 use crate::gpu::{Binding, GpuError, KernelSpec, Recorder, Tensor, spread};
@@ -10,7 +13,8 @@ use crate::gpu::{Binding, GpuError, KernelSpec, Recorder, Tensor, spread};
 /// Rows one backward workgroup owns; must match ROWS_PER_GROUP in layernorm.wgsl.
 const ROWS_PER_GROUP: usize = 8;
 
-const SOURCE: &str = include_str!("../../shaders/layernorm.wgsl");
+const SOURCE: &str =
+    concat!(include_str!("../../shaders/rng.wgsl"), include_str!("../../shaders/layernorm.wgsl"));
 const FORWARD: KernelSpec = KernelSpec {
     name: "layernorm_forward",
     source: SOURCE,
@@ -40,6 +44,22 @@ const BACKWARD: KernelSpec = KernelSpec {
         Binding::Write, // partials
     ],
 };
+const DROPOUT_BACKWARD: KernelSpec = KernelSpec {
+    name: "layernorm_dropout_backward",
+    source: SOURCE,
+    entry: "layernorm_dropout_backward",
+    bindings: &[
+        Binding::Read,  // x
+        Binding::Read,  // residual
+        Binding::Read,  // gamma
+        Binding::Read,  // dy
+        Binding::Read,  // mean
+        Binding::Read,  // rstd
+        Binding::Write, // dx
+        Binding::Write, // partials
+        Binding::Write, // d_input
+    ],
+};
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -48,6 +68,33 @@ struct Params {
     n: u32,
     eps: f32,
     groups: u32,
+    seed: u32,
+    stream: u32,
+    threshold: u32,
+    scale: f32,
+}
+
+impl Params {
+    fn new(
+        op: &str,
+        m: usize,
+        n: usize,
+        eps: f32,
+        groups: usize,
+        drop: Option<DropoutSpec>,
+    ) -> Result<Params, GpuError> {
+        let drop = drop.unwrap_or(DropoutSpec::NONE);
+        Ok(Params {
+            m: to_u32(op, "rows", m)?,
+            n: to_u32(op, "columns", n)?,
+            eps,
+            groups: to_u32(op, "workgroups", groups)?,
+            seed: drop.seed,
+            stream: drop.stream,
+            threshold: drop.threshold(),
+            scale: drop.scale(),
+        })
+    }
 }
 
 /// The layer: gamma and beta [N], and eps (1e-12 for BERT).
@@ -73,12 +120,23 @@ pub struct LayerNormGrads<'a> {
     pub dbeta: &'a Tensor,
 }
 
-/// Checks the input and the layer; returns (M, N) and the residual binding plus its define.
+/// The fused input of `dropout_residual_layernorm_*`: s = Dropout(x) + residual.
+#[derive(Clone, Copy)]
+pub struct DropoutResidual<'a> {
+    /// The sublayer's output before dropout [.., N].
+    pub x: &'a Tensor,
+    pub dropout: DropoutSpec,
+    /// Same shape as x.
+    pub residual: &'a Tensor,
+}
+
+/// Checks the input and the layer; returns (M, N) and the residual binding plus the defines.
 fn check<'t>(
     op: &str,
     ln: &LayerNorm,
     x: &'t Tensor,
     residual: Option<&'t Tensor>,
+    drop: Option<DropoutSpec>,
     stats: &LayerNormStats,
 ) -> Result<(usize, usize, &'t Tensor, String), GpuError> {
     let n = ln.gamma.len();
@@ -103,7 +161,11 @@ fn check<'t>(
         }
         None => x,
     };
-    let defines = format!("const HAS_RESIDUAL: bool = {};\nconst WG: u32 = {width}u;\n", residual.is_some());
+    let defines = format!(
+        "const HAS_RESIDUAL: bool = {};\nconst HAS_DROPOUT: bool = {};\nconst WG: u32 = {width}u;\n",
+        residual.is_some(),
+        drop.is_some()
+    );
     Ok((m, n, bound, defines))
 }
 
@@ -117,10 +179,34 @@ pub fn layernorm_forward(
     y: &Tensor,
     stats: &LayerNormStats,
 ) -> Result<(), GpuError> {
+    forward(rec, ln, x, residual, None, y, stats)
+}
+
+/// y = LayerNorm(Dropout(x) + residual): the dropped x is never stored; writes the per-row
+/// mean and rstd for the backward.
+pub fn dropout_residual_layernorm_forward(
+    rec: &mut Recorder,
+    ln: &LayerNorm,
+    input: &DropoutResidual,
+    y: &Tensor,
+    stats: &LayerNormStats,
+) -> Result<(), GpuError> {
+    forward(rec, ln, input.x, Some(input.residual), Some(input.dropout), y, stats)
+}
+
+fn forward(
+    rec: &mut Recorder,
+    ln: &LayerNorm,
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    drop: Option<DropoutSpec>,
+    y: &Tensor,
+    stats: &LayerNormStats,
+) -> Result<(), GpuError> {
     let op = FORWARD.name;
-    let (m, n, residual, defines) = check(op, ln, x, residual, stats)?;
+    let (m, n, residual, defines) = check(op, ln, x, residual, drop, stats)?;
     expect_shape(op, y, &x.shape)?;
-    let params = Params { m: to_u32(op, "rows", m)?, n: to_u32(op, "columns", n)?, eps: ln.eps, groups: 0 };
+    let params = Params::new(op, m, n, ln.eps, 0, drop)?;
     let tensors = [x, residual, ln.gamma, ln.beta, y, stats.mean, stats.rstd];
     let groups = spread(rec.gpu, params.m);
     rec.dispatch(&FORWARD, &defines, &params, &tensors, groups)
@@ -137,7 +223,7 @@ pub fn layernorm_backward(
     dy: &Tensor,
     grads: &LayerNormGrads,
 ) -> Result<(), GpuError> {
-    let (m, n, _, _) = check(BACKWARD.name, ln, x, residual, stats)?;
+    let (m, n, _, _) = check(BACKWARD.name, ln, x, residual, None, stats)?;
     let partials = rec.gpu.zeros("layernorm partials", &[backward_scratch_len(m, n).0])?;
     let scratch = LayerNormScratch { partials: &partials, colsum: None };
     layernorm_backward_with_scratch(rec, ln, x, residual, stats, dy, grads, &scratch)
@@ -171,8 +257,42 @@ pub fn layernorm_backward_with_scratch(
     grads: &LayerNormGrads,
     scratch: &LayerNormScratch,
 ) -> Result<(), GpuError> {
-    let op = BACKWARD.name;
-    let (m, n, residual, defines) = check(op, ln, x, residual, stats)?;
+    backward(rec, ln, (x, residual, None), stats, dy, grads, scratch)
+}
+
+/// The backward of [`dropout_residual_layernorm_forward`]: `grads.dx` gets the gradient of
+/// s (also the residual's), `d_input` the gradient of x before dropout (the same mask).
+#[allow(clippy::too_many_arguments)]
+pub fn dropout_residual_layernorm_backward(
+    rec: &mut Recorder,
+    ln: &LayerNorm,
+    input: &DropoutResidual,
+    stats: &LayerNormStats,
+    dy: &Tensor,
+    grads: &LayerNormGrads,
+    d_input: &Tensor,
+    scratch: &LayerNormScratch,
+) -> Result<(), GpuError> {
+    let dropout = Some((input.dropout, d_input));
+    backward(rec, ln, (input.x, Some(input.residual), dropout), stats, dy, grads, scratch)
+}
+
+/// x, the residual, and the dropout of x with where its gradient goes.
+type BackwardInput<'a> = (&'a Tensor, Option<&'a Tensor>, Option<(DropoutSpec, &'a Tensor)>);
+
+fn backward(
+    rec: &mut Recorder,
+    ln: &LayerNorm,
+    (x, residual, dropout): BackwardInput,
+    stats: &LayerNormStats,
+    dy: &Tensor,
+    grads: &LayerNormGrads,
+    scratch: &LayerNormScratch,
+) -> Result<(), GpuError> {
+    let spec = if dropout.is_some() { &DROPOUT_BACKWARD } else { &BACKWARD };
+    let op = spec.name;
+    let drop = dropout.map(|(d, _)| d);
+    let (m, n, residual, defines) = check(op, ln, x, residual, drop, stats)?;
     expect_shape(op, dy, &x.shape)?;
     expect_shape(op, grads.dx, &x.shape)?;
     expect_shape(op, grads.dgamma, &[n])?;
@@ -190,15 +310,14 @@ pub fn layernorm_backward_with_scratch(
             ),
         });
     }
-    let params = Params {
-        m: to_u32(op, "rows", m)?,
-        n: to_u32(op, "columns", n)?,
-        eps: ln.eps,
-        groups: to_u32(op, "workgroups", groups)?,
-    };
-    let tensors = [x, residual, ln.gamma, dy, stats.mean, stats.rstd, grads.dx, partials];
+    let params = Params::new(op, m, n, ln.eps, groups, drop)?;
+    let mut tensors = vec![x, residual, ln.gamma, dy, stats.mean, stats.rstd, grads.dx, partials];
+    if let Some((_, d_input)) = dropout {
+        expect_shape(op, d_input, &x.shape)?;
+        tensors.push(d_input);
+    }
     let dispatch = spread(rec.gpu, params.groups);
-    rec.dispatch(&BACKWARD, &defines, &params, &tensors, dispatch)?;
+    rec.dispatch(spec, &defines, &params, &tensors, dispatch)?;
     colsum_rows_in(rec, partials, 0, groups, n, grads.dgamma, false, scratch.colsum)?;
     colsum_rows_in(rec, partials, groups * n, groups, n, grads.dbeta, false, scratch.colsum)
 }

@@ -1,4 +1,21 @@
-//! LayerNorm (HF BERT: biased variance, caller's eps) with an optional residual add, in f64.
+//! LayerNorm (HF BERT: biased variance, caller's eps) with an optional residual add, in f64,
+//! and LayerNorm(Dropout(x) + residual), the fused kernel's contract.
+
+use super::elementwise::dropout_f64;
+
+/// Dropout's drop probability, seed and stream (the mask of `reference::rng`).
+#[derive(Clone, Copy, Debug)]
+pub struct Dropout {
+    pub p: f32,
+    pub seed: u32,
+    pub stream: u32,
+}
+
+impl Dropout {
+    fn apply(&self, v: &[f64]) -> Vec<f64> {
+        dropout_f64(v, self.p, self.seed, self.stream)
+    }
+}
 
 /// s = x + residual, or x.
 fn input(x: &[f32], residual: Option<&[f32]>) -> Vec<f64> {
@@ -86,6 +103,40 @@ pub fn layernorm_backward(
     (narrow(&dx), narrow(&dgamma), narrow(&dbeta))
 }
 
+/// s = Dropout(x) + residual in f64.
+fn dropped_input(x: &[f32], drop: Dropout, residual: &[f32]) -> Vec<f64> {
+    drop.apply(&widen(x)).iter().zip(residual).map(|(a, &b)| a + b as f64).collect()
+}
+
+/// y = LayerNorm(Dropout(x) + residual); returns (y, mean, rstd).
+pub fn dropout_residual_layernorm_forward(
+    x: &[f32],
+    drop: Dropout,
+    residual: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let s = dropped_input(x, drop, residual);
+    let (y, mean, rstd) = forward_f64(&s, &widen(gamma), &widen(beta), eps as f64);
+    (narrow(&y), narrow(&mean), narrow(&rstd))
+}
+
+/// (ds, dx, dgamma, dbeta): ds is the residual's gradient, dx = Dropout(ds) the gradient of
+/// x before dropout.
+pub fn dropout_residual_layernorm_backward(
+    x: &[f32],
+    drop: Dropout,
+    residual: &[f32],
+    gamma: &[f32],
+    dy: &[f32],
+    eps: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    let s = dropped_input(x, drop, residual);
+    let (ds, dgamma, dbeta) = backward_f64(&s, &widen(gamma), &widen(dy), eps as f64);
+    (narrow(&ds), narrow(&drop.apply(&ds)), narrow(&dgamma), narrow(&dbeta))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,6 +174,39 @@ mod tests {
                 check("dbeta", &dbeta, i, fd);
             }
         }
+    }
+
+    /// The fused form's gradients of x (through the mask) and of the residual.
+    #[test]
+    fn dropout_residual_backward_matches_finite_differences() {
+        let (m, n, eps) = (3, 7, 1e-5);
+        let drop = Dropout { p: 0.3, seed: 5, stream: 9 };
+        let x = random_vec(m * n, 11, 2.0);
+        let residual = random_vec(m * n, 12, 1.0);
+        let gamma: Vec<f32> = random_vec(n, 13, 0.5).iter().map(|g| 1.0 + g).collect();
+        let beta = random_vec(n, 14, 0.5);
+        let w = widen(&random_vec(m * n, 15, 1.0));
+        let (ds, dx, _, _) =
+            dropout_residual_layernorm_backward(&x, drop, &residual, &gamma, &narrow(&w), eps);
+        let (g, b) = (widen(&gamma), widen(&beta));
+        let through = |x: &[f64], r: &[f64]| {
+            let s: Vec<f64> = drop.apply(x).iter().zip(r).map(|(a, b)| a + b).collect();
+            loss(&s, &g, &b, &w, eps as f64)
+        };
+        let (xs, rs) = (widen(&x), widen(&residual));
+        let mut dropped = 0;
+        for i in 0..m * n {
+            let fd = finite_difference(&xs, i, 1e-4, &|v| through(v, &rs));
+            assert!((dx[i] as f64 - fd).abs() < 1e-4 * (1.0 + fd.abs()), "dx[{i}]: {} vs {fd}", dx[i]);
+            dropped += (fd == 0.0) as usize;
+            let fd = finite_difference(&rs, i, 1e-4, &|v| through(&xs, v));
+            assert!((ds[i] as f64 - fd).abs() < 1e-4 * (1.0 + fd.abs()), "ds[{i}]: {} vs {fd}", ds[i]);
+        }
+        assert!(
+            dropped > 0 && dropped < m * n,
+            "p = 0.3 should drop some of {} elements, dropped {dropped}",
+            m * n
+        );
     }
 
     #[test]

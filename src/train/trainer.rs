@@ -17,7 +17,6 @@ use crate::data::cache::{TokenizedSplit, tokenized_split};
 use crate::data::glue::{Split, Task};
 use crate::data::sampler::{EpochIterator, Sampling, TaskSampler};
 use crate::gpu::{Gpu, Tensor, Timing};
-use crate::kernels::elementwise;
 use crate::kernels::optimizer::{AdamConfig, ClipMode};
 use crate::model::bert::BatchInputs;
 use crate::model::tasks::{
@@ -187,7 +186,9 @@ pub struct Trainer<'g> {
     sampler: TaskSampler,
     iterators: Vec<EpochIterator>,
     buckets: HashMap<(usize, usize, usize), Bucket>,
-    losses: Vec<Tensor>,
+    /// [LOSS_RING]: one slot per step not yet read back. One tensor, so each step binds
+    /// the same buffers and the loss copy needs no new bind group.
+    losses: Tensor,
     pending: Vec<(u64, usize, f32)>,
     pub state: TrainerState,
     output: PathBuf,
@@ -276,8 +277,7 @@ impl<'g> Trainer<'g> {
                 )
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let losses =
-            (0..LOSS_RING).map(|i| gpu.zeros(&format!("loss {i}"), &[1])).collect::<Result<Vec<_>, _>>()?;
+        let losses = gpu.zeros("losses", &[LOSS_RING])?;
         Ok(Trainer {
             gpu,
             settings,
@@ -479,7 +479,7 @@ impl<'g> Trainer<'g> {
         let loss =
             model.forward_backward(&mut rec, &bucket.acts, &bucket.inputs, &bucket.head, k, dropout)?;
         // A copy keeps this step's loss until it is read back.
-        elementwise::copy(&mut rec, loss, &self.losses[slot])?;
+        rec.copy(loss, 0, &self.losses, slot, 1)?;
         let shared = model.bert.params.named.iter().zip(&model.bert.grads()?.named);
         let own = model.tasks[k].params.named.iter().zip(&model.tasks[k].grads()?.named);
         let params: Vec<(&str, &Tensor, &Tensor)> = shared
@@ -500,8 +500,9 @@ impl<'g> Trainer<'g> {
     fn flush_losses(&mut self) -> Result<()> {
         let mut sum = 0.0;
         let pending = std::mem::take(&mut self.pending);
+        let ring = if pending.is_empty() { Vec::new() } else { self.gpu.read::<f32>(&self.losses)? };
         for (slot, &(step, task, lr)) in pending.iter().enumerate() {
-            let loss = self.gpu.read::<f32>(&self.losses[slot])?[0];
+            let loss = ring[slot];
             if !loss.is_finite() {
                 bail!("the loss of step {step} ({}) is {loss}: training diverged", self.data[task].spec.name);
             }
