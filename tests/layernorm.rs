@@ -11,7 +11,6 @@ use pals::kernels::elementwise::DropoutSpec;
 use pals::kernels::layernorm::{
     self, DropoutResidual, LayerNorm, LayerNormGrads, LayerNormScratch, LayerNormStats, backward_scratch_len,
 };
-use pals::reference::layernorm::Dropout;
 use pals::reference::{self, random_vec};
 
 const EPS: f32 = 1e-12;
@@ -167,12 +166,11 @@ fn fused_dropout_residual_layernorm_matches_reference() {
             let input = inputs(m, n, true, 40);
             let dropout = DropoutSpec { p, seed: 17, stream: 3 + m as u32 };
             let got = run_fused(m, n, &input, dropout);
-            let drop = Dropout { p, seed: dropout.seed, stream: dropout.stream };
             let residual = input.residual.as_deref().unwrap();
             let what = |name: &str| format!("fused {name} {m}x{n} p={p}");
             let (y, mean, rstd) = reference::layernorm::dropout_residual_layernorm_forward(
                 &input.x,
-                drop,
+                dropout,
                 residual,
                 &input.gamma,
                 &input.beta,
@@ -183,7 +181,7 @@ fn fused_dropout_residual_layernorm_matches_reference() {
             assert_close(&what("rstd"), &got.ln.rstd, &rstd, 1e-5, 1e-5);
             let (ds, dx, dgamma, dbeta) = reference::layernorm::dropout_residual_layernorm_backward(
                 &input.x,
-                drop,
+                dropout,
                 residual,
                 &input.gamma,
                 &input.dy,

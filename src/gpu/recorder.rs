@@ -282,7 +282,10 @@ impl Recorder<'_> {
         count: usize,
     ) -> Result<(), GpuError> {
         let error = |detail: String| Err(GpuError::Shape { op: "copy".into(), detail });
-        let what = format!("{count} elements from '{}' at {source_at} to '{}' at {target_at}", source.name, target.name);
+        let what = format!(
+            "{count} elements from '{}' at {source_at} to '{}' at {target_at}",
+            source.name, target.name
+        );
         let fits = |t: &Tensor, at: usize| at.checked_add(count).is_some_and(|end| end <= t.len());
         if !fits(source, source_at) || !fits(target, target_at) {
             return error(format!("{what} run past an end ({} and {} elements)", source.len(), target.len()));

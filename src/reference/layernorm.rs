@@ -2,19 +2,10 @@
 //! and LayerNorm(Dropout(x) + residual), the fused kernel's contract.
 
 use super::elementwise::dropout_f64;
+use crate::contract::DropoutSpec;
 
-/// Dropout's drop probability, seed and stream (the mask of `reference::rng`).
-#[derive(Clone, Copy, Debug)]
-pub struct Dropout {
-    pub p: f32,
-    pub seed: u32,
-    pub stream: u32,
-}
-
-impl Dropout {
-    fn apply(&self, v: &[f64]) -> Vec<f64> {
-        dropout_f64(v, self.p, self.seed, self.stream)
-    }
+fn apply(drop: DropoutSpec, v: &[f64]) -> Vec<f64> {
+    dropout_f64(v, drop.p, drop.seed, drop.stream)
 }
 
 /// s = x + residual, or x.
@@ -104,14 +95,14 @@ pub fn layernorm_backward(
 }
 
 /// s = Dropout(x) + residual in f64.
-fn dropped_input(x: &[f32], drop: Dropout, residual: &[f32]) -> Vec<f64> {
-    drop.apply(&widen(x)).iter().zip(residual).map(|(a, &b)| a + b as f64).collect()
+fn dropped_input(x: &[f32], drop: DropoutSpec, residual: &[f32]) -> Vec<f64> {
+    apply(drop, &widen(x)).iter().zip(residual).map(|(a, &b)| a + b as f64).collect()
 }
 
 /// y = LayerNorm(Dropout(x) + residual); returns (y, mean, rstd).
 pub fn dropout_residual_layernorm_forward(
     x: &[f32],
-    drop: Dropout,
+    drop: DropoutSpec,
     residual: &[f32],
     gamma: &[f32],
     beta: &[f32],
@@ -126,7 +117,7 @@ pub fn dropout_residual_layernorm_forward(
 /// x before dropout.
 pub fn dropout_residual_layernorm_backward(
     x: &[f32],
-    drop: Dropout,
+    drop: DropoutSpec,
     residual: &[f32],
     gamma: &[f32],
     dy: &[f32],
@@ -134,7 +125,7 @@ pub fn dropout_residual_layernorm_backward(
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
     let s = dropped_input(x, drop, residual);
     let (ds, dgamma, dbeta) = backward_f64(&s, &widen(gamma), &widen(dy), eps as f64);
-    (narrow(&ds), narrow(&drop.apply(&ds)), narrow(&dgamma), narrow(&dbeta))
+    (narrow(&ds), narrow(&apply(drop, &ds)), narrow(&dgamma), narrow(&dbeta))
 }
 
 #[cfg(test)]
@@ -180,7 +171,7 @@ mod tests {
     #[test]
     fn dropout_residual_backward_matches_finite_differences() {
         let (m, n, eps) = (3, 7, 1e-5);
-        let drop = Dropout { p: 0.3, seed: 5, stream: 9 };
+        let drop = DropoutSpec { p: 0.3, seed: 5, stream: 9 };
         let x = random_vec(m * n, 11, 2.0);
         let residual = random_vec(m * n, 12, 1.0);
         let gamma: Vec<f32> = random_vec(n, 13, 0.5).iter().map(|g| 1.0 + g).collect();
@@ -190,7 +181,7 @@ mod tests {
             dropout_residual_layernorm_backward(&x, drop, &residual, &gamma, &narrow(&w), eps);
         let (g, b) = (widen(&gamma), widen(&beta));
         let through = |x: &[f64], r: &[f64]| {
-            let s: Vec<f64> = drop.apply(x).iter().zip(r).map(|(a, b)| a + b).collect();
+            let s: Vec<f64> = apply(drop, x).iter().zip(r).map(|(a, b)| a + b).collect();
             loss(&s, &g, &b, &w, eps as f64)
         };
         let (xs, rs) = (widen(&x), widen(&residual));
