@@ -26,9 +26,11 @@ for test in devrun/tests/*; do
   echo "== $test: $(timeout 120 "$test" 2>&1 | grep -E '^test result|FAILED|panicked' | tr '\n' ' ')"
 done
 timeout 120 devrun/pals bench
+# pals bench --train beside PyTorch's same step on this card: one ratio line each.
 for size in minilm base; do
-  timeout 120 devrun/pals bench --train $size --batch 32 --seq 128 --steps 5
+  PALS=devrun/pals STEPS=5 timeout 300 scripts/step-ratio.sh $size 32 128 cuda fp32
 done
+PALS=devrun/pals STEPS=5 timeout 300 scripts/step-ratio.sh base 32 128 cuda amp
 if [ -d devrun/glue ] && [ -d devrun/minilm-f16 ]; then
   time timeout "${TRAIN_SECONDS:-240}" devrun/pals train --model devrun/minilm-f16 --glue-dir devrun/glue \
     --tasks rte,mrpc,sts-b,cola,sst-2 --output /tmp/glue-run ${TRAIN_ARGS:---epochs 3 --steps-per-epoch 500 --lr 5e-5}
