@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// Choices measured on one adapter, keyed by shape class.
@@ -12,6 +13,9 @@ pub struct TuneCache {
     choices: Mutex<BTreeMap<String, String>>,
     /// Time spent measuring in this process, for reports.
     pub spent: Mutex<Duration>,
+    /// Off: `choose` takes the first candidate (the kernel's default) unmeasured and does not
+    /// remember it, for runs too short to repay measuring (`pals demo`).
+    pub measure: AtomicBool,
 }
 
 /// `PALS_CACHE_DIR`, else `$XDG_CACHE_HOME/pals`, else `~/.cache/pals`.
@@ -51,7 +55,12 @@ impl TuneCache {
             // A damaged cache file is only a lost measurement: start afresh.
             .and_then(|text| serde_json::from_str(&text).ok())
             .unwrap_or_default();
-        TuneCache { path, choices: Mutex::new(choices), spent: Mutex::new(Duration::ZERO) }
+        TuneCache {
+            path,
+            choices: Mutex::new(choices),
+            spent: Mutex::new(Duration::ZERO),
+            measure: AtomicBool::new(true),
+        }
     }
 
     pub fn get(&self, key: &str) -> Option<String> {
@@ -64,6 +73,9 @@ impl TuneCache {
             && candidates.contains(&found)
         {
             return found;
+        }
+        if !self.measure.load(Ordering::Relaxed) {
+            return candidates[0].clone();
         }
         let started = Instant::now();
         let mut best = (f64::INFINITY, candidates[0].clone());

@@ -396,6 +396,7 @@ pub fn demo(gpu: &Gpu, output: &Path, steps_per_epoch: usize, epochs: usize, see
         "a random 2-layer BERT (width 64) with PALs learns: contains (is the marker word in the sentence?), \
          count (how many markers in the pair, 0-5), longer (is B longer than A?)"
     );
+    crate::train::demo::warm_up(gpu, &settings, &config, &shared)?;
     let mut trainer = Trainer::new(gpu, settings, config, &shared, &BTreeMap::new(), data, output, output)?;
     finish(&mut trainer, output)?;
     let baseline = "chance: contains acc 50, count pearson/spearman 0, longer acc 50";

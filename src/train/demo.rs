@@ -1,12 +1,20 @@
 //! `pals demo`: built-in synthetic tasks a tiny random BERT-PALs learns in about a minute
 //! on any adapter, with no download. Token ids: 0 [PAD], 1 [CLS], 2 [SEP], 3.. words.
 
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+
 use crate::contract::rng::rng_u32;
 use crate::data::cache::{TokenizedExample, TokenizedSplit};
 use crate::data::glue::{Label, Split, Task};
-use crate::model::BertConfig;
+use crate::gpu::Gpu;
 use crate::model::tasks::TaskSpec;
-use crate::train::trainer::TaskData;
+use crate::model::{BertConfig, Weights};
+use crate::train::trainer::{TaskData, TrainSettings, Trainer};
 
 const CLS: u32 = 1;
 const SEP: u32 = 2;
@@ -130,6 +138,66 @@ pub fn tasks(seed: u32) -> Vec<TaskData> {
         .collect()
 }
 
+/// Gets every kernel the demo runs compiled before its progress bar starts, saying so. On a
+/// CPU adapter LLVM takes a fraction of a second per kernel the first time a driver sees it
+/// (Mesa then keeps it on disk), which is most of the demo's first step on a fresh machine.
+/// Matmul tiles are not measured: on the demo's tiny shapes the measuring costs more than the
+/// best tile saves (measured: 113 s of CPU for the whole demo untuned, 153 s tuned).
+pub fn warm_up(gpu: &Gpu, settings: &TrainSettings, config: &BertConfig, shared: &Weights) -> Result<()> {
+    gpu.tune.measure.store(false, Ordering::Relaxed);
+    let started = Instant::now();
+    let compiled = || gpu.pipelines.lock().unwrap().len();
+    let before = compiled();
+    eprintln!("compiling the kernels (a driver's first run only; later runs start at once)");
+    let done = AtomicBool::new(false);
+    let result = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                if std::io::stderr().is_terminal() {
+                    let seconds = started.elapsed().as_secs_f64();
+                    eprint!("\r  {} kernels compiled, {seconds:.0} s", compiled() - before);
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        });
+        let result = step_each_task(gpu, settings, config, shared);
+        done.store(true, Ordering::Relaxed);
+        result
+    });
+    if std::io::stderr().is_terminal() {
+        eprint!("\r");
+    }
+    eprintln!("  {} kernels compiled in {:.1} s", compiled() - before, started.elapsed().as_secs_f64());
+    result
+}
+
+/// One training step and a small evaluation per task, each in a throwaway trainer of its own
+/// (so that every task's loss runs), which compiles every kernel training uses.
+fn step_each_task(gpu: &Gpu, settings: &TrainSettings, config: &BertConfig, shared: &Weights) -> Result<()> {
+    for task in tasks(settings.seed) {
+        let settings = TrainSettings {
+            tasks: vec![task.spec.name.clone()],
+            max_eval_examples: Some(settings.batch_size),
+            ..settings.clone()
+        };
+        // Nothing is written: only `run` and `save` write to the output directory.
+        let scratch = std::env::temp_dir();
+        let mut trainer = Trainer::new(
+            gpu,
+            settings,
+            config.clone(),
+            shared,
+            &BTreeMap::new(),
+            vec![task],
+            &scratch,
+            &scratch,
+        )?;
+        trainer.train_step()?;
+        trainer.evaluate()?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,5 +213,17 @@ mod tests {
         }
         let positives = a[0].train.examples.iter().filter(|e| e.label == Some(Label::Class(1))).count();
         assert!((1300..1700).contains(&positives), "{positives}");
+    }
+
+    #[test]
+    fn unmeasured_choice_is_the_default_and_not_remembered() {
+        let dir = std::env::temp_dir().join(format!("pals-demo-tune-{}", std::process::id()));
+        let cache = crate::gpu::TuneCache::at(dir.join("tune.json"));
+        cache.measure.store(false, Ordering::Relaxed);
+        let candidates = vec!["default".to_string(), "fast".to_string()];
+        let chosen = cache.choose("k", &candidates, |_| panic!("measured with measuring off"));
+        assert_eq!(chosen, "default");
+        assert_eq!(cache.get("k"), None);
+        assert!(!dir.join("tune.json").exists());
     }
 }
