@@ -374,17 +374,7 @@ fn describe(method: &Method) -> String {
 pub fn demo(gpu: &Gpu, output: &Path, steps_per_epoch: usize, epochs: usize, seed: u32) -> Result<()> {
     let config = crate::train::demo::config();
     let data = crate::train::demo::tasks(seed);
-    let settings = TrainSettings {
-        tasks: data.iter().map(|t| t.spec.name.clone()).collect(),
-        method: MethodName::Pals,
-        pal_dim: Some(24),
-        lr: 1e-3,
-        epochs,
-        steps_per_epoch,
-        seed,
-        weight_decay: 0.0,
-        ..TrainSettings::default()
-    };
+    let settings = crate::train::demo::settings(steps_per_epoch, epochs, seed);
     let shared: Weights = crate::model::random_weights(&config, seed);
     let _lock = rundir::lock(output)?;
     if rundir::holds_run(output) {

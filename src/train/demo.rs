@@ -12,7 +12,7 @@ use crate::contract::rng::rng_u32;
 use crate::data::cache::{TokenizedExample, TokenizedSplit};
 use crate::data::glue::{Label, Split, Task};
 use crate::gpu::Gpu;
-use crate::model::tasks::TaskSpec;
+use crate::model::tasks::{MethodName, TaskSpec};
 use crate::model::{BertConfig, Weights};
 use crate::train::trainer::{TaskData, TrainSettings, Trainer};
 
@@ -138,6 +138,21 @@ pub fn tasks(seed: u32) -> Vec<TaskData> {
         .collect()
 }
 
+/// How the demo trains: PALs of 24 dimensions, a high learning rate for a tiny model.
+pub fn settings(steps_per_epoch: usize, epochs: usize, seed: u32) -> TrainSettings {
+    TrainSettings {
+        tasks: tasks(seed).iter().map(|t| t.spec.name.clone()).collect(),
+        method: MethodName::Pals,
+        pal_dim: Some(24),
+        lr: 1e-3,
+        epochs,
+        steps_per_epoch,
+        seed,
+        weight_decay: 0.0,
+        ..TrainSettings::default()
+    }
+}
+
 /// Gets every kernel the demo runs compiled before its progress bar starts, saying so. On a
 /// CPU adapter LLVM takes a fraction of a second per kernel the first time a driver sees it
 /// (Mesa then keeps it on disk), which is most of the demo's first step on a fresh machine.
@@ -213,6 +228,25 @@ mod tests {
         }
         let positives = a[0].train.examples.iter().filter(|e| e.label == Some(Label::Class(1))).count();
         assert!((1300..1700).contains(&positives), "{positives}");
+    }
+
+    /// The point of the warm-up: once it is done, training and evaluating compile nothing.
+    #[test]
+    fn warm_up_compiles_every_kernel_the_demo_runs() {
+        let gpu = Gpu::from_env().expect("no GPU adapter: install lavapipe (see README)");
+        let settings = TrainSettings { max_eval_examples: Some(40), ..settings(4, 1, 5) };
+        let shared = crate::model::random_weights(&config(), 5);
+        warm_up(&gpu, &settings, &config(), &shared).unwrap();
+        let compiled = gpu.pipelines.lock().unwrap().len();
+        let scratch = std::env::temp_dir();
+        let mut trainer =
+            Trainer::new(&gpu, settings, config(), &shared, &BTreeMap::new(), tasks(5), &scratch, &scratch)
+                .unwrap();
+        for _ in 0..4 {
+            trainer.train_step().unwrap();
+        }
+        trainer.evaluate().unwrap();
+        assert_eq!(gpu.pipelines.lock().unwrap().len(), compiled);
     }
 
     #[test]
