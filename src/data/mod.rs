@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod cache;
+pub mod custom;
 pub mod glue;
 pub mod sampler;
 pub mod tokenizer;
