@@ -117,10 +117,13 @@ fn integers_classify_in_numeric_order_and_floats_regress() {
     assert_eq!(labels(&task, Split::Dev), [Some(Label::Score(2.0))]);
 }
 
+/// A folder's files: (name, content).
+type Files<'a> = &'a [(&'a str, &'a str)];
+
 /// Each bad input's error names the file and line (or the folder) and says what is wrong.
 #[test]
 fn bad_rows_name_file_and_line() {
-    let cases: [(&[(&str, &str)], Split, &str); 8] = [
+    let cases: [(Files, Split, &str); 8] = [
         (
             &[("train.csv", "text,label\na,x\nb,y\n"), ("dev.csv", "text,label\nc,x\nd,z\n")],
             Split::Dev,
