@@ -16,10 +16,18 @@ set -euo pipefail
 
 setup_profile="${1:?usage: . scripts/setup.sh release|debug [TOOL...]}"
 shift
-setup_tools=("$@")
-# Debian/Ubuntu package of each command; cc: tokenizers' regex engine (onig) is C.
-declare -A setup_package_of=([cc]="gcc libc6-dev" [unzip]=unzip [pip]=python3-pip)
+setup_tools="$*"
 setup_vulkan_packages="mesa-vulkan-drivers libvulkan1"
+# (No arrays: macOS runs this with bash 3.2.)
+
+# The Debian/Ubuntu packages of a command; cc: tokenizers' regex engine (onig) is C.
+package_of() {
+    case "$1" in
+    cc) echo "gcc libc6-dev" ;;
+    pip) echo python3-pip ;;
+    *) echo "$1" ;;
+    esac
+}
 
 say() { echo "setup: $*" >&2; }
 
@@ -99,17 +107,23 @@ install_packages() {
     fi
 }
 
-# Whether the built binary finds an adapter (its exit status), with what it found.
+# Whether the built binary finds an adapter (its exit status), with what it found. On Linux
+# a Vulkan one: without a Vulkan driver wgpu falls back to Mesa's OpenGL (llvmpipe), where
+# our kernels crawl (the demo's warm-up had not finished after 30 minutes).
 adapter_found() {
-    "target/$setup_profile/pals" devices >&2
+    if [ "$(uname -s)" = Linux ]; then
+        "target/$setup_profile/pals" devices --backend vulkan >&2
+    else
+        "target/$setup_profile/pals" devices >&2
+    fi
 }
 
 setup_missing=""
 setup_vulkan_installed=0
 case "$(uname -s)" in
 Linux)
-    for tool in cc "${setup_tools[@]}"; do
-        command -v "$tool" >/dev/null || setup_missing="$setup_missing ${setup_package_of[$tool]}"
+    for tool in cc $setup_tools; do
+        command -v "$tool" >/dev/null || setup_missing="$setup_missing $(package_of "$tool")"
     done
     if ! has_vulkan_driver; then
         say "no Vulkan driver found: the Vulkan loader and Mesa's lavapipe (CPU) will be installed"
