@@ -98,7 +98,7 @@ impl CustomTask {
     /// The split's file, its bytes (what a tokenization cache is keyed by) and its path.
     pub fn file(&self, split: Split) -> Result<(PathBuf, Vec<u8>)> {
         let path = split_file(&self.dir, split)?;
-        let bytes = std::fs::read(&path).map_err(|source| DataError::Io { path: path.clone(), source })?;
+        let bytes = read_file(&path)?;
         Ok((path, bytes))
     }
 
@@ -216,9 +216,12 @@ fn split_file(dir: &Path, split: Split) -> Result<PathBuf> {
     }
 }
 
+fn read_file(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|error| DataError::Io { path: path.to_path_buf(), error })
+}
+
 fn read_rows(path: &Path) -> Result<Vec<Row>> {
-    let bytes = std::fs::read(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
-    parse_rows(&bytes, path)
+    parse_rows(&read_file(path)?, path)
 }
 
 /// The rows of a file, by its extension.
