@@ -25,6 +25,27 @@ pub struct MatmulCase {
     pub op: Matmul,
 }
 
+/// MiniLM (hidden 384, FFN 1536, fused QKV 1152) at batch 8 × 128 tokens (M = 1024): every
+/// encoder product of a training step, forward, dX = dY·W and dW = dYᵀ·X.
+pub fn minilm_cases() -> Vec<MatmulCase> {
+    let m = 1024;
+    let case = |name, op| MatmulCase { name, op };
+    vec![
+        case("fwd 1024x1152x384 (QKV)", Matmul::new(m, 1152, 384).trans_b()),
+        case("fwd 1024x384x384 (out)", Matmul::new(m, 384, 384).trans_b()),
+        case("fwd 1024x1536x384 (FFN up)", Matmul::new(m, 1536, 384).trans_b()),
+        case("fwd 1024x384x1536 (FFN down)", Matmul::new(m, 384, 1536).trans_b()),
+        case("dX 1024x384x1152 (QKV)", Matmul::new(m, 384, 1152)),
+        case("dX 1024x384x384 (out)", Matmul::new(m, 384, 384)),
+        case("dX 1024x384x1536 (FFN up)", Matmul::new(m, 384, 1536)),
+        case("dX 1024x1536x384 (FFN down)", Matmul::new(m, 1536, 384)),
+        case("dW 1152x384x1024 (QKV)", Matmul::new(1152, 384, m).trans_a()),
+        case("dW 384x384x1024 (out)", Matmul::new(384, 384, m).trans_a()),
+        case("dW 1536x384x1024 (FFN up)", Matmul::new(1536, 384, m).trans_a()),
+        case("dW 384x1536x1024 (FFN down)", Matmul::new(384, 1536, m).trans_a()),
+    ]
+}
+
 /// BERT-base at batch 32 × 128 tokens (M = 4096): the forward products of a layer and
 /// their backward forms (dX = dY·W, dW = dYᵀ·X).
 pub fn bert_base_cases() -> Vec<MatmulCase> {
@@ -101,11 +122,11 @@ pub fn cpu_seconds(op: &Matmul) -> f64 {
     started.elapsed().as_secs_f64()
 }
 
-/// The matmul table of `pals bench --kernels`: one row per case.
+/// The matmul table of `pals bench`: one row per case, MiniLM's shapes then BERT-base's.
 pub fn matmul_report(gpu: &Gpu, reps: usize) -> Result<Vec<String>, GpuError> {
     let mut rows =
         vec![format!("{:<30} {:>10} {:>9} {:>10} {:>9}", "matmul", "GPU ms", "GFLOP/s", "CPU ms", "GFLOP/s")];
-    for case in bert_base_cases() {
+    for case in minilm_cases().into_iter().chain(bert_base_cases()) {
         let operands = MatmulOperands::new(gpu, &case.op)?;
         operands.gpu_seconds(gpu, &case.op, 1)?; // tune and warm up
         let gpu_time = operands.gpu_seconds(gpu, &case.op, reps)?;
@@ -145,6 +166,11 @@ impl AttentionOperands {
     /// Batch 32, 12 heads, sequence 128, head dim 64, with 10% padding.
     pub fn bert_base(gpu: &Gpu) -> Result<AttentionOperands, GpuError> {
         AttentionOperands::new(gpu, AttentionShape { batch: 32, seq: 128, heads: 12, head_dim: 64 })
+    }
+
+    /// MiniLM's training step: batch 8, 12 heads, sequence 128, head dim 32.
+    pub fn minilm(gpu: &Gpu) -> Result<AttentionOperands, GpuError> {
+        AttentionOperands::new(gpu, AttentionShape { batch: 8, seq: 128, heads: 12, head_dim: 32 })
     }
 
     pub fn new(gpu: &Gpu, shape: AttentionShape) -> Result<AttentionOperands, GpuError> {
@@ -231,21 +257,24 @@ impl AttentionOperands {
     }
 }
 
-/// The attention rows of `pals bench`.
+/// The attention rows of `pals bench`: MiniLM's step shape, then BERT-base's.
 pub fn attention_report(gpu: &Gpu) -> Result<Vec<String>, GpuError> {
-    let operands = AttentionOperands::bert_base(gpu)?;
-    operands.forward_seconds(gpu)?;
-    operands.backward_seconds(gpu)?; // compile outside the timing
-    let forward = operands.forward_seconds(gpu)?;
-    let backward = operands.backward_seconds(gpu)?;
-    let row = |name: &str, seconds: f64, flops: f64| {
-        format!("{name:<30} {:>10.2} {:>9.1}", seconds * 1e3, flops / seconds / 1e9)
-    };
-    Ok(vec![
-        format!("{:<30} {:>10} {:>9}", "attention b32 h12 s128 d64", "GPU ms", "GFLOP/s"),
-        row("forward", forward, operands.forward_flops()),
-        row("backward", backward, operands.backward_flops()),
-    ])
+    let mut rows = Vec::new();
+    for operands in [AttentionOperands::minilm(gpu)?, AttentionOperands::bert_base(gpu)?] {
+        operands.forward_seconds(gpu)?;
+        operands.backward_seconds(gpu)?; // compile outside the timing
+        let forward = operands.forward_seconds(gpu)?;
+        let backward = operands.backward_seconds(gpu)?;
+        let row = |name: &str, seconds: f64, flops: f64| {
+            format!("{name:<30} {:>10.2} {:>9.1}", seconds * 1e3, flops / seconds / 1e9)
+        };
+        let s = operands.shape;
+        let title = format!("attention b{} h{} s{} d{}", s.batch, s.heads, s.seq, s.head_dim);
+        rows.push(format!("{title:<30} {:>10} {:>9}", "GPU ms", "GFLOP/s"));
+        rows.push(row("forward", forward, operands.forward_flops()));
+        rows.push(row("backward", backward, operands.backward_flops()));
+    }
+    Ok(rows)
 }
 
 /// GFLOP/s of every usable tile on one shape, for `pals bench --tiles`.
