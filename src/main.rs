@@ -470,6 +470,7 @@ fn devices(backend: Option<&str>) -> Result<()> {
             "    features: {}",
             if optional.is_empty() { "none".to_string() } else { optional.join(", ") }
         );
+        println!("    cooperative matrices: {}", pals::gpu::cooperative_matrix_summary(adapter));
         println!(
             "    max storage binding {} MiB, max buffer {} MiB, storage buffers per stage {}, \
              workgroup memory {} KiB, invocations per workgroup {}",

@@ -5,7 +5,7 @@ mod common;
 
 use common::{assert_close, gpu};
 use pals::gpu::GpuError;
-use pals::kernels::matmul::{self, Epilogue, Matmul, usable_tiles};
+use pals::kernels::matmul::{self, Epilogue, Matmul, runnable_tiles, usable_tiles};
 use pals::reference::{self, random_vec};
 
 // f32 sums over K against f64: relative error grows like sqrt(K)·eps.
@@ -27,8 +27,11 @@ fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 #[test]
 fn every_tile_and_transpose_matches_reference() {
     let gpu = gpu();
-    let tiles = usable_tiles(gpu);
-    assert!(tiles.len() >= 3, "expected several usable tiles, got {tiles:?}");
+    // Every candidate, also those the tuner only measures on other kinds of adapter.
+    let tiles = runnable_tiles(gpu);
+    assert!(tiles.len() >= 8, "expected the CPU and the discrete-GPU tiles, got {tiles:?}");
+    assert!(tiles.iter().any(|t| t.stages == 2), "no double-buffered tile runs here: {tiles:?}");
+    assert!(usable_tiles(gpu).iter().all(|t| tiles.contains(t)));
     for &(m, n, k) in SHAPES {
         let a_host = random_vec(m * k, 1, 1.0);
         let b_host = random_vec(k * n, 2, 1.0);
@@ -65,7 +68,7 @@ fn epilogues_bias_gelu_and_accumulate() {
     let bias = gpu.upload("bias", &[n], &bias_host).unwrap();
     let linear = reference::matmul::linear_forward(&x_host, &w_host, Some(&bias_host), m, n, k);
     let op = Matmul::new(m, n, k).trans_b();
-    for &tile in &usable_tiles(gpu) {
+    for &tile in &runnable_tiles(gpu) {
         let y = gpu.zeros("y", &[m, n]).unwrap();
         let gelu = gpu.zeros("gelu", &[m, n]).unwrap();
         let pre = gpu.zeros("pre", &[m, n]).unwrap();
@@ -213,4 +216,81 @@ fn tuner_picks_a_usable_tile_and_remembers_it() {
     rec.submit().unwrap();
     let want = reference::matmul::matmul(&a_host, &b_host, m, n, k, false, false);
     assert_close("tuned", &gpu.read::<f32>(&c).unwrap(), &want, RTOL, ATOL);
+}
+
+/// The cooperative-matrix kernel's WGSL, for every transpose and epilogue, parses and
+/// validates with the naga wgpu uses and translates to SPIR-V 1.6: checked on every
+/// machine, including those (lavapipe) whose adapter cannot run it.
+#[test]
+fn coop_kernel_validates_with_naga() {
+    use wgpu::naga;
+    for (trans_a, trans_b) in [(false, false), (true, false), (false, true), (true, true)] {
+        for epilogue in 0..4 {
+            let op = Matmul { trans_a, trans_b, ..Matmul::new(64, 64, 64) };
+            let source = matmul::coop_source(32, &op, epilogue);
+            let what = format!("ta={trans_a} tb={trans_b} epilogue={epilogue}");
+            let module = naga::front::wgsl::parse_str(&source)
+                .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&source)));
+            let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
+                .validate(&module)
+                .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&source)));
+            let options = naga::back::spv::Options { lang_version: (1, 6), ..Default::default() };
+            let words = naga::back::spv::write_vec(&module, &info, &options, None)
+                .unwrap_or_else(|e| panic!("{what}: SPIR-V: {e}"));
+            assert!(words.len() > 100, "{what}: {} SPIR-V words", words.len());
+        }
+    }
+}
+
+/// Rounds to f16 and back: what the cooperative-matrix kernel stages.
+fn round_f16(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect()
+}
+
+/// The cooperative-matrix path against the reference on the f16-rounded operands (so only
+/// f32 accumulation order differs), at shapes that are not multiples of its 32-blocks or
+/// 16-matrices. Where the adapter cannot run it, the test says so plainly and checks that
+/// the kernel refuses with that reason instead of silently computing something else.
+#[test]
+fn coop_kernel_matches_reference_or_says_why_not() {
+    let gpu = gpu();
+    let a = gpu.zeros("a", &[16]).unwrap();
+    if let Some(reason) = matmul::coop_unavailable(gpu) {
+        eprintln!("cooperative-matrix path NOT run on this adapter: {reason}");
+        let c = gpu.zeros("c", &[16]).unwrap();
+        let mut rec = gpu.recorder();
+        let error =
+            matmul::matmul_coop(&mut rec, &a, &a, &c, &Matmul::new(4, 4, 4), Epilogue::None).unwrap_err();
+        assert!(error.to_string().contains(&reason), "{error}");
+        assert!(rec.is_empty());
+        return;
+    }
+    eprintln!("cooperative-matrix path runs on {}", gpu.describe());
+    for (m, n, k) in [(1, 1, 1), (33, 65, 17), (130, 70, 200)] {
+        let a_host = round_f16(&random_vec(m * k, 31, 1.0));
+        let b_host = round_f16(&random_vec(k * n, 32, 1.0));
+        let bias_host = random_vec(n, 33, 1.0);
+        for (trans_a, trans_b) in [(false, false), (true, false), (false, true), (true, true)] {
+            let a_stored = if trans_a { transpose(&a_host, m, k) } else { a_host.clone() };
+            let b_stored = if trans_b { transpose(&b_host, k, n) } else { b_host.clone() };
+            let a = gpu.upload("a", &[a_stored.len()], &a_stored).unwrap();
+            let b = gpu.upload("b", &[b_stored.len()], &b_stored).unwrap();
+            let bias = gpu.upload("bias", &[n], &bias_host).unwrap();
+            let op = Matmul { trans_a, trans_b, f16_operands: true, ..Matmul::new(m, n, k) };
+            let product = reference::matmul::matmul(&a_host, &b_host, m, n, k, false, false);
+            let biased: Vec<f32> = product.iter().enumerate().map(|(i, v)| v + bias_host[i % n]).collect();
+            let (plain, with_bias) = (gpu.zeros("c", &[m, n]).unwrap(), gpu.zeros("cb", &[m, n]).unwrap());
+            let acc = gpu.upload("acc", &[m, n], &product).unwrap();
+            let mut rec = gpu.recorder();
+            matmul::matmul_coop(&mut rec, &a, &b, &plain, &op, Epilogue::None).unwrap();
+            matmul::matmul_coop(&mut rec, &a, &b, &with_bias, &op, Epilogue::Bias(&bias)).unwrap();
+            matmul::matmul_coop(&mut rec, &a, &b, &acc, &op, Epilogue::Accumulate).unwrap();
+            rec.submit().unwrap();
+            let what = format!("coop {m}x{n}x{k} ta={trans_a} tb={trans_b}");
+            assert_close(&what, &gpu.read::<f32>(&plain).unwrap(), &product, RTOL, ATOL);
+            assert_close(&format!("{what} bias"), &gpu.read::<f32>(&with_bias).unwrap(), &biased, RTOL, ATOL);
+            let twice: Vec<f32> = product.iter().map(|v| 2.0 * v).collect();
+            assert_close(&format!("{what} accumulate"), &gpu.read::<f32>(&acc).unwrap(), &twice, RTOL, ATOL);
+        }
+    }
 }

@@ -281,7 +281,7 @@ pub fn attention_report(gpu: &Gpu) -> Result<Vec<String>, GpuError> {
 pub fn tile_report(gpu: &Gpu, op: &Matmul, reps: usize) -> Result<Vec<String>, GpuError> {
     let operands = MatmulOperands::new(gpu, op)?;
     let mut rows = Vec::new();
-    for tile in matmul::usable_tiles(gpu) {
+    for tile in matmul::runnable_tiles(gpu) {
         let run = |reps: usize| -> Result<f64, GpuError> {
             let started = Instant::now();
             let mut rec = gpu.recorder();

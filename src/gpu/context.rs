@@ -65,7 +65,22 @@ pub const OPTIONAL_FEATURES: &[(wgpu::Features, &str)] = &[
     (wgpu::Features::SUBGROUP, "subgroup"),
     (wgpu::Features::TIMESTAMP_QUERY, "timestamp-query"),
     (wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES, "timestamp-inside-passes"),
+    (wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX, "cooperative-matrix"),
 ];
+
+/// One line per cooperative-matrix configuration the adapter reports (M×N×K, A/B and C
+/// types), for `pals devices`; "none" when it has none (e.g. lavapipe).
+pub fn cooperative_matrix_summary(adapter: &wgpu::Adapter) -> String {
+    let configs = adapter.cooperative_matrix_properties();
+    if configs.is_empty() {
+        return "none".into();
+    }
+    let each: Vec<String> = configs
+        .iter()
+        .map(|c| format!("{}x{}x{} {:?}->{:?}", c.m_size, c.n_size, c.k_size, c.ab_type, c.cr_type))
+        .collect();
+    each.join(", ")
+}
 
 fn instance() -> wgpu::Instance {
     wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle())
@@ -131,6 +146,8 @@ pub struct Gpu {
     pub info: wgpu::AdapterInfo,
     pub limits: wgpu::Limits,
     pub features: wgpu::Features,
+    /// Cooperative-matrix configurations (empty unless the feature is enabled).
+    pub cooperative_matrix: Vec<wgpu::CooperativeMatrixProperties>,
     pub(crate) pipelines: Mutex<HashMap<PipelineKey, Arc<CachedPipeline>>>,
     /// Measured kernel choices for this adapter and driver.
     pub tune: super::TuneCache,
@@ -173,10 +190,20 @@ impl Gpu {
         let limits = adapter.limits();
         let wanted = OPTIONAL_FEATURES.iter().fold(wgpu::Features::empty(), |f, (x, _)| f | *x);
         let features = adapter.features() & wanted;
+        let cooperative = features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);
+        let cooperative_matrix = if cooperative { adapter.cooperative_matrix_properties() } else { Vec::new() };
         let descriptor = wgpu::DeviceDescriptor {
             label: Some("pals"),
             required_features: features,
             required_limits: limits.clone(),
+            // SAFETY: wgpu asks for this opt-in before it grants any EXPERIMENTAL_ feature.
+            // The only one we request is the cooperative matrix, used solely by
+            // matmul_coop.wgsl on configurations the adapter lists (see kernels::matmul).
+            experimental_features: if cooperative {
+                unsafe { wgpu::ExperimentalFeatures::enabled() }
+            } else {
+                wgpu::ExperimentalFeatures::disabled()
+            },
             ..Default::default()
         };
         let (device, queue) = pollster::block_on(adapter.request_device(&descriptor))
@@ -189,6 +216,7 @@ impl Gpu {
             info,
             limits,
             features,
+            cooperative_matrix,
             pipelines: Mutex::new(HashMap::new()),
             tune,
             params: Mutex::new(Default::default()),

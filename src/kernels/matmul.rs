@@ -15,7 +15,20 @@ const MATMUL: KernelSpec = KernelSpec {
     bindings: &[Binding::Read, Binding::Read, Binding::Read, Binding::Write, Binding::Write],
 };
 
-/// A workgroup tile BM×BN stepping BK along K, each invocation computing TM×TN outputs.
+const MATMUL_COOP: KernelSpec = KernelSpec {
+    name: "matmul_coop",
+    source: concat!(include_str!("../../shaders/gelu.wgsl"), include_str!("../../shaders/matmul_coop.wgsl")),
+    entry: "matmul_coop",
+    bindings: MATMUL.bindings,
+};
+
+/// The block of C one cooperative-matrix workgroup computes (BM = BN in the shader).
+const COOP_BLOCK: usize = 32;
+/// The tuner's name for the cooperative-matrix kernel.
+const COOP_NAME: &str = "coop16x16x16-f16/32x32";
+
+/// A workgroup tile BM×BN stepping BK along K, each invocation computing TM×TN outputs,
+/// with 1 or 2 (double-buffered) stages of staged tiles in workgroup memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tile {
     pub bm: u32,
@@ -23,24 +36,32 @@ pub struct Tile {
     pub bk: u32,
     pub tm: u32,
     pub tn: u32,
+    pub stages: u32,
 }
 
 impl Tile {
     pub const fn new(bm: u32, bn: u32, bk: u32, tm: u32, tn: u32) -> Tile {
-        Tile { bm, bn, bk, tm, tn }
+        Tile { bm, bn, bk, tm, tn, stages: 1 }
+    }
+
+    /// The same tile with two stages: the next K-tile is loaded while this one is
+    /// multiplied, one barrier per step instead of two.
+    pub const fn double_buffered(self) -> Tile {
+        Tile { stages: 2, ..self }
     }
 
     pub fn threads(&self) -> u32 {
         (self.bm / self.tm) * (self.bn / self.tn)
     }
 
-    /// Workgroup memory the two staged tiles take.
+    /// Workgroup memory the staged tiles take.
     pub fn shared_bytes(&self) -> u32 {
-        4 * self.bk * (self.bm + self.bn)
+        4 * self.bk * (self.bm + self.bn) * self.stages
     }
 
     fn name(&self) -> String {
-        format!("{}x{}x{}/{}x{}", self.bm, self.bn, self.bk, self.tm, self.tn)
+        let stages = if self.stages == 2 { "/2" } else { "" };
+        format!("{}x{}x{}/{}x{}{stages}", self.bm, self.bn, self.bk, self.tm, self.tn)
     }
 
     fn parse(name: &str) -> Option<Tile> {
@@ -49,17 +70,25 @@ impl Tile {
 }
 
 /// What the tuner chooses from; the first is the default when tuning is off. GPUs get
-/// register tiles of up to 64 outputs per invocation (more spills their registers); CPU
+/// register tiles of up to 64 outputs per invocation (more spills their registers): the
+/// discrete-GPU tiles are 64–128 × 128 blocks of 8×8 per invocation with K-tiles of 16–32,
+/// single or double-buffered (siboehm's kernel 9 reaches ~70% of peak this way). CPU
 /// adapters (lavapipe), where an invocation is a SIMD lane with a large register file
 /// behind it, run fastest with 128 or 256 outputs per invocation (16 GFLOP/s against 7
-/// for 8×4 on Mesa 25, 2 cores). The measurement decides among them.
+/// for 8×4 on Mesa 25, 2 cores); the 128 × 128 one gives small products (M = 1024,
+/// N = 384: MiniLM) more workgroups. The measurement decides among them.
 pub const CANDIDATES: &[(Tile, Adapters)] = &[
     (Tile::new(64, 64, 16, 8, 4), Adapters::All),
     (Tile::new(32, 32, 16, 4, 4), Adapters::All),
     (Tile::new(128, 64, 16, 8, 8), Adapters::Gpu),
     (Tile::new(128, 128, 8, 8, 8), Adapters::Gpu),
+    (Tile::new(128, 128, 16, 8, 8).double_buffered(), Adapters::Gpu),
+    (Tile::new(64, 128, 16, 8, 8).double_buffered(), Adapters::Gpu),
+    (Tile::new(128, 128, 32, 8, 8), Adapters::Gpu),
+    (Tile::new(64, 128, 32, 8, 8).double_buffered(), Adapters::Gpu),
     (Tile::new(256, 128, 8, 16, 16), Adapters::Cpu),
     (Tile::new(256, 128, 8, 16, 8), Adapters::Cpu),
+    (Tile::new(128, 128, 16, 16, 16), Adapters::Cpu),
 ];
 
 /// Which adapters a candidate tile is measured on.
@@ -115,6 +144,9 @@ pub struct Matmul {
     pub stride_a: Option<usize>,
     pub stride_b: Option<usize>,
     pub stride_c: Option<usize>,
+    /// The caller accepts operands rounded to f16 (mixed precision): lets the tuner also
+    /// measure the cooperative-matrix kernel where the adapter has one.
+    pub f16_operands: bool,
 }
 
 #[repr(C)]
@@ -264,15 +296,16 @@ impl Matmul {
 /// Invocation x owns vec4 columns x, x + THREADS_X, …: neighbours read neighbours.
 fn multiply_function(tile: Tile) -> String {
     let vn = tile.tn / 4;
-    let mut body = String::new();
+    // Stage offsets into the (possibly double-buffered) staged tiles.
+    let mut body = String::from("        let oa = stage * BM * BK4;\n        let ob = stage * BK * BN4;\n");
     for c in 0..4 {
         for v in 0..vn {
             body +=
-                &format!("        let b{c}_{v} = tile_b[(4u * kq + {c}u) * BN4 + lx + {v}u * THREADS_X];\n");
+                &format!("        let b{c}_{v} = tile_b[ob + (4u * kq + {c}u) * BN4 + lx + {v}u * THREADS_X];\n");
         }
     }
     for i in 0..tile.tm {
-        body += &format!("        let a{i} = tile_a[(row_base + {i}u) * BK4 + kq];\n");
+        body += &format!("        let a{i} = tile_a[oa + (row_base + {i}u) * BK4 + kq];\n");
         for v in 0..vn {
             body += &format!(
                 "        acc[{i}][{v}] = fma(vec4(a{i}.w), b3_{v}, fma(vec4(a{i}.z), b2_{v}, \
@@ -281,7 +314,7 @@ fn multiply_function(tile: Tile) -> String {
         }
     }
     format!(
-        "fn multiply_tiles(row_base: u32, lx: u32) {{\n    for (var kq = 0u; kq < BK4; kq++) {{\n{body}    }}\n}}\n"
+        "fn multiply_tiles(row_base: u32, lx: u32, stage: u32) {{\n    for (var kq = 0u; kq < BK4; kq++) {{\n{body}    }}\n}}\n"
     )
 }
 
@@ -289,16 +322,17 @@ fn defines(tile: Tile, op: &Matmul, epilogue: u32) -> String {
     multiply_function(tile)
         + &format!(
             "const BM: u32 = {}u;\nconst BN: u32 = {}u;\nconst BK: u32 = {}u;\nconst TM: u32 = {}u;\n\
-         const TN: u32 = {}u;\nconst TRANS_A: bool = {};\nconst TRANS_B: bool = {};\nconst EPILOGUE: u32 = {}u;\n",
-            tile.bm, tile.bn, tile.bk, tile.tm, tile.tn, op.trans_a, op.trans_b, epilogue
+         const TN: u32 = {}u;\nconst STAGES: u32 = {}u;\nconst TRANS_A: bool = {};\nconst TRANS_B: bool = {};\n\
+         const EPILOGUE: u32 = {}u;\n",
+            tile.bm, tile.bn, tile.bk, tile.tm, tile.tn, tile.stages, op.trans_a, op.trans_b, epilogue
         )
 }
 
-/// Tiles this adapter can run: invocations and workgroup memory within its limits.
+/// Tiles the tuner measures on this adapter: those meant for its kind (GPU or CPU) that
+/// fit its limits.
 pub fn usable_tiles(gpu: &Gpu) -> Vec<Tile> {
-    let limits = &gpu.limits;
     let cpu = gpu.info.device_type == wgpu::DeviceType::Cpu;
-    CANDIDATES
+    let meant: Vec<Tile> = CANDIDATES
         .iter()
         .filter(|(_, on)| match on {
             Adapters::All => true,
@@ -306,6 +340,21 @@ pub fn usable_tiles(gpu: &Gpu) -> Vec<Tile> {
             Adapters::Cpu => cpu,
         })
         .map(|(tile, _)| *tile)
+        .collect();
+    fitting(gpu, meant)
+}
+
+/// Every candidate this adapter can run, whatever kind it is meant for: what the tests
+/// check against the reference (lavapipe runs the discrete-GPU tiles too).
+pub fn runnable_tiles(gpu: &Gpu) -> Vec<Tile> {
+    fitting(gpu, CANDIDATES.iter().map(|(tile, _)| *tile).collect())
+}
+
+/// The tiles whose invocations and workgroup memory are within the adapter's limits.
+fn fitting(gpu: &Gpu, tiles: Vec<Tile>) -> Vec<Tile> {
+    let limits = &gpu.limits;
+    tiles
+        .into_iter()
         .filter(|t| {
             t.tn % 4 == 0
                 && t.bk % 4 == 0
@@ -317,7 +366,30 @@ pub fn usable_tiles(gpu: &Gpu) -> Vec<Tile> {
         .collect()
 }
 
-/// C = op(A)·op(B) with `epilogue`, on the tile measured best for this shape class.
+/// Which kernel computes a product: the tiled f32 kernel on a tile, or cooperative matrices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    Tiled(Tile),
+    Coop,
+}
+
+impl Kernel {
+    fn name(&self) -> String {
+        match self {
+            Kernel::Tiled(tile) => tile.name(),
+            Kernel::Coop => COOP_NAME.into(),
+        }
+    }
+
+    fn parse(name: &str) -> Option<Kernel> {
+        if name == COOP_NAME {
+            return Some(Kernel::Coop);
+        }
+        Tile::parse(name).map(Kernel::Tiled)
+    }
+}
+
+/// C = op(A)·op(B) with `epilogue`, on the kernel measured best for this shape class.
 pub fn matmul(
     rec: &mut Recorder,
     a: &Tensor,
@@ -327,8 +399,84 @@ pub fn matmul(
     epilogue: Epilogue,
 ) -> Result<(), GpuError> {
     op.check(a, b, c, &epilogue)?;
-    let tile = choose_tile(rec.gpu, op)?;
-    matmul_with_tile(rec, a, b, c, op, epilogue, tile)
+    match choose_kernel(rec.gpu, op)? {
+        Kernel::Tiled(tile) => matmul_with_tile(rec, a, b, c, op, epilogue, tile),
+        Kernel::Coop => matmul_coop(rec, a, b, c, op, epilogue),
+    }
+}
+
+/// Why the cooperative-matrix kernel cannot run on this adapter; `None` when it can: the
+/// feature, a 16×16×16 f16 → f32 configuration, shader-f16 and one fixed subgroup size
+/// (the kernel's workgroup is exactly one subgroup).
+pub fn coop_unavailable(gpu: &Gpu) -> Option<String> {
+    use wgpu::CooperativeScalarType::{F16, F32};
+    if !gpu.has(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
+        return Some(format!("'{}' has no EXPERIMENTAL_COOPERATIVE_MATRIX feature", gpu.info.name));
+    }
+    let has_config = gpu.cooperative_matrix.iter().any(|c| {
+        (c.m_size, c.n_size, c.k_size) == (16, 16, 16) && c.ab_type == F16 && c.cr_type == F32
+    });
+    if !has_config {
+        return Some(format!("'{}' lists no 16x16x16 f16->f32 cooperative matrix", gpu.info.name));
+    }
+    if !gpu.has(wgpu::Features::SHADER_F16) {
+        return Some(format!("'{}' has no shader-f16", gpu.info.name));
+    }
+    let (min, max) = (gpu.info.subgroup_min_size, gpu.info.subgroup_max_size);
+    if min != max || min == 0 {
+        return Some(format!("'{}' has subgroups of {min} to {max} invocations, not one size", gpu.info.name));
+    }
+    None
+}
+
+/// The cooperative-matrix kernel's whole source as the device compiles it: the enables
+/// (which must open the module), the constants, then the shader. Public so that a test can
+/// validate it with naga on adapters that cannot run it.
+pub fn coop_source(subgroup: u32, op: &Matmul, epilogue: u32) -> String {
+    coop_defines(subgroup, op, epilogue) + "\n" + MATMUL_COOP.source
+}
+
+fn coop_defines(subgroup: u32, op: &Matmul, epilogue: u32) -> String {
+    format!(
+        "enable f16;\nenable wgpu_cooperative_matrix;\nconst SUBGROUP: u32 = {subgroup}u;\n\
+         const TRANS_A: bool = {};\nconst TRANS_B: bool = {};\nconst EPILOGUE: u32 = {epilogue}u;\n",
+        op.trans_a, op.trans_b
+    )
+}
+
+/// C = op(A)·op(B) with `epilogue` on cooperative matrices (tensor cores): operands rounded
+/// to f16, f32 accumulation. An error naming the reason where the adapter cannot run it.
+pub fn matmul_coop(
+    rec: &mut Recorder,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    op: &Matmul,
+    epilogue: Epilogue,
+) -> Result<(), GpuError> {
+    op.check(a, b, c, &epilogue)?;
+    if let Some(reason) = coop_unavailable(rec.gpu) {
+        return Err(GpuError::Device { op: "matmul_coop".into(), message: reason });
+    }
+    let params = op.params()?;
+    let (bias, pre) = epilogue_buffers(a, c, &epilogue);
+    let groups = [
+        to_u32("matmul_coop", "column blocks", op.n.div_ceil(COOP_BLOCK))?,
+        to_u32("matmul_coop", "row blocks", op.m.div_ceil(COOP_BLOCK))?,
+        params.batch,
+    ];
+    let defines = coop_defines(rec.gpu.info.subgroup_min_size, op, epilogue.code());
+    rec.dispatch(&MATMUL_COOP, &defines, &params, &[a, b, bias, c, pre], groups)
+}
+
+/// Unused bindings still need a buffer: read-only slots alias A, the spare writable slot
+/// aliases C (one usage of one buffer is not a conflict in wgpu).
+fn epilogue_buffers<'t>(a: &'t Tensor, c: &'t Tensor, epilogue: &Epilogue<'t>) -> (&'t Tensor, &'t Tensor) {
+    match *epilogue {
+        Epilogue::Bias(bias) => (bias, c),
+        Epilogue::BiasGelu { bias, pre } => (bias, pre),
+        Epilogue::None | Epilogue::Accumulate => (a, c),
+    }
 }
 
 /// Like `matmul` on a given tile (tests run every candidate; the tuner measures them).
@@ -343,13 +491,7 @@ pub fn matmul_with_tile(
 ) -> Result<(), GpuError> {
     op.check(a, b, c, &epilogue)?;
     let params = op.params()?;
-    // Unused bindings still need a buffer: read-only slots alias A, the spare writable
-    // slot aliases C (one usage of one buffer is not a conflict in wgpu).
-    let (bias, pre) = match epilogue {
-        Epilogue::Bias(bias) => (bias, c),
-        Epilogue::BiasGelu { bias, pre } => (bias, pre),
-        Epilogue::None | Epilogue::Accumulate => (a, c),
-    };
+    let (bias, pre) = epilogue_buffers(a, c, &epilogue);
     let groups = [
         to_u32("matmul", "column tiles", op.n.div_ceil(tile.bn as usize))?,
         to_u32("matmul", "row tiles", op.m.div_ceil(tile.bm as usize))?,
@@ -359,38 +501,50 @@ pub fn matmul_with_tile(
     rec.dispatch(&MATMUL, &defines, &params, &[a, b, bias, c, pre], groups)
 }
 
-/// The shape class: transposes and the size bucket (power of two) of each dimension.
+/// The shape class: transposes, whether f16 operands are allowed and the size bucket
+/// (power of two) of each dimension.
 fn shape_class(op: &Matmul) -> String {
     let bucket = |v: usize| v.max(1).next_power_of_two().trailing_zeros();
     format!(
-        "matmul:ta{}:tb{}:m{}:n{}:k{}",
+        "matmul:ta{}:tb{}:m{}:n{}:k{}{}",
         op.trans_a as u8,
         op.trans_b as u8,
         bucket(op.m).min(9), // beyond 512 rows only the tile count changes
         bucket(op.n),
-        bucket(op.k)
+        bucket(op.k),
+        if op.f16_operands { ":f16" } else { "" }
     )
 }
 
-fn choose_tile(gpu: &Gpu, op: &Matmul) -> Result<Tile, GpuError> {
-    let tiles = usable_tiles(gpu);
-    let Some(&default) = tiles.first() else {
+/// The kernels the tuner measures for `op` on this adapter, the default first.
+fn candidates(gpu: &Gpu, op: &Matmul) -> Vec<Kernel> {
+    let mut kernels: Vec<Kernel> = usable_tiles(gpu).into_iter().map(Kernel::Tiled).collect();
+    if op.f16_operands && coop_unavailable(gpu).is_none() {
+        kernels.push(Kernel::Coop);
+    }
+    kernels
+}
+
+fn choose_kernel(gpu: &Gpu, op: &Matmul) -> Result<Kernel, GpuError> {
+    let kernels = candidates(gpu, op);
+    let Some(&default) = kernels.first() else {
         return Err(GpuError::Device { op: "matmul".into(), message: "no tile fits this adapter".into() });
     };
     let key = shape_class(op);
-    if let Some(tile) = gpu.tune.get(&key).and_then(|name| Tile::parse(&name)) {
-        return Ok(tile);
+    let found = gpu.tune.get(&key).and_then(|name| Kernel::parse(&name));
+    if let Some(kernel) = found.filter(|k| kernels.contains(k)) {
+        return Ok(kernel);
     }
-    if !tuning_enabled() || tiles.len() == 1 {
+    if !tuning_enabled() || kernels.len() == 1 {
         return Ok(default);
     }
     let proxy = Proxy::new(gpu, op)?;
-    let names: Vec<String> = tiles.iter().map(Tile::name).collect();
+    let names: Vec<String> = kernels.iter().map(Kernel::name).collect();
     let chosen = gpu.tune.choose(&key, &names, |name| {
-        let tile = Tile::parse(name).unwrap_or(default);
-        proxy.seconds(gpu, tile).unwrap_or(f64::INFINITY)
+        let kernel = Kernel::parse(name).unwrap_or(default);
+        proxy.seconds(gpu, kernel).unwrap_or(f64::INFINITY)
     });
-    Ok(Tile::parse(&chosen).unwrap_or(default))
+    Ok(Kernel::parse(&chosen).unwrap_or(default))
 }
 
 /// A stand-in for a shape in its class: the same N and K, fewer rows, one batch, so that
@@ -417,6 +571,7 @@ impl Proxy {
             batch: 1,
             trans_a: op.trans_a,
             trans_b: op.trans_b,
+            f16_operands: op.f16_operands,
             ..Default::default()
         };
         let [a_len, b_len, c_len] = proxy.required();
@@ -429,11 +584,15 @@ impl Proxy {
     }
 
     /// Seconds per product: one warm-up (compiles the pipeline), then one timed run.
-    fn seconds(&self, gpu: &Gpu, tile: Tile) -> Result<f64, GpuError> {
+    fn seconds(&self, gpu: &Gpu, kernel: Kernel) -> Result<f64, GpuError> {
         let run = || -> Result<f64, GpuError> {
             let started = Instant::now();
             let mut rec = gpu.recorder();
-            matmul_with_tile(&mut rec, &self.a, &self.b, &self.c, &self.op, Epilogue::None, tile)?;
+            let (a, b, c, op) = (&self.a, &self.b, &self.c, &self.op);
+            match kernel {
+                Kernel::Tiled(tile) => matmul_with_tile(&mut rec, a, b, c, op, Epilogue::None, tile)?,
+                Kernel::Coop => matmul_coop(&mut rec, a, b, c, op, Epilogue::None)?,
+            }
             rec.submit()?;
             gpu.wait()?;
             Ok(started.elapsed().as_secs_f64())
