@@ -231,9 +231,12 @@ fn coop_kernel_validates_with_naga() {
             let what = format!("ta={trans_a} tb={trans_b} epilogue={epilogue}");
             let module = naga::front::wgsl::parse_str(&source)
                 .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&source)));
-            let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
-                .validate(&module)
-                .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&source)));
+            let info = naga::valid::Validator::new(
+                naga::valid::ValidationFlags::all(),
+                naga::valid::Capabilities::all(),
+            )
+            .validate(&module)
+            .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&source)));
             let options = naga::back::spv::Options { lang_version: (1, 6), ..Default::default() };
             let words = naga::back::spv::write_vec(&module, &info, &options, None)
                 .unwrap_or_else(|e| panic!("{what}: SPIR-V: {e}"));

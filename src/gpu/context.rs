@@ -191,7 +191,8 @@ impl Gpu {
         let wanted = OPTIONAL_FEATURES.iter().fold(wgpu::Features::empty(), |f, (x, _)| f | *x);
         let features = adapter.features() & wanted;
         let cooperative = features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);
-        let cooperative_matrix = if cooperative { adapter.cooperative_matrix_properties() } else { Vec::new() };
+        let cooperative_matrix =
+            if cooperative { adapter.cooperative_matrix_properties() } else { Vec::new() };
         let descriptor = wgpu::DeviceDescriptor {
             label: Some("pals"),
             required_features: features,

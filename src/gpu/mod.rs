@@ -6,7 +6,9 @@ mod recorder;
 mod tensor;
 mod tune;
 
-pub use context::{AdapterChoice, Gpu, GpuError, OPTIONAL_FEATURES, cooperative_matrix_summary, list_adapters};
+pub use context::{
+    AdapterChoice, Gpu, GpuError, OPTIONAL_FEATURES, cooperative_matrix_summary, list_adapters,
+};
 pub use recorder::{Binding, KernelSpec, Recorder, Timing, spread};
 pub use tensor::{ElementType, Tensor};
 pub use tune::{TuneCache, cache_dir, tuning_enabled};

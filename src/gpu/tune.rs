@@ -85,7 +85,16 @@ impl TuneCache {
                 best = (time, candidate.clone());
             }
         }
-        *self.spent.lock().unwrap() += started.elapsed();
+        let spent = started.elapsed();
+        *self.spent.lock().unwrap() += spent;
+        // First runs pause here (pipelines compile, candidates run): say what is going on.
+        eprintln!(
+            "tuned {key}: {} of {} candidates ({:.1} ms) in {:.2} s",
+            best.1,
+            candidates.len(),
+            best.0 * 1e3,
+            spent.as_secs_f64()
+        );
         self.choices.lock().unwrap().insert(key.to_string(), best.1.clone());
         self.save();
         best.1
