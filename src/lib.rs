@@ -1,6 +1,7 @@
 pub mod bench;
 pub mod contract;
 pub mod data;
+pub mod dist;
 pub mod encode;
 pub mod error;
 pub mod gpu;

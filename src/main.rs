@@ -31,7 +31,9 @@ struct AdapterArgs {
 
 impl AdapterArgs {
     fn choice(&self) -> AdapterChoice {
-        AdapterChoice { adapter: self.adapter.clone(), backend: self.backend.clone() }
+        // Under mpirun each rank takes its local rank's adapter unless told otherwise.
+        let adapter = self.adapter.clone().or_else(|| pals::dist::default_adapter(self.backend.as_deref()));
+        AdapterChoice { adapter, backend: self.backend.clone() }
     }
 
     fn open(&self) -> Result<Gpu> {
@@ -276,10 +278,15 @@ enum Command {
 fn main() {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
-    if let Err(error) = check_numbers(&cli.command).and_then(|_| run(cli, given_flags(&matches))) {
-        eprintln!("error: {error:#}");
-        std::process::exit(1);
+    // Under mpirun: MPI starts before anything can fail, so that a failing rank stops all
+    // of them (with a message naming it) instead of leaving them waiting.
+    let started = pals::dist::init();
+    if let Err(error) =
+        started.and_then(|_| check_numbers(&cli.command)).and_then(|_| run(cli, given_flags(&matches)))
+    {
+        pals::dist::fail(&error);
     }
+    pals::dist::finalize();
 }
 
 /// The flags of the subcommand set on the command line or through the environment, as

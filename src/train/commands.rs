@@ -28,6 +28,9 @@ fn token_cache() -> Option<PathBuf> {
 }
 
 fn progress_bar() -> indicatif::ProgressBar {
+    if crate::dist::world().rank() != 0 {
+        return indicatif::ProgressBar::hidden();
+    }
     let bar = indicatif::ProgressBar::new(0);
     let style =
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  {per_sec}  ETA {eta}")
@@ -94,13 +97,18 @@ pub fn train(
     if start.resume && start.overwrite {
         bail!("config error: --resume and --overwrite exclude each other");
     }
-    let _lock = rundir::lock(output)?;
-    for note in rundir::recover(output)? {
+    // Under mpirun: every rank must have been given the same run (checked before any work).
+    crate::dist::check_same_settings(crate::dist::world(), &serde_json::to_value(&settings)?)?;
+    // Rank 0 alone locks, recovers and checks the run directory; the others read it after.
+    let lead = crate::dist::world().rank() == 0;
+    let _lock = if lead { Some(rundir::lock(output)?) } else { None };
+    for note in if lead { rundir::recover(output)? } else { Vec::new() } {
         eprintln!("{note}");
     }
     let last = output.join("last");
     let resuming = start.resume && last.join("shared.safetensors").exists();
-    if !resuming && rundir::holds_run(output) {
+    if !lead {
+    } else if !resuming && rundir::holds_run(output) {
         if start.overwrite {
             eprintln!("--overwrite: removing the run in {}", output.display());
             rundir::clear(output)?;
@@ -118,6 +126,8 @@ pub fn train(
     } else if start.resume && !resuming {
         eprintln!("nothing to resume in {}: starting a new run", output.display());
     }
+    crate::dist::wait_for_all(crate::dist::world());
+    let resuming = start.resume && last.join("shared.safetensors").exists();
     let checkpoint = if resuming { Some(Checkpoint::load(&last, true)?) } else { None };
     let settings = match &checkpoint {
         Some(c) => {
@@ -136,7 +146,9 @@ pub fn train(
     let cache = token_cache();
     let data = load_glue_tasks(&tokenizer, glue_dir, &settings.tasks, settings.max_length, cache.as_deref())?;
     check_splits(&data, glue_dir, true)?;
-    report_data(&data, &settings);
+    if crate::dist::world().rank() == 0 {
+        report_data(&data, &settings);
+    }
     let mut trainer =
         Trainer::new(gpu, settings, config, &shared, &BTreeMap::new(), data, output, model_dir)?;
     if let Some(checkpoint) = &checkpoint {
@@ -212,6 +224,9 @@ fn finish(trainer: &mut Trainer, output: &Path) -> Result<()> {
     let started = std::time::Instant::now();
     let scores = trainer.run(&interrupted, &bar)?;
     bar.finish_and_clear();
+    if crate::dist::world().rank() != 0 {
+        return Ok(());
+    }
     let log_path = output.join("metrics.jsonl");
     let (records, torn) = LogRecords::read_with_torn(&log_path)?;
     if let Some(line) = torn {

@@ -16,6 +16,7 @@ use crate::data::batch::{BatchOptions, Labels};
 use crate::data::cache::{TokenizedSplit, tokenized_split};
 use crate::data::glue::{Split, Task};
 use crate::data::sampler::{EpochIterator, Sampling, TaskSampler};
+use crate::dist::{self, Comm};
 use crate::gpu::{Gpu, Tensor, Timing};
 use crate::kernels::optimizer::{AdamConfig, ClipMode};
 use crate::model::bert::BatchInputs;
@@ -189,7 +190,8 @@ pub struct Trainer<'g> {
     /// [LOSS_RING]: one slot per step not yet read back. One tensor, so each step binds
     /// the same buffers and the loss copy needs no new bind group.
     losses: Tensor,
-    pending: Vec<(u64, usize, f32)>,
+    /// (step, task, lr, this rank's share of the step's loss) of steps not yet read.
+    pending: Vec<(u64, usize, f32, f32)>,
     pub state: TrainerState,
     output: PathBuf,
     tokenizer_dir: PathBuf,
@@ -199,7 +201,12 @@ pub struct Trainer<'g> {
     pub recent_loss: Option<f32>,
     /// Dispatches in the last step's submit.
     pub dispatches: usize,
+    /// The ranks training this model together (one without mpirun).
+    comm: &'static dyn Comm,
 }
+
+/// Steps between the checks that every rank holds the same parameters.
+const REPLICA_CHECK_EVERY: u64 = 200;
 
 /// The optimizer's name for a parameter: model copies of `separate` are told apart.
 fn state_name(separate: bool, task: &str, name: &str) -> String {
@@ -223,6 +230,8 @@ impl<'g> Trainer<'g> {
             bail!("no tasks to train (--tasks)");
         }
         let method = settings.method(&config)?;
+        let comm = dist::world();
+        dist::check_batch_size(comm, settings.batch_size)?;
         let separate = settings.method == MethodName::Separate;
         let weights: Vec<Weights> = data
             .iter()
@@ -299,6 +308,7 @@ impl<'g> Trainer<'g> {
             started: Instant::now(),
             recent_loss: None,
             dispatches: 0,
+            comm,
         })
     }
 
@@ -366,7 +376,11 @@ impl<'g> Trainer<'g> {
         })
     }
 
+    /// Saves `output/name`; only rank 0 writes.
     pub fn save(&self, name: &str, with_optimizer: bool) -> Result<()> {
+        if self.comm.rank() != 0 {
+            return Ok(());
+        }
         self.checkpoint(with_optimizer)?.save(&self.output.join(name), &self.tokenizer_dir)
     }
 
@@ -388,20 +402,23 @@ impl<'g> Trainer<'g> {
         interrupted: &AtomicBool,
         progress: &indicatif::ProgressBar,
     ) -> Result<Vec<TaskScore>> {
-        std::fs::create_dir_all(&self.output)
-            .with_context(|| format!("creating {}", self.output.display()))?;
-        let log_path = self.output.join("metrics.jsonl");
-        self.log = Some(match self.state.step {
-            0 => LogWriter::create(&log_path)?,
-            done => LogWriter::resume(&log_path, done as u32)?,
-        });
+        let lead = self.comm.rank() == 0;
+        if lead {
+            std::fs::create_dir_all(&self.output)
+                .with_context(|| format!("creating {}", self.output.display()))?;
+            let log_path = self.output.join("metrics.jsonl");
+            self.log = Some(match self.state.step {
+                0 => LogWriter::create(&log_path)?,
+                done => LogWriter::resume(&log_path, done as u32)?,
+            });
+        }
         let total = self.settings.total_steps();
         let stop = self.settings.stop_after.map_or(total, |n| (self.state.step + n).min(total));
         let mut last_scores = Vec::new();
         progress.set_length(total);
         progress.set_position(self.state.step);
         while self.state.step < stop {
-            if interrupted.load(Ordering::SeqCst) {
+            if dist::any_rank(self.comm, interrupted.load(Ordering::SeqCst)) {
                 say(progress, "interrupted: saving a resumable checkpoint".into());
                 break;
             }
@@ -425,13 +442,18 @@ impl<'g> Trainer<'g> {
                 }
                 progress.set_message(message);
             }
-            if epoch_done {
+            if self.state.step.is_multiple_of(REPLICA_CHECK_EVERY) {
+                self.check_replicas()?;
+            }
+            // Rank 0 alone evaluates and saves; the others wait at the next step's reduction.
+            if epoch_done && lead {
                 last_scores = self.evaluate()?;
                 self.record_eval(&last_scores, progress)?;
                 self.save("last", true)?;
             }
         }
         self.flush_losses()?;
+        self.check_replicas()?;
         self.save("last", true)?;
         self.log = None;
         Ok(last_scores)
@@ -456,7 +478,7 @@ impl<'g> Trainer<'g> {
     fn step_with(&mut self, timed: bool) -> Result<Vec<Timing>> {
         let step = self.state.step;
         let task = self.sampler.next(step);
-        let batch = self.iterators[task].next_batch();
+        let (batch, share) = dist::shard(self.iterators[task].next_batch(), self.comm);
         let (m, k) = self.place[task];
         let (gpu, b, s) = (self.gpu, batch.encoder.batch, batch.encoder.seq);
         let targets = targets(&batch.labels)?;
@@ -487,10 +509,17 @@ impl<'g> Trainer<'g> {
             .zip(&self.step_names[task])
             .map(|(((_, p), (_, g)), n)| (n.as_str(), p, g))
             .collect();
+        if self.comm.size() > 1 {
+            // The global batch's gradient, summed over the ranks, before the optimizer.
+            rec.submit()?;
+            let grads: Vec<&Tensor> = params.iter().map(|&(_, _, g)| g).collect();
+            dist::sum_gradients(gpu, self.comm, &grads, share)?;
+            rec = gpu.recorder();
+        }
         self.optimizer.step(&mut rec, &params, lr)?;
         self.dispatches = rec.len();
         let timings = if timed { rec.submit_timed()? } else { rec.submit().map(|_| Vec::new())? };
-        self.pending.push((step, task, lr));
+        self.pending.push((step, task, lr, share));
         self.state.step += 1;
         Ok(timings)
     }
@@ -501,8 +530,11 @@ impl<'g> Trainer<'g> {
         let mut sum = 0.0;
         let pending = std::mem::take(&mut self.pending);
         let ring = if pending.is_empty() { Vec::new() } else { self.gpu.read::<f32>(&self.losses)? };
-        for (slot, &(step, task, lr)) in pending.iter().enumerate() {
-            let loss = ring[slot];
+        // Each rank's loss is its rows' mean: the global batch's is Σ share·loss.
+        let mut losses: Vec<f32> =
+            pending.iter().enumerate().map(|(slot, &(.., share))| share * ring[slot]).collect();
+        self.comm.sum(&mut losses);
+        for (&(step, task, lr, _), &loss) in pending.iter().zip(&losses) {
             if !loss.is_finite() {
                 bail!("the loss of step {step} ({}) is {loss}: training diverged", self.data[task].spec.name);
             }
@@ -522,6 +554,23 @@ impl<'g> Trainer<'g> {
             self.recent_loss = Some(sum / pending.len() as f32);
         }
         Ok(())
+    }
+
+    /// Stops the run if the ranks' parameters differ (they never should: every rank applies
+    /// the same reduced gradients). A no-op for one process.
+    fn check_replicas(&self) -> Result<()> {
+        if self.comm.size() == 1 {
+            return Ok(());
+        }
+        let mut hash = dist::HASH_START;
+        for model in &self.models {
+            let tasks = model.tasks.iter().flat_map(|t| &t.params.named);
+            for (_, tensor) in model.bert.params.named.iter().chain(tasks) {
+                hash = dist::hash_bits(hash, &self.gpu.read::<u32>(tensor)?);
+            }
+        }
+        let what = format!("the parameters after step {}", self.state.step);
+        dist::check_same_hash(self.comm, &what, hash)
     }
 
     fn record_eval(&mut self, scores: &[TaskScore], progress: &indicatif::ProgressBar) -> Result<()> {

@@ -1,0 +1,254 @@
+//! Data-parallel training: which rank this process is among how many, and the few
+//! collectives the trainer needs. `pals train` without mpirun is one rank (`Single`), where
+//! every collective is the identity; under mpirun, built with `--features mpi`, `mpi.rs`.
+//!
+//! Every rank samples the same task and builds the same global batch each step, trains its
+//! slice of the rows, and the gradients are summed in rank order (rank 0 + rank 1 + …) on
+//! rank 0 and broadcast, so the bits never depend on MPI's choice of algorithm and the
+//! optimizer, which runs on every rank, keeps the parameters identical.
+
+#[cfg(feature = "mpi")]
+mod mpi;
+
+use std::sync::OnceLock;
+
+use anyhow::{Result, bail};
+
+use crate::data::batch::{Batch, Labels};
+use crate::gpu::{Gpu, Tensor};
+use crate::model::EncoderBatch;
+
+/// The ranks of one training run.
+pub trait Comm: Send + Sync {
+    fn rank(&self) -> usize;
+    fn size(&self) -> usize;
+    /// `values` summed over the ranks in rank order: the same bits on every rank.
+    fn sum(&self, values: &mut [f32]);
+    /// Every rank's `bytes` (of any length), in rank order, on every rank.
+    fn gather_all(&self, bytes: &[u8]) -> Vec<Vec<u8>>;
+    /// Stops every rank of the run with exit status `code`.
+    fn abort(&self, code: i32) -> !;
+}
+
+/// The one process of a run without mpirun.
+pub struct Single;
+
+impl Comm for Single {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn size(&self) -> usize {
+        1
+    }
+    fn sum(&self, _values: &mut [f32]) {}
+    fn gather_all(&self, bytes: &[u8]) -> Vec<Vec<u8>> {
+        vec![bytes.to_vec()]
+    }
+    fn abort(&self, code: i32) -> ! {
+        std::process::exit(code)
+    }
+}
+
+static WORLD: OnceLock<Box<dyn Comm>> = OnceLock::new();
+
+/// This process's run: what `init` started, or `Single`.
+pub fn world() -> &'static dyn Comm {
+    match WORLD.get() {
+        Some(comm) => comm.as_ref(),
+        None => &Single,
+    }
+}
+
+/// Ranks in the job when an MPI launcher (Open MPI, MPICH, PMIx) started this process.
+pub fn launched_ranks() -> Option<usize> {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"]
+        .iter()
+        .find_map(|key| std::env::var(key).ok()?.parse().ok())
+}
+
+/// This rank's index among the ranks on its machine (0 without a launcher).
+pub fn local_rank() -> usize {
+    ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK"]
+        .iter()
+        .find_map(|key| std::env::var(key).ok()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Starts MPI when mpirun launched more than one rank; call first, before anything can fail,
+/// so that a failure on one rank can stop them all.
+pub fn init() -> Result<&'static dyn Comm> {
+    if launched_ranks().unwrap_or(1) > 1 && WORLD.get().is_none() {
+        #[cfg(feature = "mpi")]
+        {
+            let _ = WORLD.set(Box::new(mpi::MpiComm::init()?));
+        }
+        #[cfg(not(feature = "mpi"))]
+        bail!(
+            "started by mpirun with {} ranks, but this pals was built without MPI: \
+             build it with `cargo build --release --features mpi`",
+            launched_ranks().unwrap_or(1)
+        );
+    }
+    Ok(world())
+}
+
+/// Ends MPI cleanly (a rank that exits without it counts as failed); a no-op without MPI.
+pub fn finalize() {
+    #[cfg(feature = "mpi")]
+    mpi::finalize();
+}
+
+/// Reports `error` naming this rank, then stops every rank (exit status 1): no rank is left
+/// waiting in a collective for one that failed.
+pub fn fail(error: &anyhow::Error) -> ! {
+    let comm = world();
+    match comm.size() {
+        1 => eprintln!("error: {error:#}"),
+        n => eprintln!("error: rank {} of {n}: {error:#}", comm.rank()),
+    }
+    comm.abort(1)
+}
+
+/// The adapter a rank takes by default: the local rank's (round robin when the machine has
+/// fewer adapters than ranks); `None` for one process, which picks the best adapter.
+pub fn default_adapter(backend: Option<&str>) -> Option<String> {
+    if world().size() == 1 {
+        return None;
+    }
+    let count = crate::gpu::list_adapters(backend).ok()?.len().max(1);
+    Some((local_rank() % count).to_string())
+}
+
+/// Whether `flag` is set on any rank: ranks stop together (Ctrl-C reaches them at
+/// different steps).
+pub fn any_rank(comm: &dyn Comm, flag: bool) -> bool {
+    if comm.size() == 1 {
+        return flag;
+    }
+    let mut count = [flag as u8 as f32];
+    comm.sum(&mut count);
+    count[0] > 0.0
+}
+
+/// Returns once every rank has called it.
+pub fn wait_for_all(comm: &dyn Comm) {
+    comm.sum(&mut []);
+}
+
+/// Checks that `--batch-size` splits evenly over the ranks.
+pub fn check_batch_size(comm: &dyn Comm, batch_size: usize) -> Result<()> {
+    let n = comm.size();
+    if !batch_size.is_multiple_of(n) {
+        bail!("--batch-size {batch_size} is the global batch: it must be a multiple of the {n} ranks");
+    }
+    Ok(())
+}
+
+/// Checks that every rank was given the same run settings (`json`, a JSON object): a flag
+/// given differently to one rank stops the run with an error naming that rank and field.
+pub fn check_same_settings(comm: &dyn Comm, json: &serde_json::Value) -> Result<()> {
+    let all = comm.gather_all(json.to_string().as_bytes());
+    let parse = |bytes: &[u8]| serde_json::from_slice::<serde_json::Value>(bytes).unwrap_or_default();
+    let first = parse(&all[0]);
+    for (rank, bytes) in all.iter().enumerate().skip(1) {
+        let other = parse(bytes);
+        if other == first {
+            continue;
+        }
+        let mut differences = Vec::new();
+        if let (Some(a), Some(b)) = (first.as_object(), other.as_object()) {
+            for (key, value) in a {
+                if b.get(key) != Some(value) {
+                    let theirs = b.get(key).map_or("nothing".into(), |v| v.to_string());
+                    differences.push(format!("--{} {theirs} (rank 0: {value})", key.replace('_', "-")));
+                }
+            }
+        }
+        bail!("rank {rank} was given other run settings than rank 0: {}", differences.join(", "));
+    }
+    Ok(())
+}
+
+/// Checks that `hash` (of this rank's parameters) is the same on every rank.
+pub fn check_same_hash(comm: &dyn Comm, what: &str, hash: u64) -> Result<()> {
+    let all = comm.gather_all(&hash.to_le_bytes());
+    let hashes: Vec<u64> =
+        all.iter().map(|b| u64::from_le_bytes(b[..8].try_into().unwrap_or([0; 8]))).collect();
+    if hashes.iter().any(|&h| h != hashes[0]) {
+        let listed: Vec<String> =
+            hashes.iter().enumerate().map(|(r, h)| format!("rank {r} {h:016x}")).collect();
+        bail!("{what} differ across ranks: {}", listed.join(", "));
+    }
+    Ok(())
+}
+
+/// FNV-1a over the bits of `values`, continuing from `hash` (start at `HASH_START`).
+pub fn hash_bits(hash: u64, values: &[u32]) -> u64 {
+    values.iter().fold(hash, |h, &v| (h ^ v as u64).wrapping_mul(0x100_0000_01b3))
+}
+
+pub const HASH_START: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// This rank's rows of a global batch, [rank·B/N, (rank+1)·B/N), and the share of the
+/// batch's loss they carry: (real rows here) / (real rows in all). Each rank's loss is the
+/// mean over its own real rows, so Σ share·loss is the global batch's mean.
+pub fn shard(batch: Batch, comm: &dyn Comm) -> (Batch, f32) {
+    let n = comm.size();
+    if n == 1 {
+        return (batch, 1.0);
+    }
+    let rows = batch.encoder.batch / n;
+    let (first, s) = (comm.rank() * rows, batch.encoder.seq);
+    let cut = |range: std::ops::Range<usize>| range.start * s..range.end * s;
+    let tokens = cut(first..first + rows);
+    let encoder = EncoderBatch {
+        batch: rows,
+        seq: s,
+        ids: batch.encoder.ids[tokens.clone()].to_vec(),
+        type_ids: batch.encoder.type_ids[tokens.clone()].to_vec(),
+        mask: batch.encoder.mask[tokens].to_vec(),
+    };
+    let mine = first..first + rows;
+    let labels = match &batch.labels {
+        Labels::None => Labels::None,
+        Labels::Class(v) => Labels::Class(v[mine.clone()].to_vec()),
+        Labels::Score(v) => Labels::Score(v[mine.clone()].to_vec()),
+    };
+    let weights = batch.weights[mine.clone()].to_vec();
+    let total: f32 = batch.weights.iter().sum();
+    let share = weights.iter().sum::<f32>() / total.max(1.0);
+    let real = batch.rows.len();
+    let rows_here = batch.rows[mine.start.min(real)..mine.end.min(real)].to_vec();
+    (Batch { encoder, labels, weights, rows: rows_here }, share)
+}
+
+/// Floats per collective: large enough to amortize latency, small enough that rank 0's
+/// gather buffer (N × this) stays modest.
+const BUCKET: usize = 1 << 22;
+
+/// Replaces each gradient with Σ over ranks (in rank order) of share·gradient: the global
+/// batch's gradient, the same bits on every rank. The backward must have been submitted.
+pub fn sum_gradients(gpu: &Gpu, comm: &dyn Comm, grads: &[&Tensor], share: f32) -> Result<()> {
+    let mut start = 0;
+    while start < grads.len() {
+        // grads[start..end]: one bucket, at least one tensor.
+        let mut end = start + 1;
+        let mut floats = grads[start].len();
+        while end < grads.len() && floats + grads[end].len() <= BUCKET {
+            floats += grads[end].len();
+            end += 1;
+        }
+        let mut flat = Vec::with_capacity(floats);
+        for grad in &grads[start..end] {
+            flat.extend(gpu.read::<f32>(grad)?.into_iter().map(|g| g * share));
+        }
+        comm.sum(&mut flat);
+        let mut offset = 0;
+        for grad in &grads[start..end] {
+            gpu.write(grad, &flat[offset..offset + grad.len()])?;
+            offset += grad.len();
+        }
+        start = end;
+    }
+    Ok(())
+}
