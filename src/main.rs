@@ -148,6 +148,10 @@ enum Command {
         /// dispatches, submits and buffers per step, GPU time per kernel family, memory.
         #[arg(long, value_name = "SIZE|DIR")]
         train: Option<String>,
+        /// Instead (under mpirun): the gradient all-reduce at MiniLM's and BERT-base's
+        /// gradient sizes, beside MPI's own all-reduce.
+        #[arg(long)]
+        allreduce: bool,
         /// The method for --train.
         #[arg(long, value_enum, default_value_t = MethodName::Pals)]
         method: MethodName,
@@ -386,6 +390,15 @@ fn run(cli: Cli, given: Vec<String>) -> Result<()> {
                 pals::encode::normalize(&mut embeddings);
             }
             write_embeddings(output.as_deref(), &embeddings)
+        }
+        Command::Bench { allreduce: true, reps, .. } => {
+            let comm = pals::dist::world();
+            for line in pals::bench::allreduce::allreduce_report(comm, reps) {
+                if comm.rank() == 0 {
+                    println!("{line}");
+                }
+            }
+            Ok(())
         }
         Command::Bench { adapter, train: Some(model), method, steps, batch, seq, .. } => {
             let gpu = adapter.open()?;

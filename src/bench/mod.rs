@@ -2,6 +2,7 @@
 //! BERT-base training shapes, with a CPU BLAS on the same shapes as the yardstick) and
 //! whole warm training steps of a real-sized model (`train_bench`).
 
+pub mod allreduce;
 pub mod serve;
 
 use std::collections::BTreeMap;

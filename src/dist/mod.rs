@@ -24,6 +24,9 @@ pub trait Comm: Send + Sync {
     fn size(&self) -> usize;
     /// `values` summed over the ranks in rank order: the same bits on every rank.
     fn sum(&self, values: &mut [f32]);
+    /// MPI's own all-reduce, summed in whatever order the library picks: the yardstick of
+    /// `pals bench --allreduce`, never used in training.
+    fn native_sum(&self, values: &mut [f32]);
     /// Every rank's `bytes` (of any length), in rank order, on every rank.
     fn gather_all(&self, bytes: &[u8]) -> Vec<Vec<u8>>;
     /// Stops every rank of the run with exit status `code`.
@@ -41,6 +44,7 @@ impl Comm for Single {
         1
     }
     fn sum(&self, _values: &mut [f32]) {}
+    fn native_sum(&self, _values: &mut [f32]) {}
     fn gather_all(&self, bytes: &[u8]) -> Vec<Vec<u8>> {
         vec![bytes.to_vec()]
     }

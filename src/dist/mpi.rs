@@ -7,7 +7,8 @@ use std::sync::Mutex;
 use anyhow::{Result, bail};
 use mpi::environment::Universe;
 use mpi::topology::{Communicator, SimpleCommunicator};
-use mpi::traits::Root;
+use mpi::collective::SystemOperation;
+use mpi::traits::{CommunicatorCollectives, Root};
 
 /// Held until `finalize`, whose drop ends MPI.
 static UNIVERSE: Mutex<Option<Universe>> = Mutex::new(None);
@@ -61,6 +62,12 @@ impl super::Comm for MpiComm {
             root.gather_into(&values[..]);
         }
         root.broadcast_into(values);
+    }
+
+    fn native_sum(&self, values: &mut [f32]) {
+        let mut sum = vec![0f32; values.len()];
+        world().all_reduce_into(&values[..], &mut sum[..], SystemOperation::sum());
+        values.copy_from_slice(&sum);
     }
 
     fn gather_all(&self, bytes: &[u8]) -> Vec<Vec<u8>> {
