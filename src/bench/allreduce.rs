@@ -27,7 +27,8 @@ fn seconds(comm: &dyn Comm, reps: usize, mut reduce: impl FnMut()) -> f64 {
     let mut elapsed = [started.elapsed().as_secs_f32() / reps as f32];
     // The slowest rank's time bounds the step: max through gather_all, not a float sum.
     let all = comm.gather_all(&elapsed[0].to_le_bytes());
-    elapsed[0] = all.iter().map(|b| f32::from_le_bytes(b[..4].try_into().unwrap_or([0; 4]))).fold(0.0, f32::max);
+    elapsed[0] =
+        all.iter().map(|b| f32::from_le_bytes(b[..4].try_into().unwrap_or([0; 4]))).fold(0.0, f32::max);
     elapsed[0] as f64
 }
 

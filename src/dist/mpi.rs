@@ -5,9 +5,9 @@
 use std::sync::Mutex;
 
 use anyhow::{Result, bail};
+use mpi::collective::SystemOperation;
 use mpi::environment::Universe;
 use mpi::topology::{Communicator, SimpleCommunicator};
-use mpi::collective::SystemOperation;
 use mpi::traits::{CommunicatorCollectives, Root};
 
 /// Held until `finalize`, whose drop ends MPI.
