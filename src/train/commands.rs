@@ -108,6 +108,7 @@ pub fn train(
     let last = output.join("last");
     let resuming = start.resume && last.join("shared.safetensors").exists();
     if !lead {
+        // Rank 0 decides for every rank; a refusal there stops them all.
     } else if !resuming && rundir::holds_run(output) {
         if start.overwrite {
             eprintln!("--overwrite: removing the run in {}", output.display());
