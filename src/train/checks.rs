@@ -9,6 +9,7 @@ use anyhow::{Result, bail};
 
 use crate::data::glue::Task;
 use crate::data::sampler::Sampling;
+use crate::model::tasks::MethodName;
 use crate::train::trainer::TrainSettings;
 
 /// Settings a resumed run takes from the command line; every other one is the saved run's.
@@ -92,6 +93,12 @@ pub fn checked(settings: TrainSettings) -> Result<TrainSettings> {
     }
     if let Some(n) = s.pal_dim {
         at_least("--pal-dim", n as u64, 1)?;
+        if s.method != MethodName::Pals {
+            bail!(
+                "config error: --pal-dim {n}: only --method pals has a PAL size (this run: --method {})",
+                s.method
+            );
+        }
     }
     Sampling::from_name(&s.sampling).map_err(|e| anyhow::anyhow!("config error: --sampling: {e}"))?;
     s.optimizer_settings().map_err(|e| anyhow::anyhow!("config error: {e}"))?;
@@ -186,6 +193,7 @@ mod tests {
             ("--max-eval-examples", TrainSettings { max_eval_examples: Some(0), ..settings() }),
             ("--stop-after", TrainSettings { stop_after: Some(0), ..settings() }),
             ("--pal-dim", TrainSettings { pal_dim: Some(0), ..settings() }),
+            ("--pal-dim", TrainSettings { pal_dim: Some(64), method: MethodName::LowRank, ..settings() }),
             ("--sampling", TrainSettings { sampling: "uniform".into(), ..settings() }),
             ("--optimizer", TrainSettings { optimizer: "sgd".into(), ..settings() }),
             ("--tasks", TrainSettings { tasks: vec!["rte".into(), "RTE".into()], ..settings() }),
