@@ -233,7 +233,7 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_value = "cola,sst-2,mrpc,sts-b,qqp,mnli,qnli,rte")]
         tasks: Vec<String>,
     },
-    /// A tiny random BERT-PALs learns built-in synthetic tasks: no download, about a minute.
+    /// A tiny random BERT-PALs learns built-in synthetic tasks: no download, about two minutes on 2 CPU cores.
     Demo {
         #[command(flatten)]
         adapter: AdapterArgs,

@@ -1,4 +1,4 @@
-//! `pals demo`: built-in synthetic tasks a tiny random BERT-PALs learns in about a minute
+//! `pals demo`: built-in synthetic tasks a tiny random BERT-PALs learns in about two minutes on 2 CPU cores
 //! on any adapter, with no download. Token ids: 0 [PAD], 1 [CLS], 2 [SEP], 3.. words.
 
 use std::collections::BTreeMap;
