@@ -44,6 +44,11 @@ impl<'g> Encoder<'g> {
         &self.bert.config
     }
 
+    /// Tokens per text when the caller does not say: 128, or the model's limit if lower.
+    pub fn default_max_length(&self) -> usize {
+        128.min(self.config().max_position_embeddings)
+    }
+
     /// One embedding per text, in order; batches of `batch_size`, each padded to its own
     /// longest text (rounded up to a multiple of 8 so few buffer sets are needed).
     pub fn encode(
@@ -53,7 +58,12 @@ impl<'g> Encoder<'g> {
         batch_size: usize,
         max_len: usize,
     ) -> Result<Vec<Vec<f32>>> {
-        let max_len = max_len.min(self.config().max_position_embeddings);
+        let limit = self.config().max_position_embeddings;
+        if max_len > limit {
+            bail!(
+                "--max-length {max_len} is more than this model's {limit} positions (max_position_embeddings)"
+            );
+        }
         let mut encoded = Vec::with_capacity(texts.len());
         for (line, text) in texts.iter().enumerate() {
             let e = self

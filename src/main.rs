@@ -274,8 +274,9 @@ enum Command {
         output: Option<PathBuf>,
         #[arg(long, default_value_t = 32)]
         batch_size: usize,
-        #[arg(long, default_value_t = 128)]
-        max_length: usize,
+        /// Tokens per text, longer texts truncated [default: 128, or the model's limit if lower].
+        #[arg(long)]
+        max_length: Option<usize>,
     },
 }
 
@@ -326,7 +327,7 @@ fn check_numbers(command: &Command) -> Result<()> {
         }
         Command::Encode { batch_size, max_length, .. } => {
             at_least("--batch-size", *batch_size as u64, 1)?;
-            at_least("--max-length", *max_length as u64, 2)
+            max_length.map_or(Ok(()), |length| at_least("--max-length", length as u64, 2))
         }
         _ => Ok(()),
     }
@@ -385,6 +386,7 @@ fn run(cli: Cli, given: Vec<String>) -> Result<()> {
             };
             let lines: Vec<String> = text.lines().map(str::to_string).collect();
             let mut encoder = Encoder::from_dir(&gpu, &model)?;
+            let max_length = max_length.unwrap_or(encoder.default_max_length());
             let mut embeddings = encoder.encode(&lines, pooling, batch_size, max_length)?;
             if normalize {
                 pals::encode::normalize(&mut embeddings);

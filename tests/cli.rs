@@ -157,4 +157,9 @@ fn bad_models_data_and_paths_are_clear_errors_on_a_tiny_model() {
         pals(&["encode", "--model", python.to_str().unwrap(), "--input", input.to_str().unwrap()], &cache);
     assert!(output.status.success(), "gelu_python: {}", stderr(&output));
     assert_eq!(String::from_utf8_lossy(&output.stdout).lines().count(), 2);
+    // Its default length fits the model's 64 positions; an explicit longer one is refused.
+    let model = python.to_str().unwrap();
+    let input = input.to_str().unwrap();
+    let output = pals(&["encode", "--model", model, "--input", input, "--max-length", "100"], &cache);
+    assert_refused(&output, &["--max-length 100", "64 positions"], "encode --max-length");
 }

@@ -113,7 +113,11 @@ fn pick_adapter(choice: &AdapterChoice) -> Result<wgpu::Adapter, GpuError> {
         return Err(GpuError::NoAdapter(backend.unwrap_or_default()));
     }
     let Some(query) = &choice.adapter else {
-        return Ok(adapters.remove(0));
+        let best = adapters.remove(0);
+        if choice.backend.is_none() {
+            warn_if_gl(&best.get_info());
+        }
+        return Ok(best);
     };
     let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
     let found = match query.trim().parse::<usize>() {
@@ -134,6 +138,19 @@ fn pick_adapter(choice: &AdapterChoice) -> Result<wgpu::Adapter, GpuError> {
                 .collect::<Vec<_>>()
                 .join(", "),
         }),
+    }
+}
+
+/// wgpu falls back to OpenGL when no Vulkan, Metal or DX12 driver is found; our kernels
+/// crawl there, so a user who did not ask for it should know why, and what to install.
+fn warn_if_gl(info: &wgpu::AdapterInfo) {
+    if info.backend == wgpu::Backend::Gl {
+        eprintln!(
+            "pals: warning: the only adapter found is OpenGL ('{}'): no Vulkan, Metal or DX12 \
+             driver was found, and training will be very slow. On Linux install a Vulkan driver \
+             (scripts/setup.sh does), or pass --backend gl to use OpenGL without this warning.",
+            info.name
+        );
     }
 }
 
