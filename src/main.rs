@@ -5,10 +5,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use pals::data::custom::CustomArg;
 use pals::encode::{Encoder, Pooling};
 use pals::gpu::{AdapterChoice, Gpu};
 use pals::model::tasks::MethodName;
-use pals::train::checks::{at_least, checked};
+use pals::train::checks::{at_least, checked, task_flags};
 use pals::train::commands;
 use pals::train::trainer::TrainSettings;
 
@@ -41,12 +42,35 @@ impl AdapterArgs {
     }
 }
 
+/// Where `eval` and `predict` read a checkpoint's data.
+#[derive(Args, Clone)]
+struct DataArgs {
+    /// GLUE directory, one folder per task (needed for the checkpoint's GLUE tasks).
+    #[arg(long, env = "PALS_GLUE_DIR")]
+    glue_dir: Option<PathBuf>,
+    /// A custom task's data moved: read task NAME from DIR instead of the folder it was
+    /// trained from (which the checkpoint recorded). Repeatable.
+    #[arg(long = "task", value_name = "NAME=DIR")]
+    custom: Vec<CustomArg>,
+}
+
+impl DataArgs {
+    fn dirs(&self) -> commands::DataDirs {
+        commands::DataDirs { glue: self.glue_dir.clone(), custom: self.custom.clone() }
+    }
+}
+
 /// The training recipe; the defaults are the paper's.
 #[derive(Args, Clone)]
 struct RunArgs {
     /// Comma-separated GLUE tasks, e.g. rte,mrpc,sts-b,cola,sst-2.
-    #[arg(long, value_delimiter = ',', required = true)]
+    #[arg(long, value_delimiter = ',')]
     tasks: Vec<String>,
+    /// Your own task, repeatable: NAME=DIR[:classification|:regression], DIR holding train,
+    /// dev and optionally test as .csv, .tsv or .jsonl with columns text (or sentence1,
+    /// sentence2) and label. Trained after the --tasks ones.
+    #[arg(long = "task", value_name = "NAME=DIR[:KIND]")]
+    custom: Vec<CustomArg>,
     /// The task-specific method.
     #[arg(long, value_enum, default_value_t = MethodName::Pals)]
     method: MethodName,
@@ -95,9 +119,11 @@ struct RunArgs {
 }
 
 impl RunArgs {
+    /// The settings; custom tasks are read from their folders by `commands::train`.
     fn settings(&self) -> TrainSettings {
         TrainSettings {
             tasks: self.tasks.clone(),
+            custom: Vec::new(),
             method: self.method,
             pal_dim: self.pal_dim,
             batch_size: self.batch_size,
@@ -175,16 +201,16 @@ enum Command {
         #[arg(long, default_value_t = 256)]
         requests: usize,
     },
-    /// Train BERT-PALs (or another method) on GLUE tasks, multi-task.
+    /// Train BERT-PALs (or another method) on GLUE tasks and your own, multi-task.
     Train {
         #[command(flatten)]
         adapter: AdapterArgs,
         /// Model directory (Hugging Face: config.json, model.safetensors, tokenizer).
         #[arg(long)]
         model: PathBuf,
-        /// GLUE directory, one folder per task.
+        /// GLUE directory, one folder per task (needed for --tasks).
         #[arg(long, env = "PALS_GLUE_DIR")]
-        glue_dir: PathBuf,
+        glue_dir: Option<PathBuf>,
         /// Output directory: checkpoints (last/, best/), metrics.jsonl, training.svg.
         #[arg(long)]
         output: PathBuf,
@@ -207,17 +233,18 @@ enum Command {
         adapter: AdapterArgs,
         #[arg(long)]
         checkpoint: PathBuf,
-        #[arg(long, env = "PALS_GLUE_DIR")]
-        glue_dir: PathBuf,
+        #[command(flatten)]
+        data: DataArgs,
     },
-    /// Write GLUE submission files (CoLA.tsv, ..., MNLI-m.tsv, AX.tsv) for a checkpoint.
+    /// Write GLUE submission files (CoLA.tsv, ..., MNLI-m.tsv, AX.tsv) and NAME.tsv for each
+    /// custom task (its own label strings) for a checkpoint.
     Predict {
         #[command(flatten)]
         adapter: AdapterArgs,
         #[arg(long)]
         checkpoint: PathBuf,
-        #[arg(long, env = "PALS_GLUE_DIR")]
-        glue_dir: PathBuf,
+        #[command(flatten)]
+        data: DataArgs,
         #[arg(long)]
         output: PathBuf,
     },
@@ -313,7 +340,10 @@ fn given_flags(matches: &ArgMatches) -> Vec<String> {
 /// (train's are its settings' checks).
 fn check_numbers(command: &Command) -> Result<()> {
     match command {
-        Command::Train { run, .. } => checked(run.settings()).map(|_| ()),
+        Command::Train { run, .. } => {
+            task_flags(&run.tasks, &run.custom)?;
+            checked(run.settings()).map(|_| ())
+        }
         Command::Bench { reps, steps, batch, seq, .. } => {
             at_least("--reps", *reps as u64, 1)?;
             at_least("--steps", *steps as u64, 1)?;
@@ -339,13 +369,14 @@ fn run(cli: Cli, given: Vec<String>) -> Result<()> {
         Command::Train { adapter, model, glue_dir, output, run, resume, overwrite, save_init } => {
             let gpu = adapter.open()?;
             let start = commands::Start { resume, overwrite, save_init, given };
-            commands::train(&gpu, &model, &glue_dir, &output, run.settings(), &start)
+            let data = commands::DataDirs { glue: glue_dir, custom: run.custom.clone() };
+            commands::train(&gpu, &model, &data, &output, run.settings(), &start)
         }
-        Command::Eval { adapter, checkpoint, glue_dir } => {
-            commands::eval(&adapter.open()?, &checkpoint, &glue_dir)
+        Command::Eval { adapter, checkpoint, data } => {
+            commands::eval(&adapter.open()?, &checkpoint, &data.dirs())
         }
-        Command::Predict { adapter, checkpoint, glue_dir, output } => {
-            commands::predict(&adapter.open()?, &checkpoint, &glue_dir, &output)
+        Command::Predict { adapter, checkpoint, data, output } => {
+            commands::predict(&adapter.open()?, &checkpoint, &data.dirs(), &output)
         }
         Command::Params { model, method, pal_dim, tasks } => {
             for line in commands::params(&model_config(&model)?, method, pal_dim, &tasks)? {

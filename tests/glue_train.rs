@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use common::gpu;
 use common::tiny::{tiny_glue, tiny_model};
 use pals::train::LogRecords;
-use pals::train::commands;
+use pals::train::commands::{self, DataDirs};
 use pals::train::trainer::TrainSettings;
 
 fn temp(name: &str) -> PathBuf {
@@ -57,14 +57,15 @@ fn train_eval_and_predict_on_a_tiny_model_and_glue_directory() {
     tiny_model(&model);
     tiny_glue(&glue);
     let start = commands::Start { save_init: true, ..Default::default() };
-    commands::train(gpu(), &model, &glue, &output, settings(10, 8, 16, 1e-3, None), &start).unwrap();
+    commands::train(gpu(), &model, &DataDirs::glue(&glue), &output, settings(10, 8, 16, 1e-3, None), &start)
+        .unwrap();
     check_run(&output, 10);
     assert!(output.join("init/shared.safetensors").exists(), "--save-init");
 
     // The checkpoint is self-contained: eval and predict without the model directory.
     std::fs::remove_dir_all(&model).unwrap();
-    commands::eval(gpu(), &output, &glue).unwrap();
-    commands::predict(gpu(), &output, &glue, &predictions).unwrap();
+    commands::eval(gpu(), &output, &DataDirs::glue(&glue)).unwrap();
+    commands::predict(gpu(), &output, &DataDirs::glue(&glue), &predictions).unwrap();
     let sst = std::fs::read_to_string(predictions.join("SST-2.tsv")).unwrap();
     let lines: Vec<&str> = sst.lines().collect();
     assert_eq!(lines[0], "index\tprediction");
@@ -85,7 +86,9 @@ fn train_eval_and_predict_on_a_tiny_model_and_glue_directory() {
     // A resumed run refuses other tasks instead of mixing checkpoints.
     let other = TrainSettings { tasks: vec!["sst-2".into()], ..settings(10, 8, 16, 1e-3, None) };
     let resume = commands::Start { resume: true, given: vec!["tasks".into()], ..Default::default() };
-    let error = commands::train(gpu(), &glue, &glue, &output, other, &resume).unwrap_err().to_string();
+    let error = commands::train(gpu(), &glue, &DataDirs::glue(&glue), &output, other, &resume)
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("--resume"), "{error}");
     let _ = std::fs::remove_dir_all(&root);
 }
@@ -102,7 +105,7 @@ fn short_real_run_with_minilm_on_sst2_and_stsb() {
     commands::train(
         gpu(),
         Path::new(&model),
-        Path::new(&glue),
+        &DataDirs::glue(Path::new(&glue)),
         &output,
         settings(steps, 8, 32, 1e-4, Some(48)),
         &commands::Start::default(),

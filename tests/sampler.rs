@@ -3,7 +3,7 @@
 
 use pals::data::batch::BatchOptions;
 use pals::data::cache::{TokenizedExample, TokenizedSplit};
-use pals::data::glue::{Label, Split, Task};
+use pals::data::glue::{Label, Split};
 use pals::data::sampler::{EpochIterator, Sampling, TaskSampler};
 
 /// Training set sizes of the paper's GLUE tasks (CoLA, SST-2, MRPC, STS-B, QQP, MNLI, QNLI, RTE).
@@ -117,7 +117,7 @@ fn split(n: usize) -> TokenizedSplit {
             }
         })
         .collect();
-    TokenizedSplit { task: Task::SST2, split: Split::Train, examples, skipped: 0, cached: false }
+    TokenizedSplit { task: "SST-2".into(), split: Split::Train, examples, skipped: 0, cached: false }
 }
 
 /// The example positions of one pass, batch by batch.

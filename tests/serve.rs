@@ -23,7 +23,7 @@ use pals::gpu::Gpu;
 use pals::serve::client::{Client, Reply};
 use pals::serve::infer::{CheckpointModel, Infer, ModelInfo};
 use pals::serve::{ServeOptions, Server};
-use pals::train::commands;
+use pals::train::commands::{self, DataDirs};
 use pals::train::trainer::TrainSettings;
 use serde_json::{Value, json};
 
@@ -60,8 +60,9 @@ fn fixture() -> &'static Fixture {
             ..TrainSettings::default()
         };
         let start = commands::Start { save_init: true, ..Default::default() };
-        commands::train(gpu(), &root.join("model"), &f.glue, &f.run, settings, &start).unwrap();
-        commands::predict(gpu(), &f.run, &f.glue, &f.predictions).unwrap();
+        commands::train(gpu(), &root.join("model"), &DataDirs::glue(&f.glue), &f.run, settings, &start)
+            .unwrap();
+        commands::predict(gpu(), &f.run, &DataDirs::glue(&f.glue), &f.predictions).unwrap();
         f
     })
 }

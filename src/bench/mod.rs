@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use crate::contract::random_vec;
 use crate::contract::rng::rng_u32;
 use crate::data::cache::{TokenizedExample, TokenizedSplit};
-use crate::data::glue::{Label, Split, Task};
+use crate::data::custom::{CustomTask, Kind};
+use crate::data::glue::{Label, Split};
+use crate::data::source::TaskSource;
 use crate::gpu::{Gpu, GpuError, Tensor, Timing};
 use crate::kernels::attention::{self, AttentionShape};
 use crate::kernels::elementwise::DropoutSpec;
@@ -419,8 +421,12 @@ fn synthetic_task(c: &BertConfig, seq: usize, count: usize) -> TaskData {
             TokenizedExample { ids, type_ids, label, index }
         })
         .collect();
-    let train = TokenizedSplit { task: Task::SST2, split: Split::Train, examples, skipped: 0, cached: false };
-    TaskData { spec: TaskSpec::new("bench", 2), train, dev: Vec::new() }
+    let train =
+        TokenizedSplit { task: "bench".into(), split: Split::Train, examples, skipped: 0, cached: false };
+    let labels = vec!["0".to_string(), "1".to_string()];
+    let task =
+        CustomTask { name: "bench".into(), dir: Default::default(), kind: Kind::Classification, labels };
+    TaskData::new(TaskSource::Custom(task), train, Vec::new())
 }
 
 /// A trainer built for benchmarking: random weights, the synthetic task, no output.

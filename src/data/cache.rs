@@ -4,7 +4,8 @@
 //! A cache file is named by the task, split, max length and a 64-bit FNV-1a key over everything
 //! the result depends on: the tokenizer file's bytes and how the tokenizer behaves on a probe
 //! text (this catches vocab.txt options such as lower-casing that are not in the file), the
-//! max length, the task and split, and the split file's bytes. Any change gives another file.
+//! max length, the task and split, the split file's bytes and, for a custom task, its file
+//! format, kind and classes (which number its labels). Any change gives another file.
 //! Files are written to a temporary name and renamed, so a reader never sees half of one; a
 //! file that fails its checks (magic, key, checksum, lengths) is rebuilt, never an error.
 //!
@@ -16,7 +17,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::Tokenizer;
-use super::glue::{self, DataError, Example, Label, Result, Split, Task};
+use super::custom::CustomTask;
+use super::glue::{self, DataError, Example, Label, Result, Split, SplitData, Task};
 
 const MAGIC: &[u8; 8] = b"PALSTOK1";
 /// Exercises lower-casing, accents, CJK, punctuation and special tokens.
@@ -35,7 +37,8 @@ pub struct TokenizedExample {
 
 #[derive(Clone, Debug)]
 pub struct TokenizedSplit {
-    pub task: Task,
+    /// The task's name, for messages.
+    pub task: String,
     pub split: Split,
     pub examples: Vec<TokenizedExample>,
     /// Malformed rows the reader skipped (QQP only).
@@ -45,6 +48,11 @@ pub struct TokenizedSplit {
 }
 
 impl TokenizedSplit {
+    /// A split with no examples (a split not read).
+    pub fn empty(task: &str, split: Split) -> TokenizedSplit {
+        TokenizedSplit { task: task.to_string(), split, examples: Vec::new(), skipped: 0, cached: false }
+    }
+
     /// Sequence lengths, what batching groups by.
     pub fn lengths(&self) -> Vec<usize> {
         self.examples.iter().map(|e| e.ids.len()).collect()
@@ -63,21 +71,59 @@ pub fn tokenized_split(
     cache_dir: Option<&Path>,
 ) -> Result<TokenizedSplit> {
     let (path, bytes) = glue::read_split_bytes(glue_dir, task, split)?;
+    let file = SplitFile { task: task.name(), identity: "", split, path: &path, bytes: &bytes };
+    tokenized_file(tokenizer, &file, max_len, cache_dir, || glue::parse_split(&bytes, &path, task, split))
+}
+
+/// `split` of a custom task (its own folder), as [`tokenized_split`] does GLUE's.
+pub fn tokenized_custom_split(
+    tokenizer: &Tokenizer,
+    task: &CustomTask,
+    split: Split,
+    max_len: usize,
+    cache_dir: Option<&Path>,
+) -> Result<TokenizedSplit> {
+    let (path, bytes) = task.file(split)?;
+    let identity = task.identity(&path);
+    let file = SplitFile { task: &task.name, identity: &identity, split, path: &path, bytes: &bytes };
+    tokenized_file(tokenizer, &file, max_len, cache_dir, || task.parse(&bytes, &path, split))
+}
+
+/// A split's file as read, and what else its examples depend on (a custom task's classes).
+struct SplitFile<'a> {
+    task: &'a str,
+    identity: &'a str,
+    split: Split,
+    path: &'a Path,
+    bytes: &'a [u8],
+}
+
+/// The cache file for `file` when there is a matching one, else `parse`d and tokenized (and
+/// saved in `cache_dir`, if given).
+fn tokenized_file(
+    tokenizer: &Tokenizer,
+    file: &SplitFile,
+    max_len: usize,
+    cache_dir: Option<&Path>,
+    parse: impl FnOnce() -> Result<SplitData>,
+) -> Result<TokenizedSplit> {
+    let (task, split) = (file.task.to_string(), file.split);
     let cache_file = match cache_dir {
         Some(dir) => {
-            let key = cache_key(tokenizer, &bytes, task, split, max_len)?;
-            let file = dir.join(format!("{task}-{split}-len{max_len}-{key:016x}.tok"));
-            if let Some((examples, skipped)) = std::fs::read(&file).ok().and_then(|b| decode(&b, key)) {
+            let key = cache_key(tokenizer, file, max_len)?;
+            let name = format!("{task}-{split}-len{max_len}-{key:016x}.tok");
+            let cache_file = dir.join(name);
+            if let Some((examples, skipped)) = std::fs::read(&cache_file).ok().and_then(|b| decode(&b, key)) {
                 return Ok(TokenizedSplit { task, split, examples, skipped, cached: true });
             }
-            Some((file, key))
+            Some((cache_file, key))
         }
         None => None,
     };
-    let data = glue::parse_split(&bytes, &path, task, split)?;
-    let examples = tokenize_all(tokenizer, &data.examples, max_len, &path)?;
-    if let Some((file, key)) = cache_file
-        && let Err(error) = write_atomically(&file, &encode(&examples, data.skipped, key))
+    let data = parse()?;
+    let examples = tokenize_all(tokenizer, &data.examples, max_len, file.path)?;
+    if let Some((cache_file, key)) = cache_file
+        && let Err(error) = write_atomically(&cache_file, &encode(&examples, data.skipped, key))
     {
         warn_once(&error);
     }
@@ -110,13 +156,7 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
     h.0
 }
 
-fn cache_key(
-    tokenizer: &Tokenizer,
-    split_bytes: &[u8],
-    task: Task,
-    split: Split,
-    max_len: usize,
-) -> Result<u64> {
+fn cache_key(tokenizer: &Tokenizer, file: &SplitFile, max_len: usize) -> Result<u64> {
     let source = &tokenizer.source;
     let vocab = std::fs::read(source).map_err(|e| DataError::Io { path: source.clone(), error: e })?;
     let probe = tokenizer.tokenize(PROBE).map_err(|e| {
@@ -129,9 +169,10 @@ fn cache_key(
         h.bytes(&id.to_le_bytes());
     }
     h.field(&(max_len as u64).to_le_bytes());
-    h.field(task.name().as_bytes());
-    h.field(split.name().as_bytes());
-    h.field(split_bytes);
+    h.field(file.task.as_bytes());
+    h.field(file.identity.as_bytes());
+    h.field(file.split.name().as_bytes());
+    h.field(file.bytes);
     Ok(h.0)
 }
 

@@ -11,9 +11,12 @@
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use serde::{Deserialize, Serialize};
+
 use super::glue::{DataError, Example, Label, Result, Split, SplitData};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Kind {
     Classification,
     Regression,
@@ -50,9 +53,30 @@ impl FromStr for CustomArg {
     }
 }
 
+impl CustomArg {
+    /// The folder, absolute; an error naming the flag when it is not a folder.
+    pub fn existing_dir(&self) -> Result<PathBuf> {
+        let flag = format!("--task {}={}", self.name, self.dir.display());
+        if !self.dir.is_dir() {
+            return Err(DataError::Invalid(format!("{flag}: {} is not a folder", self.dir.display())));
+        }
+        std::path::absolute(&self.dir).map_err(|error| DataError::Io { path: self.dir.clone(), error })
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Kind::Classification => "classification",
+            Kind::Regression => "regression",
+        })
+    }
+}
+
 /// A custom task as training sees it: its kind and, for classification, its classes (class
-/// i is `labels[i]`), which a checkpoint keeps so that `predict` writes the original strings.
-#[derive(Clone, Debug, PartialEq)]
+/// i is `labels[i]`). A checkpoint keeps all of it (run.json), so that `eval`, `predict` and
+/// `serve` know the task without its train file and write the original label strings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CustomTask {
     pub name: String,
     pub dir: PathBuf,
@@ -61,15 +85,21 @@ pub struct CustomTask {
 }
 
 impl CustomTask {
-    /// Reads the train file to settle the kind and the classes.
+    /// Reads the train file to settle the kind and the classes. The folder is kept as an
+    /// absolute path, so that a checkpoint finds it from anywhere.
     pub fn from_arg(arg: &CustomArg) -> Result<CustomTask> {
-        let path = split_file(&arg.dir, Split::Train)?;
+        let dir = arg.existing_dir()?;
+        let path = split_file(&dir, Split::Train)?;
         let rows = read_rows(&path)?;
         let kind = arg.kind.unwrap_or_else(|| guess_kind(&rows));
         let mut labels = Vec::new();
         if kind == Kind::Classification {
             for row in &rows {
                 let label = row.label.as_ref().ok_or_else(|| row_error(&path, row.line, "no label"))?;
+                if label.text.contains(['\t', '\n', '\r']) {
+                    let why = "a label with a tab or line break cannot be written in `pals predict`'s TSV";
+                    return Err(row_error(&path, row.line, why));
+                }
                 if !labels.contains(&label.text) {
                     labels.push(label.text.clone());
                 }
@@ -79,7 +109,34 @@ impl CustomTask {
                 return Err(row_error(&path, 1, "a classification task needs at least two labels in train"));
             }
         }
-        Ok(CustomTask { name: arg.name.clone(), dir: arg.dir.clone(), kind, labels })
+        Ok(CustomTask { name: arg.name.clone(), dir, kind, labels })
+    }
+
+    /// Refuses `now` (this task read again, from the data given now) unless it has this
+    /// task's kind and classes: a model trained on them has no other outputs. `what` says
+    /// where this task comes from, e.g. "the checkpoint runs/x/last".
+    pub fn check_same(&self, now: &CustomTask, what: &str) -> Result<()> {
+        let train = || split_file(&now.dir, Split::Train).unwrap_or_else(|_| now.dir.clone());
+        if now.kind != self.kind {
+            return Err(DataError::Invalid(format!(
+                "task {}: {what} has it as {}, but {} makes it {}",
+                self.name,
+                self.kind,
+                train().display(),
+                now.kind
+            )));
+        }
+        if now.labels != self.labels {
+            return Err(DataError::Invalid(format!(
+                "task {}: {what} was trained with the labels [{}], but {} has [{}]; a model has no \
+                 outputs for other labels: train a new run (--overwrite or another --output)",
+                self.name,
+                self.labels.join(", "),
+                train().display(),
+                now.labels.join(", ")
+            )));
+        }
+        Ok(())
     }
 
     /// Outputs of the task's head: one score, or one logit per class.
@@ -95,18 +152,36 @@ impl CustomTask {
         split_file(&self.dir, split).is_ok()
     }
 
-    /// The split's file, its bytes (what a tokenization cache is keyed by) and its path.
+    /// The split's file: `DIR/SPLIT.{csv,tsv,jsonl,json}`.
+    pub fn file_path(&self, split: Split) -> Result<PathBuf> {
+        split_file(&self.dir, split)
+    }
+
+    /// The split's file and its bytes (what a tokenization cache is keyed by).
     pub fn file(&self, split: Split) -> Result<(PathBuf, Vec<u8>)> {
         let path = split_file(&self.dir, split)?;
         let bytes = read_file(&path)?;
         Ok((path, bytes))
     }
 
+    /// What a split's examples depend on besides the file's bytes, for a cache key: the
+    /// file's format, the kind and the classes (an edited train file can renumber them).
+    pub fn identity(&self, path: &Path) -> String {
+        let format = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
+        serde_json::json!([format, self.kind, self.labels]).to_string()
+    }
+
     /// Reads and checks every row of a split: labels become class indices or scores; test
     /// rows need no label.
     pub fn read(&self, split: Split) -> Result<SplitData> {
-        let path = split_file(&self.dir, split)?;
-        let rows = read_rows(&path)?;
+        let (path, bytes) = self.file(split)?;
+        self.parse(&bytes, &path, split)
+    }
+
+    /// [`CustomTask::read`] of a file's bytes already read.
+    pub fn parse(&self, bytes: &[u8], path: &Path, split: Split) -> Result<SplitData> {
+        let path = path.to_path_buf();
+        let rows = parse_rows(bytes, &path)?;
         let examples = rows
             .into_iter()
             .map(|row| {

@@ -1,4 +1,5 @@
-//! Text in: tokenizers for BERT's WordPiece vocabulary, GLUE's files, a tokenization cache,
+//! Text in: tokenizers for BERT's WordPiece vocabulary, GLUE's files and custom tasks' files,
+//! a tokenization cache,
 //! length-bucketed batches and multi-task sampling.
 
 pub mod batch;
@@ -6,6 +7,7 @@ pub mod cache;
 pub mod custom;
 pub mod glue;
 pub mod sampler;
+pub mod source;
 pub mod tokenizer;
 
 pub use tokenizer::{Encoded, Tokenizer, TokenizerError};

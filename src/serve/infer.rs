@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::data::batch::{BatchOptions, make_batch};
 use crate::data::cache::TokenizedExample;
-use crate::data::glue::Task;
+use crate::data::source::TaskSource;
 use crate::data::tokenizer::Encoded;
 use crate::encode::Pooling;
 use crate::gpu::Gpu;
@@ -22,9 +22,12 @@ use crate::train::rundir::checkpoint_to_read;
 #[derive(Clone, Debug, Serialize)]
 pub struct TaskInfo {
     pub name: String,
-    /// Class names (GLUE's for GLUE tasks, "0", "1", … for others); empty for a score.
+    /// Class names (GLUE's for GLUE tasks, the train file's for custom ones); empty for a score.
     pub labels: Vec<String>,
     pub regression: bool,
+    /// What the task is: how a score is written (STS-B's clamped to 0–5, as by `pals predict`).
+    #[serde(skip)]
+    pub source: TaskSource,
     /// Which encoder runs the task, named by the first task that runs on it: 0 for every
     /// method but `separate`, where each task has its own.
     #[serde(skip)]
@@ -65,11 +68,11 @@ pub enum Answer {
 }
 
 impl Answer {
-    /// The label `pals predict` writes (argmax, first on ties; scores clamped to [0, 5]) with
-    /// the class probabilities (softmax of the logits).
+    /// The label `pals predict` writes (argmax, first on ties; STS-B scores clamped to
+    /// [0, 5]) with the class probabilities (softmax of the logits).
     pub fn new(task: &TaskInfo, outputs: &[f32]) -> Answer {
         if task.regression {
-            return Answer::Score { score: outputs[0].clamp(0.0, 5.0) };
+            return Answer::Score { score: task.source.clamp_score(outputs[0]) };
         }
         let mut best = 0;
         for (i, &v) in outputs.iter().enumerate() {
@@ -101,13 +104,13 @@ impl<'g> CheckpointModel<'g> {
         let model = InferenceModel::load(gpu, &dir)?;
         let separate = model.settings.method == MethodName::Separate;
         let mut tasks = Vec::new();
-        for (i, spec) in model.tasks().iter().enumerate() {
-            let labels = Task::from_name(&spec.name)?.labels().iter().map(|l| l.to_string()).collect();
+        for (i, source) in model.sources().iter().enumerate() {
             let encoder = if separate { i } else { 0 };
             tasks.push(TaskInfo {
-                name: spec.name.clone(),
-                labels,
-                regression: spec.is_regression(),
+                name: source.name().to_string(),
+                labels: source.labels(),
+                regression: source.is_regression(),
+                source: source.clone(),
                 encoder,
             });
         }

@@ -7,8 +7,10 @@ use std::path::Path;
 
 use anyhow::{Result, bail};
 
+use crate::data::custom::CustomArg;
 use crate::data::glue::Task;
 use crate::data::sampler::Sampling;
+use crate::data::source::check_custom_names;
 use crate::model::tasks::MethodName;
 use crate::train::trainer::TrainSettings;
 
@@ -65,6 +67,24 @@ pub fn task_names(tasks: &[String]) -> Result<Vec<String>> {
     Ok(names)
 }
 
+/// The task flags of `pals train`, before any file is read: at least one task, GLUE names
+/// known and each once, custom names clashing with none of them or each other, custom
+/// folders that exist.
+pub fn task_flags(glue: &[String], custom: &[CustomArg]) -> Result<()> {
+    if glue.is_empty() && custom.is_empty() {
+        bail!("config error: no tasks: give GLUE tasks with --tasks and/or your own with --task NAME=DIR");
+    }
+    if !glue.is_empty() {
+        task_names(glue)?;
+    }
+    check_custom_names(custom.iter().map(|c| c.name.as_str()))
+        .map_err(|e| anyhow::anyhow!("config error: {e}"))?;
+    for arg in custom {
+        arg.existing_dir().map_err(|e| anyhow::anyhow!("config error: {e}"))?;
+    }
+    Ok(())
+}
+
 /// The settings with every range and name checked, task names as GLUE spells them.
 pub fn checked(settings: TrainSettings) -> Result<TrainSettings> {
     let s = &settings;
@@ -102,7 +122,10 @@ pub fn checked(settings: TrainSettings) -> Result<TrainSettings> {
     }
     Sampling::from_name(&s.sampling).map_err(|e| anyhow::anyhow!("config error: --sampling: {e}"))?;
     s.optimizer_settings().map_err(|e| anyhow::anyhow!("config error: {e}"))?;
-    let tasks = task_names(&s.tasks)?;
+    check_custom_names(s.custom.iter().map(|c| c.name.as_str()))
+        .map_err(|e| anyhow::anyhow!("config error: {e}"))?;
+    // A run of custom tasks alone has no GLUE tasks; one of neither is refused by `task_flags`.
+    let tasks = if s.tasks.is_empty() && !s.custom.is_empty() { Vec::new() } else { task_names(&s.tasks)? };
     Ok(TrainSettings { tasks, ..settings })
 }
 
@@ -133,7 +156,8 @@ pub fn resume_settings(
     given: &[String],
     from: &Path,
 ) -> Result<TrainSettings> {
-    let saved = TrainSettings { tasks: task_names(&saved.tasks)?, ..saved.clone() };
+    let saved_tasks = if saved.tasks.is_empty() { Vec::new() } else { task_names(&saved.tasks)? };
+    let saved = TrainSettings { tasks: saved_tasks, ..saved.clone() };
     let saved_value = serde_json::to_value(&saved)?;
     let asked_value = serde_json::to_value(asked)?;
     let (Some(saved_fields), Some(asked_fields)) = (saved_value.as_object(), asked_value.as_object()) else {
@@ -147,6 +171,19 @@ pub fn resume_settings(
             // `--stop-after` counts steps of this run: a saved one is never reused.
             if is_given || key == "stop_after" {
                 merged.insert(key.clone(), value.clone());
+            }
+            continue;
+        }
+        if key == "custom" {
+            // Custom tasks may have moved: the folders given now are taken; names and kinds
+            // must be the saved ones (their classes are checked against the data later).
+            if is_given {
+                match same_custom_tasks(&saved, asked) {
+                    Ok(()) => {
+                        merged.insert(key.clone(), value.clone());
+                    }
+                    Err(refusal) => refused.push(refusal),
+                }
             }
             continue;
         }
@@ -165,6 +202,24 @@ pub fn resume_settings(
         );
     }
     Ok(serde_json::from_value(serde_json::Value::Object(merged))?)
+}
+
+/// `--task` flags as typed: NAME=DIR:KIND, ...
+fn custom_flags(settings: &TrainSettings) -> String {
+    let flags: Vec<String> =
+        settings.custom.iter().map(|t| format!("{}={}:{}", t.name, t.dir.display(), t.kind)).collect();
+    if flags.is_empty() { "(none)".into() } else { flags.join(" ") }
+}
+
+/// Whether `asked` names the custom tasks of `saved`, in its order and of its kinds; the
+/// refusal says which flags differ.
+fn same_custom_tasks(saved: &TrainSettings, asked: &TrainSettings) -> std::result::Result<(), String> {
+    let same = saved.custom.len() == asked.custom.len()
+        && saved.custom.iter().zip(&asked.custom).all(|(s, a)| s.name == a.name && s.kind == a.kind);
+    match same {
+        true => Ok(()),
+        false => Err(format!("--task {} (saved: {})", custom_flags(asked), custom_flags(saved))),
+    }
 }
 
 #[cfg(test)]

@@ -10,8 +10,9 @@ use anyhow::{Context, Result, bail};
 
 use crate::data::Tokenizer;
 use crate::data::batch::{BatchOptions, bucketed_order, make_batch, padding_fraction};
-use crate::data::cache::tokenized_split;
+use crate::data::custom::{CustomArg, CustomTask};
 use crate::data::glue::{Split, Task};
+use crate::data::source::TaskSource;
 use crate::gpu::Gpu;
 use crate::model::tasks::{Method, MethodName, TaskSpec, param_count, task_param_count};
 use crate::model::{BertConfig, Weights, param_count as encoder_params};
@@ -19,7 +20,7 @@ use crate::train::checkpoint::Checkpoint;
 use crate::train::inference::{InferenceModel, evaluate_tasks};
 use crate::train::log::LogRecords;
 use crate::train::metrics::format_table;
-use crate::train::trainer::{TaskData, TrainSettings, Trainer, load_glue_tasks};
+use crate::train::trainer::{TaskData, TrainSettings, Trainer, load_tasks};
 use crate::train::{checks, rundir};
 
 /// Where tokenized GLUE splits are cached.
@@ -69,6 +70,22 @@ fn apply_dropout(config: &mut BertConfig, dropout: Option<f64>) {
     }
 }
 
+/// Where a command's data is: GLUE's folder (needed only for GLUE tasks) and the
+/// `--task NAME=DIR[:KIND]` flags: the custom tasks `train` trains on, or for `eval` and
+/// `predict` folders that replace those the checkpoint recorded (data that moved).
+#[derive(Clone, Debug, Default)]
+pub struct DataDirs {
+    pub glue: Option<PathBuf>,
+    pub custom: Vec<CustomArg>,
+}
+
+impl DataDirs {
+    /// GLUE's folder alone.
+    pub fn glue(dir: &Path) -> DataDirs {
+        DataDirs { glue: Some(dir.to_path_buf()), custom: Vec::new() }
+    }
+}
+
 /// How `pals train` treats an output directory that already holds a run.
 #[derive(Clone, Debug, Default)]
 pub struct Start {
@@ -88,12 +105,14 @@ pub struct Start {
 pub fn train(
     gpu: &Gpu,
     model_dir: &Path,
-    glue_dir: &Path,
+    data_dirs: &DataDirs,
     output: &Path,
     settings: TrainSettings,
     start: &Start,
 ) -> Result<()> {
-    let settings = checks::checked(settings)?;
+    checks::task_flags(&settings.tasks, &data_dirs.custom)?;
+    let custom = data_dirs.custom.iter().map(CustomTask::from_arg).collect::<Result<Vec<_>, _>>()?;
+    let settings = checks::checked(TrainSettings { custom, ..settings })?;
     if start.resume && start.overwrite {
         bail!("config error: --resume and --overwrite exclude each other");
     }
@@ -135,7 +154,9 @@ pub fn train(
             let run_json = last.join("run.json");
             let saved: TrainSettings = serde_json::from_value(c.run.clone())
                 .with_context(|| format!("reading {}", run_json.display()))?;
-            checks::resume_settings(&saved, &settings, &start.given, &last)?
+            let merged = checks::resume_settings(&saved, &settings, &start.given, &last)?;
+            check_custom_data(&saved, &merged, &last)?;
+            merged
         }
         None => settings,
     };
@@ -145,7 +166,9 @@ pub fn train(
     let tokenizer = Tokenizer::from_dir(model_dir)?;
     tokenizer.check_fits(config.vocab_size)?;
     let cache = token_cache();
-    let data = load_glue_tasks(&tokenizer, glue_dir, &settings.tasks, settings.max_length, cache.as_deref())?;
+    let glue_dir = data_dirs.glue.as_deref();
+    let data =
+        load_tasks(&tokenizer, glue_dir, &settings.sources()?, settings.max_length, cache.as_deref(), true)?;
     check_splits(&data, glue_dir, true)?;
     if crate::dist::world().rank() == 0 {
         report_data(&data, &settings);
@@ -164,6 +187,17 @@ pub fn train(
     finish(&mut trainer, output)
 }
 
+/// Refuses to resume a run whose custom tasks' data (read again from the folders of
+/// `merged`) has other classes than the checkpoint in `last` was trained with.
+fn check_custom_data(saved: &TrainSettings, merged: &TrainSettings, last: &Path) -> Result<()> {
+    for (was, task) in saved.custom.iter().zip(&merged.custom) {
+        let arg = CustomArg { name: task.name.clone(), dir: task.dir.clone(), kind: Some(was.kind) };
+        let now = CustomTask::from_arg(&arg)?;
+        was.check_same(&now, &format!("the checkpoint {}", last.display())).context("data error")?;
+    }
+    Ok(())
+}
+
 /// Sequences longer than the model's position table cannot be embedded: refused at start.
 fn check_max_length(max_length: usize, config: &BertConfig, config_path: &Path) -> Result<()> {
     if max_length > config.max_position_embeddings {
@@ -177,17 +211,16 @@ fn check_max_length(max_length: usize, config: &BertConfig, config_path: &Path) 
 }
 
 /// An empty split is an error naming its file: nothing to train on, or nothing to score.
-fn check_splits(data: &[TaskData], glue_dir: &Path, training: bool) -> Result<()> {
+fn check_splits(data: &[TaskData], glue_dir: Option<&Path>, training: bool) -> Result<()> {
     for t in data {
-        let task = Task::from_name(&t.spec.name)?;
         let mut splits = t.dev.iter().map(|(_, d)| d).collect::<Vec<_>>();
         if training {
             splits.insert(0, &t.train);
         }
         for split in splits {
             if split.examples.is_empty() {
-                let path = crate::data::glue::split_path(glue_dir, task, split.split)?;
-                bail!("data error: {} {} has no examples ({})", task, split.split, path.display());
+                let path = t.source.split_path(glue_dir, split.split);
+                bail!("data error: {} {} has no examples ({path})", t.spec.name, split.split);
             }
         }
     }
@@ -256,21 +289,22 @@ fn finish(trainer: &mut Trainer, output: &Path) -> Result<()> {
 }
 
 /// A checkpoint loaded for inference (for eval and predict): its model without gradients
-/// or optimizer state, its tasks' data and its tokenizer.
+/// or optimizer state, its tasks' data (dev and test, no train) and its tokenizer.
 fn load_for_eval<'g>(
     gpu: &'g Gpu,
     checkpoint_dir: &Path,
-    glue_dir: &Path,
+    data_dirs: &DataDirs,
 ) -> Result<(InferenceModel<'g>, Vec<TaskData>, Tokenizer, PathBuf)> {
     let dir = rundir::checkpoint_to_read(checkpoint_dir)?;
     let checkpoint = Checkpoint::load(&dir, false)?;
     let run_json = dir.join("run.json");
     let settings: TrainSettings = serde_json::from_value(checkpoint.run.clone())
         .with_context(|| format!("reading {}", run_json.display()))?;
+    let sources = moved_custom_tasks(settings.sources()?, &data_dirs.custom, &dir)?;
     // A task without its file must not be scored with a freshly initialised head.
-    for task in &settings.tasks {
-        let name = Task::from_name(task).map(|t| t.name().to_string()).unwrap_or_else(|_| task.clone());
-        if !checkpoint.tasks.contains_key(&name) {
+    for source in &sources {
+        let name = source.name();
+        if !checkpoint.tasks.contains_key(name) {
             let file = dir.join("tasks").join(format!("{name}.safetensors"));
             bail!("weights error: {} is missing: the checkpoint has no weights for {name}", file.display());
         }
@@ -279,42 +313,73 @@ fn load_for_eval<'g>(
     let tokenizer = Tokenizer::from_dir(&dir)?;
     tokenizer.check_fits(checkpoint.config.vocab_size)?;
     let cache = token_cache();
-    let settings = &model.settings;
-    let data = load_glue_tasks(&tokenizer, glue_dir, &settings.tasks, settings.max_length, cache.as_deref())?;
+    let glue_dir = data_dirs.glue.as_deref();
+    let data = load_tasks(&tokenizer, glue_dir, &sources, settings.max_length, cache.as_deref(), false)?;
     check_splits(&data, glue_dir, false)?;
     Ok((model, data, tokenizer, dir))
 }
 
+/// The checkpoint's tasks with the custom ones named by `--task NAME=DIR` read from DIR
+/// instead of the folder they were trained from. The kind and classes are the checkpoint's.
+fn moved_custom_tasks(
+    mut sources: Vec<TaskSource>,
+    moved: &[CustomArg],
+    dir: &Path,
+) -> Result<Vec<TaskSource>> {
+    for arg in moved {
+        let found = sources.iter_mut().find_map(|s| match s {
+            TaskSource::Custom(task) if task.name == arg.name => Some(task),
+            _ => None,
+        });
+        let Some(task) = found else {
+            let custom: Vec<&str> =
+                sources.iter().filter(|s| matches!(s, TaskSource::Custom(_))).map(|s| s.name()).collect();
+            bail!(
+                "config error: --task {}: {} has no custom task of that name (its custom tasks: {})",
+                arg.name,
+                dir.display(),
+                if custom.is_empty() { "none".to_string() } else { custom.join(", ") }
+            );
+        };
+        if let Some(kind) = arg.kind.filter(|&k| k != task.kind) {
+            bail!(
+                "config error: --task {}: {kind}, but {} trained it as {}",
+                arg.name,
+                dir.display(),
+                task.kind
+            );
+        }
+        task.dir = arg.existing_dir().map_err(|e| anyhow::anyhow!("config error: {e}"))?;
+    }
+    Ok(sources)
+}
+
 /// Prints the dev metrics of a checkpoint (an output directory's `best/` if present).
-pub fn eval(gpu: &Gpu, checkpoint: &Path, glue_dir: &Path) -> Result<()> {
-    let (mut model, data, _, dir) = load_for_eval(gpu, checkpoint, glue_dir)?;
+pub fn eval(gpu: &Gpu, checkpoint: &Path, data_dirs: &DataDirs) -> Result<()> {
+    let (mut model, data, _, dir) = load_for_eval(gpu, checkpoint, data_dirs)?;
     eprintln!("evaluating {}", dir.display());
     let scores = evaluate_tasks(&data, None, &mut |task, split| model.predict(task, split))?;
     println!("{}", format_table(&scores));
     Ok(())
 }
 
-/// The GLUE submission files of a checkpoint's tasks: `index<TAB>prediction`.
-pub fn predict(gpu: &Gpu, checkpoint: &Path, glue_dir: &Path, output: &Path) -> Result<()> {
-    let (mut model, data, tokenizer, _) = load_for_eval(gpu, checkpoint, glue_dir)?;
+/// The prediction files of a checkpoint's tasks, `index<TAB>prediction`: GLUE's submission
+/// files, and `NAME.tsv` with the train file's label strings for each custom task.
+pub fn predict(gpu: &Gpu, checkpoint: &Path, data_dirs: &DataDirs, output: &Path) -> Result<()> {
+    let (mut model, data, tokenizer, _) = load_for_eval(gpu, checkpoint, data_dirs)?;
     std::fs::create_dir_all(output).with_context(|| format!("creating {}", output.display()))?;
     let max_len = model.settings.max_length;
     for (index, t) in data.iter().enumerate() {
-        let task = Task::from_name(&t.spec.name)?;
-        let mut files = vec![(submission_name(task, Split::Test), task, Split::Test)];
-        if task == Task::MNLI {
-            files.push(("MNLI-mm".into(), task, Split::TestMismatched));
-            files.push(("AX".into(), Task::AX, Split::Test));
+        let source = &t.source;
+        let mut files = vec![(submission_name(source), source.clone(), Split::Test)];
+        if *source == TaskSource::Glue(Task::MNLI) {
+            files.push(("MNLI-mm".into(), source.clone(), Split::TestMismatched));
+            files.push(("AX".into(), TaskSource::Glue(Task::AX), Split::Test));
         }
-        for (file, read_task, split) in files {
-            let tokens = match tokenized_split(
-                &tokenizer,
-                glue_dir,
-                read_task,
-                split,
-                max_len,
-                token_cache().as_deref(),
-            ) {
+        for (file, read, split) in files {
+            let glue_dir = data_dirs.glue.as_deref();
+            let tokens = match read.tokenized(&tokenizer, glue_dir, split, max_len, token_cache().as_deref())
+            {
                 Ok(tokens) => tokens,
                 Err(error) => {
                     eprintln!("skipping {file}.tsv: {error}");
@@ -324,9 +389,9 @@ pub fn predict(gpu: &Gpu, checkpoint: &Path, glue_dir: &Path, output: &Path) -> 
             let predictions = model.predict(index, &tokens)?;
             let mut text = String::from("index\tprediction\n");
             for (i, p) in predictions.iter().enumerate() {
-                let label = match task.is_regression() {
-                    true => format!("{:.3}", p.clamp(0.0, 5.0)),
-                    false => task.label_name(*p as u32).unwrap_or("0").to_string(),
+                let label = match source.is_regression() {
+                    true => format!("{:.3}", source.clamp_score(*p)),
+                    false => source.label_name(*p as u32).unwrap_or("0").to_string(),
                 };
                 text.push_str(&format!("{i}\t{label}\n"));
             }
@@ -339,10 +404,10 @@ pub fn predict(gpu: &Gpu, checkpoint: &Path, glue_dir: &Path, output: &Path) -> 
     Ok(())
 }
 
-fn submission_name(task: Task, split: Split) -> String {
-    match (task, split) {
-        (Task::MNLI, Split::Test) => "MNLI-m".into(),
-        _ => task.name().into(),
+fn submission_name(source: &TaskSource) -> String {
+    match source {
+        TaskSource::Glue(Task::MNLI) => "MNLI-m".into(),
+        _ => source.name().into(),
     }
 }
 

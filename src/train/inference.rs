@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::data::batch::{BatchOptions, eval_batches, scatter};
 use crate::data::cache::TokenizedSplit;
+use crate::data::source::TaskSource;
 use crate::encode::{Pooling, read_embeddings};
 use crate::gpu::Gpu;
 use crate::model::bert::BatchInputs;
@@ -94,7 +95,7 @@ pub fn evaluate_tasks(
                 split.examples.truncate(limit);
             }
             let predictions = predict(task, &split)?;
-            scores.push(score_split(name, &split, &predictions)?);
+            scores.push(score_split(name, &t.source, &split, &predictions)?);
         }
     }
     Ok(scores)
@@ -108,6 +109,7 @@ pub struct InferenceModel<'g> {
     models: Vec<MultiTaskModel>,
     place: Vec<(usize, usize)>,
     specs: Vec<TaskSpec>,
+    sources: Vec<TaskSource>,
     buckets: HashMap<(usize, usize, usize), (TaskActivations, BatchInputs)>,
 }
 
@@ -122,10 +124,10 @@ impl<'g> InferenceModel<'g> {
             serde_json::from_value(checkpoint.run.clone()).context("reading the checkpoint's run.json")?;
         let config = checkpoint.config.clone();
         let method = settings.method(&config)?;
+        let sources = settings.sources()?;
         let mut tasks = Vec::new();
-        for name in &settings.tasks {
-            let task = crate::data::glue::Task::from_name(name)?;
-            let spec = TaskSpec::new(task.name(), task.num_labels());
+        for source in &sources {
+            let spec = TaskSpec::new(source.name(), source.num_labels());
             let Some(weights) = checkpoint.tasks.get(&spec.name) else {
                 bail!(
                     "the checkpoint has no weights for task {} (tasks/{}.safetensors)",
@@ -139,12 +141,17 @@ impl<'g> InferenceModel<'g> {
         let (models, place) =
             build_models(gpu, &config, (method, separate), &checkpoint.shared, &tasks, false)?;
         let specs = tasks.into_iter().map(|(spec, _)| spec).collect();
-        Ok(InferenceModel { gpu, settings, config, models, place, specs, buckets: HashMap::new() })
+        Ok(InferenceModel { gpu, settings, config, models, place, specs, sources, buckets: HashMap::new() })
     }
 
     /// The tasks, in the order `logits` takes them.
     pub fn tasks(&self) -> &[TaskSpec] {
         &self.specs
+    }
+
+    /// What the tasks are (label strings, score scale), in the order of [`Self::tasks`].
+    pub fn sources(&self) -> &[TaskSource] {
+        &self.sources
     }
 
     /// Task `task`'s logits for `batch`, [B, k] row-major (regression: score / 5).

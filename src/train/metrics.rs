@@ -8,8 +8,13 @@
 //! | MRPC, QQP | `f1` of class 1, `acc` | (f1 + acc) / 2 |
 //! | STS-B | `pearson`, `spearman` | (pearson + spearman) / 2 |
 //! | SST-2, MNLI-m, MNLI-mm, QNLI, RTE, WNLI, others | `acc` | acc |
+//! | custom classification (`--task`) | `acc`, `macro_f1` | acc |
+//! | custom regression (`--task`) | `pearson`, `spearman` | (pearson + spearman) / 2 |
 //!
-//! MNLI's matched and mismatched dev sets are two separate entries, as in GLUE.
+//! MNLI's matched and mismatched dev sets are two separate entries, as in GLUE. A custom
+//! classification task's score is its accuracy, the metric Hugging Face's run_glue reports
+//! for a `--train_file` task; macro-F1 (the unweighted mean of every class's F1) is logged
+//! beside it because accuracy hides a model that ignores a rare class.
 //!
 //! Values are stored as raw fractions: accuracy and F1 in [0, 1], correlations in [-1, 1].
 //! GLUE reports them ×100; only `format_table` multiplies. A value that is undefined (a
@@ -25,7 +30,8 @@ pub struct TaskScore {
     pub task: String,
     /// (metric name, value) in GLUE's reporting order: "mcc", "f1", "acc", "pearson", "spearman".
     pub metrics: Vec<(String, f64)>,
-    /// The task's GLUE score: the mean of its metrics (see the module table).
+    /// The task's score (see the module table): the mean of its metrics, but a custom
+    /// classification task's accuracy alone.
     pub score: f64,
 }
 
@@ -89,6 +95,28 @@ pub fn f1(preds: &[u32], labels: &[u32]) -> f64 {
         }
     }
     defined(2.0 * tp as f64 / (2 * tp + fp + fn_) as f64)
+}
+
+/// Macro-F1: the unweighted mean over classes of each class's F1, 2TP / (2TP + FP + FN), over
+/// the classes that occur in the labels or the predictions (as sklearn's `average="macro"`);
+/// 0 for an empty set.
+pub fn macro_f1(preds: &[u32], labels: &[u32]) -> f64 {
+    check_lengths(preds.len(), labels.len());
+    let classes = preds.iter().chain(labels).map(|&c| c as usize + 1).max().unwrap_or(0);
+    let (mut tp, mut fp, mut fn_) = (vec![0usize; classes], vec![0usize; classes], vec![0usize; classes]);
+    for (&p, &l) in preds.iter().zip(labels) {
+        if p == l {
+            tp[p as usize] += 1;
+        } else {
+            fp[p as usize] += 1;
+            fn_[l as usize] += 1;
+        }
+    }
+    let f1s: Vec<f64> = (0..classes)
+        .filter(|&c| tp[c] + fp[c] + fn_[c] > 0)
+        .map(|c| 2.0 * tp[c] as f64 / (2 * tp[c] + fp[c] + fn_[c]) as f64)
+        .collect();
+    defined(f1s.iter().sum::<f64>() / f1s.len() as f64)
 }
 
 /// Matthews correlation coefficient, in the multi-class form sklearn uses (equal to the
@@ -178,6 +206,16 @@ pub fn score_classification(task: &str, preds: &[u32], labels: &[u32]) -> TaskSc
         Kind::Correlation => panic!("{task} is a regression task: use score_regression"),
     };
     task_score(task, metrics)
+}
+
+/// The metrics of a custom classification task: accuracy (its score) and macro-F1.
+///
+/// # Panics
+/// When the lengths differ.
+pub fn score_accuracy_macro_f1(task: &str, preds: &[u32], labels: &[u32]) -> TaskScore {
+    let acc = accuracy(preds, labels);
+    let metrics = vec![("acc".to_string(), acc), ("macro_f1".to_string(), macro_f1(preds, labels))];
+    TaskScore { task: task.to_string(), metrics, score: acc }
 }
 
 /// The metrics of a regression task (STS-B's): Pearson and Spearman. Any task name is

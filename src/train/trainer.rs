@@ -13,9 +13,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::Tokenizer;
 use crate::data::batch::{BatchOptions, Labels};
-use crate::data::cache::{TokenizedSplit, tokenized_split};
+use crate::data::cache::TokenizedSplit;
+use crate::data::custom::CustomTask;
 use crate::data::glue::{Split, Task};
 use crate::data::sampler::{EpochIterator, Sampling, TaskSampler};
+use crate::data::source::TaskSource;
 use crate::dist::{self, Comm};
 use crate::gpu::{Gpu, Tensor, Timing};
 use crate::kernels::optimizer::{AdamConfig, ClipMode};
@@ -27,14 +29,21 @@ use crate::model::{BertConfig, DropoutKey, EncoderBatch, Weights};
 use crate::train::checkpoint::{Checkpoint, TrainerState};
 use crate::train::inference::{build_models, evaluate_tasks, predict_split};
 use crate::train::log::{EvalRecord, LogWriter, StepRecord};
-use crate::train::metrics::{TaskScore, glue_average, score_classification, score_regression};
+use crate::train::metrics::{
+    TaskScore, glue_average, score_accuracy_macro_f1, score_classification, score_regression,
+};
 use crate::train::optim::{Optimizer, OptimizerSettings};
 use crate::train::schedule;
 
 /// Everything `pals train` was asked: saved as the checkpoint's run.json.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TrainSettings {
+    /// GLUE tasks (`--tasks`).
     pub tasks: Vec<String>,
+    /// Custom tasks (`--task NAME=DIR`), after the GLUE ones: name, folder, kind and classes,
+    /// so that a checkpoint knows them without their files.
+    #[serde(default)]
+    pub custom: Vec<CustomTask>,
     pub method: MethodName,
     pub pal_dim: Option<usize>,
     pub batch_size: usize,
@@ -66,6 +75,7 @@ impl Default for TrainSettings {
     fn default() -> Self {
         TrainSettings {
             tasks: Vec::new(),
+            custom: Vec::new(),
             method: MethodName::Pals,
             pal_dim: None,
             batch_size: 32,
@@ -88,6 +98,13 @@ impl Default for TrainSettings {
 }
 
 impl TrainSettings {
+    /// Every task of the run in training order: the GLUE ones, then the custom ones.
+    pub fn sources(&self) -> Result<Vec<TaskSource>> {
+        let glue = self.tasks.iter().map(|name| Ok(TaskSource::Glue(Task::from_name(name)?)));
+        let custom = self.custom.iter().map(|task| Ok(TaskSource::Custom(task.clone())));
+        glue.chain(custom).collect()
+    }
+
     pub fn total_steps(&self) -> u64 {
         (self.epochs * self.steps_per_epoch) as u64
     }
@@ -121,45 +138,53 @@ impl TrainSettings {
 
 /// One task's data: what it trains on and the dev splits it is scored on.
 pub struct TaskData {
+    /// The model's view of the task: its name and outputs (from `source`).
     pub spec: TaskSpec,
+    pub source: TaskSource,
     pub train: TokenizedSplit,
     /// (score name, split): "MNLI-m" and "MNLI-mm" for MNLI, the task's name else.
     pub dev: Vec<(String, TokenizedSplit)>,
 }
 
-/// Reads and tokenizes (through the cache) the train and dev splits of `tasks`.
-pub fn load_glue_tasks(
-    tokenizer: &Tokenizer,
-    glue_dir: &Path,
-    tasks: &[String],
-    max_len: usize,
-    cache_dir: Option<&Path>,
-) -> Result<Vec<TaskData>> {
-    let mut data = Vec::new();
-    for name in tasks {
-        let task = Task::from_name(name)?;
-        let train = tokenized_split(tokenizer, glue_dir, task, Split::Train, max_len, cache_dir)?;
-        let mut dev = vec![(
-            dev_name(task, Split::Dev),
-            tokenized_split(tokenizer, glue_dir, task, Split::Dev, max_len, cache_dir)?,
-        )];
-        if task == Task::MNLI {
-            match tokenized_split(tokenizer, glue_dir, task, Split::DevMismatched, max_len, cache_dir) {
-                Ok(split) => dev.push(("MNLI-mm".into(), split)),
-                Err(error) => eprintln!("note: {error}; MNLI is scored on matched dev only"),
-            }
-        }
-        data.push(TaskData { spec: TaskSpec::new(task.name(), task.num_labels()), train, dev });
+impl TaskData {
+    pub fn new(source: TaskSource, train: TokenizedSplit, dev: Vec<(String, TokenizedSplit)>) -> TaskData {
+        let spec = TaskSpec::new(source.name(), source.num_labels());
+        TaskData { spec, source, train, dev }
     }
-    Ok(data)
 }
 
-fn dev_name(task: Task, split: Split) -> String {
-    match (task, split) {
-        (Task::MNLI, Split::Dev) => "MNLI-m".into(),
-        (Task::MNLI, _) => "MNLI-mm".into(),
-        _ => task.name().into(),
+/// Reads and tokenizes (through the cache) the train and dev splits of `tasks`; GLUE tasks
+/// from `glue_dir`, custom ones from their folders. Without `with_train` (eval, predict) no
+/// train file is read, and the train split is left empty.
+pub fn load_tasks(
+    tokenizer: &Tokenizer,
+    glue_dir: Option<&Path>,
+    tasks: &[TaskSource],
+    max_len: usize,
+    cache_dir: Option<&Path>,
+    with_train: bool,
+) -> Result<Vec<TaskData>> {
+    let mut data = Vec::new();
+    for source in tasks {
+        let read = |split| source.tokenized(tokenizer, glue_dir, split, max_len, cache_dir);
+        let train = match with_train {
+            true => read(Split::Train)?,
+            false => TokenizedSplit::empty(source.name(), Split::Train),
+        };
+        let mut dev = Vec::new();
+        for (name, split) in source.dev_splits() {
+            match read(split) {
+                Ok(tokens) => dev.push((name, tokens)),
+                // MNLI's mismatched dev set is optional.
+                Err(error) if split == Split::DevMismatched => {
+                    eprintln!("note: {error}; MNLI is scored on matched dev only")
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        data.push(TaskData::new(source.clone(), train, dev));
     }
+    Ok(data)
 }
 
 /// Buffers of one (model, batch, seq) shape, made on first use and reused.
@@ -227,7 +252,7 @@ impl<'g> Trainer<'g> {
         tokenizer_dir: &Path,
     ) -> Result<Trainer<'g>> {
         if data.is_empty() {
-            bail!("no tasks to train (--tasks)");
+            bail!("no tasks to train (--tasks, --task)");
         }
         let method = settings.method(&config)?;
         let comm = dist::world();
@@ -663,10 +688,16 @@ fn targets(labels: &Labels) -> Result<Targets> {
     }
 }
 
-/// The official metric of a dev split from predictions in its order.
-pub fn score_split(name: &str, split: &TokenizedSplit, predictions: &[f32]) -> Result<TaskScore> {
+/// The task's metrics on a dev split (GLUE's official one for GLUE tasks) from predictions
+/// in its order.
+pub fn score_split(
+    name: &str,
+    source: &TaskSource,
+    split: &TokenizedSplit,
+    predictions: &[f32],
+) -> Result<TaskScore> {
     use crate::data::glue::Label;
-    if split.task.is_regression() {
+    if source.is_regression() {
         let labels: Vec<f32> = split
             .examples
             .iter()
@@ -686,5 +717,8 @@ pub fn score_split(name: &str, split: &TokenizedSplit, predictions: &[f32]) -> R
         })
         .collect::<Result<_>>()?;
     let classes: Vec<u32> = predictions.iter().map(|&p| p as u32).collect();
-    Ok(score_classification(name, &classes, &labels))
+    match source.is_custom_classification() {
+        true => Ok(score_accuracy_macro_f1(name, &classes, &labels)),
+        false => Ok(score_classification(name, &classes, &labels)),
+    }
 }
