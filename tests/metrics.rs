@@ -4,7 +4,10 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use pals::train::metrics::{accuracy, average_ranks, f1, matthews, paper_average, pearson, spearman};
+use pals::train::metrics::{
+    accuracy, average_ranks, f1, macro_f1, matthews, paper_average, pearson, score_accuracy_macro_f1,
+    spearman,
+};
 use pals::train::schedule::warmup_steps;
 use pals::train::{
     EvalRecord, LogRecords, LogWriter, StepRecord, TaskScore, baseline, format_table, glue_average, lr,
@@ -52,6 +55,24 @@ fn multiclass_matthews_by_hand() {
     // labels 0 1 2 0 1 2, preds 0 1 1 0 2 2: correct c = 4, n = 6, class counts t = p = (2,2,2).
     // (c·n − Σ p_k t_k) / √((n² − Σ p_k²)(n² − Σ t_k²)) = (24 − 12) / √(24·24) = 0.5.
     close("mcc 3 classes", matthews(&[0, 1, 1, 0, 2, 2], &[0, 1, 2, 0, 1, 2]), 0.5);
+}
+
+#[test]
+fn macro_f1_by_hand() {
+    // labels 0 1 1 2, preds 0 0 1 2: class 0 TP 1 FP 1 → 2/3; class 1 TP 1 FN 1 → 2/3;
+    // class 2 → 1. The mean: 7/9.
+    close("macro-F1", macro_f1(&[0, 0, 1, 2], &[0, 1, 1, 2]), 7.0 / 9.0);
+    // Classes in neither labels nor predictions (1, 2) do not count; class 3, predicted but
+    // never right, counts as 0 (as sklearn's average="macro"): (2/3 + 0) / 2.
+    close("macro-F1 unseen", macro_f1(&[0, 3], &[0, 0]), 1.0 / 3.0);
+    // Two classes: the mean of F1 of class 1 (8/11) and of class 0 (6/9).
+    close("macro-F1 binary", macro_f1(&PREDS, &LABELS), (8.0 / 11.0 + 6.0 / 9.0) / 2.0);
+    close("macro-F1 empty", macro_f1(&[], &[]), 0.0);
+    // A custom classification task's score is its accuracy; macro-F1 is logged beside it.
+    let custom = score_accuracy_macro_f1("reviews", &[0, 0, 1, 2], &[0, 1, 1, 2]);
+    assert_eq!(custom.metric("acc"), Some(0.75));
+    close("custom macro-F1", custom.metric("macro_f1").unwrap(), 7.0 / 9.0);
+    assert_eq!(custom.score, 0.75);
 }
 
 #[test]

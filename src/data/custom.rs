@@ -159,6 +159,14 @@ impl CustomTask {
 
     /// The split's file and its bytes (what a tokenization cache is keyed by).
     pub fn file(&self, split: Split) -> Result<(PathBuf, Vec<u8>)> {
+        if !self.dir.is_dir() {
+            return Err(DataError::Invalid(format!(
+                "task {}: its folder {} is not there; if the data moved, give --task {}=NEWDIR",
+                self.name,
+                self.dir.display(),
+                self.name
+            )));
+        }
         let path = split_file(&self.dir, split)?;
         let bytes = read_file(&path)?;
         Ok((path, bytes))
