@@ -124,8 +124,9 @@ pub fn checked(settings: TrainSettings) -> Result<TrainSettings> {
     s.optimizer_settings().map_err(|e| anyhow::anyhow!("config error: {e}"))?;
     check_custom_names(s.custom.iter().map(|c| c.name.as_str()))
         .map_err(|e| anyhow::anyhow!("config error: {e}"))?;
-    // A run of custom tasks alone has no GLUE tasks; one of neither is refused by `task_flags`.
-    let tasks = if s.tasks.is_empty() && !s.custom.is_empty() { Vec::new() } else { task_names(&s.tasks)? };
+    // A run of custom tasks alone has no GLUE tasks; one of neither is refused by `task_flags`
+    // (custom tasks are read from their folders after this check).
+    let tasks = if s.tasks.is_empty() { Vec::new() } else { task_names(&s.tasks)? };
     Ok(TrainSettings { tasks, ..settings })
 }
 
