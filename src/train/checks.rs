@@ -226,6 +226,7 @@ fn same_custom_tasks(saved: &TrainSettings, asked: &TrainSettings) -> std::resul
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::custom::{CustomTask, Kind};
 
     fn settings() -> TrainSettings {
         TrainSettings { tasks: vec!["rte".into(), "sst-2".into()], ..TrainSettings::default() }
@@ -262,6 +263,44 @@ mod tests {
         let good =
             checked(TrainSettings { tasks: vec!["sts-b".into(), "Rte".into()], ..settings() }).unwrap();
         assert_eq!(good.tasks, ["STS-B", "RTE"]);
+    }
+
+    fn custom(name: &str, dir: &str, kind: Kind) -> CustomTask {
+        CustomTask { name: name.into(), dir: dir.into(), kind, labels: vec!["a".into(), "b".into()] }
+    }
+
+    #[test]
+    fn resume_takes_moved_custom_folders_but_refuses_other_custom_tasks() {
+        let saved =
+            TrainSettings { custom: vec![custom("mine", "/old", Kind::Classification)], ..settings() };
+        let from = Path::new("runs/x/last");
+        let given: Vec<String> = ["tasks", "custom"].map(String::from).into();
+        let moved =
+            TrainSettings { custom: vec![custom("mine", "/new", Kind::Classification)], ..settings() };
+        let merged = resume_settings(&saved, &checked(moved).unwrap(), &given, from).unwrap();
+        assert_eq!(merged.custom[0].dir, Path::new("/new"));
+        // Without --task the saved folders are read.
+        let merged = resume_settings(&saved, &checked(settings()).unwrap(), &given[..1], from).unwrap();
+        assert_eq!(merged.custom, saved.custom);
+        for other in [custom("yours", "/new", Kind::Classification), custom("mine", "/new", Kind::Regression)]
+        {
+            let asked = checked(TrainSettings { custom: vec![other], ..settings() }).unwrap();
+            let error = resume_settings(&saved, &asked, &given, from).unwrap_err().to_string();
+            assert!(error.contains("(saved: mine=/old:classification)"), "{error}");
+        }
+        // A custom task named as a GLUE task, or as another one, is refused; alone it needs no --tasks.
+        for clash in
+            [vec![custom("R-T-E", "/d", Kind::Regression)], vec![custom("x", "/d", Kind::Regression); 2]]
+        {
+            let error = checked(TrainSettings { custom: clash, ..settings() }).unwrap_err().to_string();
+            assert!(error.starts_with("config error: --task"), "{error}");
+        }
+        let alone = TrainSettings {
+            tasks: Vec::new(),
+            custom: vec![custom("x", "/d", Kind::Regression)],
+            ..settings()
+        };
+        assert!(checked(alone).unwrap().tasks.is_empty());
     }
 
     #[test]
