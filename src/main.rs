@@ -340,8 +340,14 @@ fn given_flags(matches: &ArgMatches) -> Vec<String> {
 /// (train's are its settings' checks).
 fn check_numbers(command: &Command) -> Result<()> {
     match command {
-        Command::Train { run, .. } => {
+        Command::Train { run, glue_dir, .. } => {
             task_flags(&run.tasks, &run.custom)?;
+            if glue_dir.is_none() && !run.tasks.is_empty() {
+                anyhow::bail!(
+                    "config error: --tasks {} needs --glue-dir (or PALS_GLUE_DIR)",
+                    run.tasks.join(",")
+                );
+            }
             checked(run.settings()).map(|_| ())
         }
         Command::Bench { reps, steps, batch, seq, .. } => {
