@@ -4,7 +4,7 @@
 //
 // Layouts (f32, row-major): q, k, v, o, dO, dq, dk, dv [B, S, H, D]; mask [B, S] (additive,
 // per key); lse, delta [B, H, S]. P = softmax(q.k^T * scale + mask) per (b, h, query row);
-// dropout keeps P[i][j] with the shared RNG at index ((b*H + h)*S + i)*S + j.
+// dropout keeps P[i][j] with the shared RNG at index first_index + ((b*H + h)*S + i)*S + j.
 // `defines` set HEAD_DIM (= D) and BLOCK_K (rows per shared tile, BLOCK_K * HEAD_DIM <= 2048
 // so that the two tiles take at most 16 KiB of workgroup memory).
 //
@@ -36,6 +36,7 @@ struct Params {
     stream: u32,
     threshold: u32,   // dropout: drop when draw < threshold = p * 2^32; 0 disables
     drop_scale: f32,  // 1 / (1 - p)
+    first_index: u32, // the mask index of element 0 (a rank's slice of the batch)
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -87,7 +88,7 @@ fn dropout_factor(bh: u32, i: u32, j: u32) -> f32 {
     if (params.threshold == 0u) {
         return 1.0;
     }
-    let index = (bh * params.seq + i) * params.seq + j;
+    let index = params.first_index + (bh * params.seq + i) * params.seq + j;
     return select(0.0, params.drop_scale, rng_keep(params.seed, params.stream, index, params.threshold));
 }
 

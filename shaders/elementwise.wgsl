@@ -4,7 +4,7 @@
 //   bindings: 0 params, 1 x (read), 2 y (write)
 // gelu_backward / tanh_backward: dx[i] = dy[i] * f'(x[i])    (tanh_backward takes y = tanh(x))
 //   bindings: 0 params, 1 x (read), 2 dy (read), 3 dx (write)
-// dropout:                       y[i] = keep(i) ? x[i] * scale : 0   (also its own backward)
+// dropout:                       y[i] = keep(first_index + i) ? x[i] * scale : 0 (its own backward)
 //   bindings: 0 params, 1 x (read), 2 y (write)
 // copy:                          y[i] = x[i]
 //   bindings: 0 params, 1 x (read), 2 y (write)
@@ -21,6 +21,7 @@ struct Params {
     stream: u32,
     threshold: u32,   // dropout: drop when draw < threshold = p * 2^32
     scale: f32,       // dropout: 1 / (1 - p)
+    first_index: u32, // dropout: the mask index of element 0 (a rank's slice of the batch)
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -75,7 +76,7 @@ fn dropout(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
            @builtin(local_invocation_index) lid: u32) {
     let i = linear_index(wid, nwg, lid);
     if (i < params.n) {
-        let keep = rng_keep(params.seed, params.stream, i, params.threshold);
+        let keep = rng_keep(params.seed, params.stream, params.first_index + i, params.threshold);
         y[i] = select(0.0, x[i] * params.scale, keep);
     }
 }

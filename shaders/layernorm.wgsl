@@ -35,6 +35,7 @@ struct Params {
     stream: u32,
     threshold: u32,  // dropout: drop when draw < threshold = p * 2^32
     scale: f32,      // dropout: 1 / (1 - p)
+    first_index: u32, // dropout: the mask index of element 0 (a rank's slice of the batch)
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -64,9 +65,11 @@ fn set_stream_key() {
     stream_key = pcg_hash(params.stream ^ pcg_hash(params.seed));
 }
 
-// Dropout(v) at element i: rng_keep(seed, stream, i, threshold) with the hoisted key.
+// Dropout(v) at element i: rng_keep(seed, stream, first_index + i, threshold) with the
+// hoisted key.
 fn dropped(v: f32, i: u32) -> f32 {
-    return select(0.0, v * params.scale, pcg_hash(i ^ stream_key) >= params.threshold);
+    let draw = pcg_hash((params.first_index + i) ^ stream_key);
+    return select(0.0, v * params.scale, draw >= params.threshold);
 }
 
 // The LayerNorm input s at element i.

@@ -308,8 +308,8 @@ enum Command {
 }
 
 fn main() {
-    let matches = Cli::command().get_matches();
-    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
+    let parsed = Cli::command().try_get_matches().and_then(|m| Cli::from_arg_matches(&m).map(|cli| (m, cli)));
+    let (matches, cli) = parsed.unwrap_or_else(|error| refuse_flags(error));
     // Under mpirun: MPI starts before anything can fail, so that a failing rank stops all
     // of them (with a message naming it) instead of leaving them waiting.
     let started = pals::dist::init();
@@ -319,6 +319,18 @@ fn main() {
         pals::dist::fail(&error);
     }
     pals::dist::finalize();
+}
+
+/// Exits on a command line clap refuses (or on --help). Under mpirun the error names the
+/// rank (each rank parses its own command line) and stops every rank.
+fn refuse_flags(error: clap::Error) -> ! {
+    if error.use_stderr() && pals::dist::launched_ranks().unwrap_or(1) > 1 {
+        let message = error.render().to_string();
+        let started = pals::dist::init();
+        let error = started.err().unwrap_or_else(|| anyhow::anyhow!("{}", message.trim_end()));
+        pals::dist::fail(&error);
+    }
+    error.exit()
 }
 
 /// The flags of the subcommand set on the command line or through the environment, as

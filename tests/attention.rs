@@ -18,7 +18,7 @@ fn shape(batch: usize, seq: usize, heads: usize, head_dim: usize) -> AttentionSh
 }
 
 fn drop(p: f32) -> DropoutSpec {
-    DropoutSpec { p, seed: 1234, stream: 7 }
+    DropoutSpec { p, seed: 1234, stream: 7, shard: 0 }
 }
 
 /// Host inputs of one case: q, k, v, dO and a mask padding the last `pad` keys of the
@@ -84,13 +84,17 @@ fn run_gpu(gpu: &Gpu, shape: AttentionShape, x: &Inputs, scale: f32, dropout: Dr
 }
 
 fn check(shape: AttentionShape, pad: usize, p: f32) {
+    check_dropout(shape, pad, drop(p));
+}
+
+fn check_dropout(shape: AttentionShape, pad: usize, dropout: DropoutSpec) {
     let x = Inputs::new(shape, pad);
     let scale = 1.0 / (shape.head_dim as f32).sqrt();
-    let got = run_gpu(gpu(), shape, &x, scale, drop(p));
-    let r = reference::attention::forward(&shape, &x.q, &x.k, &x.v, &x.mask, scale, &drop(p));
+    let got = run_gpu(gpu(), shape, &x, scale, dropout);
+    let r = reference::attention::forward(&shape, &x.q, &x.k, &x.v, &x.mask, scale, &dropout);
     let (dq, dk, dv) =
-        reference::attention::backward(&shape, &x.q, &x.k, &x.v, &x.mask, &x.d_out, scale, &drop(p));
-    let case = format!("{shape:?} pad={pad} p={p}");
+        reference::attention::backward(&shape, &x.q, &x.k, &x.v, &x.mask, &x.d_out, scale, &dropout);
+    let case = format!("{shape:?} pad={pad} p={} shard {}", dropout.p, dropout.shard);
     let (rtol, atol) = FORWARD_TOL;
     assert_close(&format!("o {case}"), &got.o, &r.0, rtol, atol);
     assert_close(&format!("lse {case}"), &got.lse, &r.1, rtol, atol);
@@ -126,6 +130,12 @@ fn bert_head_dim_64_several_tiles() {
     check(shape(1, 128, 2, 64), 0, 0.0);
     check(shape(1, 128, 2, 64), 5, 0.1);
     check(shape(2, 70, 1, 64), 9, 0.1);
+}
+
+/// A data-parallel rank's slice (shard 1): its mask indices start past shard 0's tensor.
+#[test]
+fn shard_one_draws_its_slice_of_the_global_mask() {
+    check_dropout(shape(2, 13, 2, 32), 2, DropoutSpec { shard: 1, ..drop(0.3) });
 }
 
 #[test]

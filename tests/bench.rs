@@ -87,7 +87,7 @@ fn submits_reuse_the_params_buffer_in_order() {
     let dropped = gpu.zeros("dropped", &[n]).unwrap();
     let copy = |out, p| {
         let mut rec = gpu.recorder();
-        elementwise::dropout(&mut rec, &x, out, DropoutSpec { p, seed: 3, stream: 4 }).unwrap();
+        elementwise::dropout(&mut rec, &x, out, DropoutSpec { p, seed: 3, stream: 4, shard: 0 }).unwrap();
         rec.submit().unwrap();
     };
     copy(&kept, 0.0); // the params buffer is made here
@@ -144,7 +144,7 @@ fn bind_groups_are_reused_and_dropped_with_their_tensors() {
     let y = gpu.zeros("y", &[n]).unwrap();
     let copy = |from: &pals::gpu::Tensor, to: &pals::gpu::Tensor| {
         let mut rec = gpu.recorder();
-        elementwise::dropout(&mut rec, from, to, DropoutSpec { p: 0.0, seed: 0, stream: 0 }).unwrap();
+        elementwise::dropout(&mut rec, from, to, DropoutSpec { p: 0.0, seed: 0, stream: 0, shard: 0 }).unwrap();
         rec.submit().unwrap();
     };
     copy(&x, &y);
@@ -173,7 +173,7 @@ fn copies_are_ordered_between_dispatches() {
     let doubled = gpu.zeros("doubled", &[4]).unwrap();
     let ring = gpu.zeros("ring", &[6]).unwrap();
     let out = gpu.zeros("out", &[6]).unwrap();
-    let keep_all = DropoutSpec { p: 0.0, seed: 0, stream: 0 };
+    let keep_all = DropoutSpec { p: 0.0, seed: 0, stream: 0, shard: 0 };
     let mut rec = gpu.recorder();
     elementwise::add(&mut rec, &x, &x, &doubled).unwrap(); // [2, 4, 6, 8]
     rec.copy(&doubled, 1, &ring, 3, 2).unwrap(); // ring [0, 0, 0, 4, 6, 0]

@@ -111,7 +111,7 @@ fn tiny() -> BertConfig {
     BertConfig { hidden_dropout_prob: 0.2, attention_probs_dropout_prob: 0.2, ..BertConfig::tiny(2, 32, 4) }
 }
 
-const KEY: DropoutKey = DropoutKey { seed: 1234, step: 7 };
+const KEY: DropoutKey = DropoutKey::new(1234, 7);
 
 #[test]
 fn matches_reference_without_dropout() {
@@ -122,7 +122,7 @@ fn matches_reference_without_dropout() {
 #[test]
 fn matches_reference_with_dropout() {
     check(&tiny(), 2, 7, Some(KEY), 30);
-    check(&tiny(), 3, 13, Some(DropoutKey { seed: 99, step: 0 }), 40);
+    check(&tiny(), 3, 13, Some(DropoutKey::new(99, 0)), 40);
 }
 
 #[test]

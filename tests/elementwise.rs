@@ -59,20 +59,22 @@ fn tanh_forward_and_backward_match_reference() {
 fn dropout_matches_reference_mask_exactly() {
     let gpu = gpu();
     for &n in SIZES {
-        for p in [0.0f32, 0.1, 0.5] {
+        // Shard 3: the slice of a data-parallel rank, whose mask indices start at 3·n.
+        for (p, shard) in [(0.0f32, 0), (0.1, 0), (0.5, 0), (0.5, 3)] {
+            let spec = DropoutSpec { p, seed: 42, stream: 9, shard };
             let x_host = random_vec(n, 5, 1.0);
             let x = gpu.upload("x", &[n], &x_host).unwrap();
             let y = gpu.zeros("y", &[n]).unwrap();
             let mut rec = gpu.recorder();
-            elementwise::dropout(&mut rec, &x, &y, DropoutSpec { p, seed: 42, stream: 9 }).unwrap();
+            elementwise::dropout(&mut rec, &x, &y, spec).unwrap();
             rec.submit().unwrap();
             let got = gpu.read::<f32>(&y).unwrap();
-            let want = reference::elementwise::dropout(&x_host, p, 42, 9);
+            let want = reference::elementwise::dropout(&x_host, &spec);
             // The mask must agree bit for bit: every zero where the reference has one.
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert_eq!(*g == 0.0, *w == 0.0, "dropout mask differs at {i} (n={n}, p={p})");
+                assert_eq!(*g == 0.0, *w == 0.0, "dropout mask differs at {i} (n={n}, p={p}, shard {shard})");
             }
-            assert_close(&format!("dropout n={n} p={p}"), &got, &want, 1e-6, 0.0);
+            assert_close(&format!("dropout n={n} p={p} shard {shard}"), &got, &want, 1e-6, 0.0);
         }
     }
 }
@@ -120,7 +122,7 @@ fn runs_are_bit_identical() {
         let z = gpu.zeros("z", &[n]).unwrap();
         let mut rec = gpu.recorder();
         elementwise::gelu(&mut rec, &x, &y).unwrap();
-        elementwise::dropout(&mut rec, &y, &z, DropoutSpec { p: 0.1, seed: 3, stream: 4 }).unwrap();
+        elementwise::dropout(&mut rec, &y, &z, DropoutSpec { p: 0.1, seed: 3, stream: 4, shard: 0 }).unwrap();
         rec.submit().unwrap();
         gpu.read::<f32>(&z).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
     };

@@ -162,12 +162,13 @@ fn run_fused(m: usize, n: usize, input: &Inputs, dropout: DropoutSpec) -> FusedO
 #[test]
 fn fused_dropout_residual_layernorm_matches_reference() {
     for &(m, n) in SHAPES {
-        for p in [0.0, 0.1, 0.5] {
+        // Shard 2: a data-parallel rank's slice, whose mask indices start at 2·m·n.
+        for (p, shard) in [(0.0, 0), (0.1, 0), (0.5, 0), (0.5, 2)] {
             let input = inputs(m, n, true, 40);
-            let dropout = DropoutSpec { p, seed: 17, stream: 3 + m as u32 };
+            let dropout = DropoutSpec { p, seed: 17, stream: 3 + m as u32, shard };
             let got = run_fused(m, n, &input, dropout);
             let residual = input.residual.as_deref().unwrap();
-            let what = |name: &str| format!("fused {name} {m}x{n} p={p}");
+            let what = |name: &str| format!("fused {name} {m}x{n} p={p} shard {shard}");
             let (y, mean, rstd) = reference::layernorm::dropout_residual_layernorm_forward(
                 &input.x,
                 dropout,
@@ -211,7 +212,7 @@ fn fused_shapes_are_checked() {
     let partials = gpu.zeros("partials", &[backward_scratch_len(4, 10).0]).unwrap();
     let stats = LayerNormStats { mean: &mean, rstd: &rstd };
     let ln = LayerNorm { gamma: &gamma, beta: &gamma, eps: EPS };
-    let dropout = DropoutSpec { p: 0.1, seed: 1, stream: 2 };
+    let dropout = DropoutSpec { p: 0.1, seed: 1, stream: 2, shard: 0 };
     let mut rec = gpu.recorder();
     let bad = DropoutResidual { x: &x, dropout, residual: &residual };
     let error = layernorm::dropout_residual_layernorm_forward(&mut rec, &ln, &bad, &y, &stats)

@@ -1,7 +1,8 @@
 //! Data-parallel training under mpirun (`--features mpi`; `.ci/run` runs it): two ranks on
-//! one adapter train the demo's tiny model and must match one process at the same global
-//! batch, hold identical parameters, leave the run directory to rank 0, and stop together,
-//! naming the rank, when one rank fails. Every mpirun has a deadline: a hang fails the test.
+//! one adapter train the demo's tiny model with dropout and must match one process at the
+//! same global batch, hold identical parameters, evaluate sharded to one process's scores,
+//! resume bit for bit, leave the run directory to rank 0, and stop together, naming the
+//! rank, when one rank fails. Every mpirun has a deadline: a hang fails the test.
 //!
 //! The launcher tests start this same test binary under mpirun, running `rank_worker`.
 
@@ -10,51 +11,58 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use pals::model::BertConfig;
 use pals::train::LogRecords;
+use pals::train::checkpoint::Checkpoint;
 use pals::train::trainer::{TrainSettings, Trainer};
 
 const STEPS: u64 = 20;
 const RANKS: usize = 2;
+/// The interrupted run of the resume check stops after this many steps.
+const STOP_AFTER: u64 = 13;
 
-/// The demo's tiny model without dropout: each rank draws dropout masks from its own rows'
-/// positions, so with dropout the ranks' masks differ from one process's.
+/// The demo's tiny model, with its dropout (0.1): each rank draws its slice of the global
+/// batch's masks, so the ranks reproduce one process's masks.
 fn config() -> BertConfig {
-    BertConfig {
-        hidden_size: 32,
-        intermediate_size: 64,
-        num_attention_heads: 4,
-        hidden_dropout_prob: 0.0,
-        attention_probs_dropout_prob: 0.0,
-        ..pals::train::demo::config()
-    }
+    BertConfig { hidden_size: 32, intermediate_size: 64, num_attention_heads: 4, ..pals::train::demo::config() }
 }
 
-fn settings() -> TrainSettings {
+/// Two epochs of 10 steps: the dev sets are evaluated (sharded) twice.
+fn settings(stop_after: Option<u64>) -> TrainSettings {
     TrainSettings {
         tasks: pals::train::demo::tasks(3).iter().map(|t| t.spec.name.clone()).collect(),
         method: "pals".parse().unwrap(),
         pal_dim: Some(12),
         batch_size: 8,
         lr: 1e-3,
-        epochs: 1,
-        steps_per_epoch: STEPS as usize,
+        epochs: 2,
+        steps_per_epoch: STEPS as usize / 2,
         seed: 3,
         max_eval_examples: Some(40),
+        stop_after,
         ..TrainSettings::default()
     }
 }
 
-/// Trains the tiny model for STEPS steps into `out` on this process's ranks.
-fn train(out: &Path) -> Trainer<'static> {
+fn trainer(out: &Path, stop_after: Option<u64>) -> Trainer<'static> {
     let shared = pals::model::random_weights(&config(), 3);
     let data = pals::train::demo::tasks(3);
-    let mut trainer =
-        Trainer::new(common::gpu(), settings(), config(), &shared, &BTreeMap::new(), data, out, out).unwrap();
+    Trainer::new(common::gpu(), settings(stop_after), config(), &shared, &BTreeMap::new(), data, out, out)
+        .unwrap()
+}
+
+fn run(trainer: &mut Trainer) {
     trainer.run(&AtomicBool::new(false), &indicatif::ProgressBar::hidden()).unwrap();
+}
+
+/// Trains the tiny model for STEPS steps into `out` on this process's ranks.
+fn train(out: &Path) -> Trainer<'static> {
+    let mut trainer = trainer(out, None);
+    run(&mut trainer);
     trainer
 }
 
@@ -67,9 +75,10 @@ fn parameter_hash(trainer: &Trainer) -> u64 {
     })
 }
 
-/// One rank of the launcher tests (run under mpirun; ignored otherwise). Rank r trains into
-/// $PALS_MPI_TEST_DIR/rank<r> — only rank 0's should appear — and writes its parameters'
-/// hash beside it.
+/// One rank of the launcher tests (run under mpirun; ignored otherwise). Rank r trains
+/// into $PALS_MPI_TEST_DIR/rank<r>/whole — only rank 0's should appear — and writes its
+/// parameters' hash beside it; then trains STOP_AFTER steps into rank<r>/parts, and
+/// resumes that from rank 0's checkpoint to the end, as `pals train --resume` does.
 #[test]
 #[ignore = "run by the other tests under mpirun"]
 fn rank_worker() {
@@ -77,9 +86,18 @@ fn rank_worker() {
     let comm = pals::dist::init().unwrap();
     assert_eq!(comm.size(), RANKS, "the worker runs under mpirun -n {RANKS}");
     let rank = comm.rank();
-    let trainer = train(&base.join(format!("rank{rank}")));
-    std::fs::write(base.join(format!("hash{rank}")), parameter_hash(&trainer).to_string()).unwrap();
-    drop(trainer);
+    let mine = base.join(format!("rank{rank}"));
+    let whole = train(&mine.join("whole"));
+    std::fs::write(base.join(format!("hash{rank}")), parameter_hash(&whole).to_string()).unwrap();
+    drop(whole);
+
+    run(&mut trainer(&mine.join("parts"), Some(STOP_AFTER)));
+    pals::dist::wait_for_all(comm); // rank 0 has saved parts/last
+    let checkpoint = Checkpoint::load(&base.join("rank0/parts/last"), true).unwrap();
+    let mut resumed = trainer(&mine.join("parts"), None);
+    resumed.restore(&checkpoint).unwrap();
+    run(&mut resumed);
+    drop(resumed);
     pals::dist::finalize();
 }
 
@@ -114,26 +132,44 @@ fn fresh_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// The workers' directory after one `mpirun -n RANKS rank_worker`, shared by the tests
+/// that check its parts (a launch costs minutes on lavapipe).
+fn ranks_run() -> &'static Path {
+    static RUN: OnceLock<PathBuf> = OnceLock::new();
+    RUN.get_or_init(|| {
+        let base = fresh_dir("ranks");
+        let exe = std::env::current_exe().unwrap();
+        let n = RANKS.to_string();
+        let args =
+            ["-n", &n, exe.to_str().unwrap(), "--ignored", "--exact", "rank_worker", "--test-threads", "1"];
+        let output = mpirun(&args, &[("PALS_MPI_TEST_DIR", &base)], Duration::from_secs(900));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "mpirun failed: {stderr}\n{}", String::from_utf8_lossy(&output.stdout));
+        base
+    })
+}
+
+/// One process's run of the same training (same global batch), and its parameters' hash.
+fn single_run() -> &'static (PathBuf, String) {
+    static RUN: OnceLock<(PathBuf, String)> = OnceLock::new();
+    RUN.get_or_init(|| {
+        let single = fresh_dir("single");
+        let hash = parameter_hash(&train(&single)).to_string();
+        (single, hash)
+    })
+}
+
 #[test]
-fn two_ranks_match_one_process_at_the_same_global_batch() {
-    let single = fresh_dir("single");
-    let one = train(&single);
+fn two_ranks_match_one_process_at_the_same_global_batch_with_dropout() {
+    let (single, single_hash) = single_run();
     let want = LogRecords::read(&single.join("metrics.jsonl")).unwrap();
-
-    let base = fresh_dir("ranks");
-    let exe = std::env::current_exe().unwrap();
-    let n = RANKS.to_string();
-    let args =
-        ["-n", &n, exe.to_str().unwrap(), "--ignored", "--exact", "rank_worker", "--test-threads", "1"];
-    let output = mpirun(&args, &[("PALS_MPI_TEST_DIR", &base)], Duration::from_secs(600));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "mpirun failed: {stderr}\n{}", String::from_utf8_lossy(&output.stdout));
-
-    let got = LogRecords::read(&base.join("rank0/metrics.jsonl")).unwrap();
+    let base = ranks_run();
+    let got = LogRecords::read(&base.join("rank0/whole/metrics.jsonl")).unwrap();
     assert_eq!(got.steps.len(), STEPS as usize, "rank 0 logs every step once");
     // Each rank sums half the rows and rank 0 adds the halves: the gradients differ from
     // one process's in float summation order only (~1e-7 relative), which 20 Adam steps
-    // grow to about 1e-5 in the loss; a wrong shard, share or reduction is off by >1e-2.
+    // grow to about 1e-5 in the loss; a wrong shard, share, reduction or dropout mask
+    // (another mask is another loss) is off by >1e-2.
     for (a, b) in got.steps.iter().zip(&want.steps) {
         assert_eq!((a.step, &a.task), (b.step, &b.task), "the same task at every step");
         let tolerance = 1e-4 * b.loss.abs().max(1.0);
@@ -148,11 +184,57 @@ fn two_ranks_match_one_process_at_the_same_global_batch() {
     let hashes: Vec<String> =
         (0..RANKS).map(|r| std::fs::read_to_string(base.join(format!("hash{r}"))).unwrap()).collect();
     assert!(hashes.iter().all(|h| *h == hashes[0]), "parameters differ across ranks: {hashes:?}");
-    assert_ne!(hashes[0], parameter_hash(&one).to_string(), "2 ranks reduce in another order than 1");
-    assert!(base.join("rank0/last/shared.safetensors").exists(), "rank 0 writes the run");
+    assert_ne!(hashes[0], *single_hash, "2 ranks reduce in another order than 1");
+    assert!(base.join("rank0/whole/last/shared.safetensors").exists(), "rank 0 writes the run");
     assert!(!base.join("rank1").exists(), "rank 1 wrote into its run directory");
-    let _ = std::fs::remove_dir_all(&single);
-    let _ = std::fs::remove_dir_all(&base);
+}
+
+/// The sharded evaluation of the ranks' final parameters (rank 0's last eval record)
+/// scores what one process scores evaluating the same parameters (their checkpoint).
+#[test]
+fn two_ranks_evaluate_sharded_to_one_process_scores() {
+    let base = ranks_run();
+    let log = LogRecords::read(&base.join("rank0/whole/metrics.jsonl")).unwrap();
+    assert_eq!(log.evals.len(), 2, "one evaluation per epoch");
+    let last = log.evals.last().unwrap();
+    assert_eq!(last.step as u64, STEPS);
+    let checkpoint = Checkpoint::load(&base.join("rank0/whole/last"), true).unwrap();
+    let out = fresh_dir("evaluate");
+    let mut one = trainer(&out, None);
+    one.restore(&checkpoint).unwrap();
+    let scores = one.evaluate().unwrap();
+    assert_eq!(scores.len(), last.tasks.len(), "{:?}", last.tasks);
+    // Each rank batches its half of a dev set apart, so a regression score may move in
+    // the last float bit; a lost, doubled or reordered slice moves a metric by >1e-2.
+    for score in &scores {
+        let theirs = &last.tasks[&score.task];
+        for (metric, value) in &score.metrics {
+            let got = theirs[metric];
+            assert!((got - value).abs() <= 1e-6, "{} {metric}: {got} on 2 ranks, {value} on one", score.task);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// Stopped after STOP_AFTER steps and resumed at the same number of ranks, the run is bit
+/// for bit the uninterrupted one: losses, evaluations and parameters.
+#[test]
+fn two_ranks_resume_bit_identical_to_an_uninterrupted_run() {
+    let base = ranks_run();
+    let read = |run: &str| LogRecords::read(&base.join(format!("rank0/{run}/metrics.jsonl"))).unwrap();
+    let (whole, parts) = (read("whole"), read("parts"));
+    let bits = |log: &LogRecords| log.steps.iter().map(|s| (s.step, s.loss.to_bits())).collect::<Vec<_>>();
+    assert_eq!(bits(&parts).len(), STEPS as usize, "every step logged once");
+    assert_eq!(bits(&whole), bits(&parts), "losses differ after resuming");
+    let glue = |log: &LogRecords| log.evals.iter().map(|e| e.glue.to_bits()).collect::<Vec<_>>();
+    assert_eq!(glue(&whole), glue(&parts), "evaluations differ after resuming");
+    let load = |run: &str| Checkpoint::load(&base.join(format!("rank0/{run}/last")), true).unwrap();
+    let (x, y) = (load("whole"), load("parts"));
+    assert_eq!(x.state.ranks, RANKS, "the checkpoint records its ranks");
+    for (name, tensor) in &x.shared {
+        let bits = |t: &pals::model::HostTensor| t.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(tensor), bits(&y.shared[name]), "{name} differs after resuming");
+    }
 }
 
 /// `pals train` with `extra` flags on rank 1 only, on data that does not exist: the run
@@ -186,4 +268,13 @@ fn one_failing_rank_stops_the_others_waiting_for_it() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "the run should fail: {stderr}");
     assert!(stderr.contains("rank 1 of 2") && stderr.contains("no-such-adapter"), "{stderr}");
+}
+
+#[test]
+fn a_flag_one_rank_cannot_parse_stops_every_rank_naming_it() {
+    let (output, out) = train_with_rank1_flags("parse", &["--lr", "fast"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "the run should fail: {stderr}");
+    assert!(stderr.contains("rank 1 of 2") && stderr.contains("--lr") && stderr.contains("fast"), "{stderr}");
+    assert!(!out.exists(), "nothing was written");
 }

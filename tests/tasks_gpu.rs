@@ -183,7 +183,7 @@ fn check(method: Method, batch: usize, seq: usize, dropout: Option<DropoutKey>, 
     }
 }
 
-const KEY: DropoutKey = DropoutKey { seed: 1234, step: 7 };
+const KEY: DropoutKey = DropoutKey::new(1234, 7);
 
 #[test]
 fn shared_matches_reference() {
@@ -195,7 +195,7 @@ fn shared_matches_reference() {
 fn pals_match_reference() {
     check(METHODS[1], 3, 7, None, 30);
     check(METHODS[1], 3, 7, Some(KEY), 40);
-    check(METHODS[1], 2, 13, Some(DropoutKey { seed: 5, step: 0 }), 50);
+    check(METHODS[1], 2, 13, Some(DropoutKey::new(5, 0)), 50);
 }
 
 #[test]
@@ -217,7 +217,7 @@ fn top_attn_matches_reference() {
     // The default for hidden 32: 12 heads of 1.
     let default = Method::default_for("top-attn", &tiny()).unwrap();
     assert_eq!(default, Method::TopAttn { dim: 12, heads: 12, blocks: 6 });
-    check(default, 2, 13, Some(DropoutKey { seed: 5, step: 0 }), 160);
+    check(default, 2, 13, Some(DropoutKey::new(5, 0)), 160);
 }
 
 /// One sequence of one token, one layer: PALs with one head of 4, and top-attn with one

@@ -163,7 +163,7 @@ pub struct AttentionOperands {
     dv: Tensor,
 }
 
-const ATTENTION_DROPOUT: DropoutSpec = DropoutSpec { p: 0.1, seed: 1, stream: 2 };
+const ATTENTION_DROPOUT: DropoutSpec = DropoutSpec { p: 0.1, seed: 1, stream: 2, shard: 0 };
 
 impl AttentionOperands {
     /// Batch 32, 12 heads, sequence 128, head dim 64, with 10% padding.

@@ -1,6 +1,9 @@
 //! Where dropout draws from. A mask is a function of (seed, stream, element index): the
 //! stream is `dropout_stream(step, site)`, the index the element's row-major position in
-//! the tensor dropout applies to (attention probabilities: ((b·heads + h)·S + i)·S + j).
+//! the global batch's tensor dropout applies to (attention probabilities:
+//! ((b·heads + h)·S + i)·S + j), wrapping at 2^32. A rank of a data-parallel run holds
+//! slice `shard` of N equal slices of the global batch, so its element i is the global
+//! element shard·len + i: N ranks draw one process's masks.
 //! Sites: [`SITE_EMBEDDINGS`], then per layer l [`site`]`(l, Site::…)`, task-specific
 //! modules at `Site::TaskSpecific` (top-attn's blocks at virtual layers past the last),
 //! and the head at [`SITE_HEAD`].
@@ -10,6 +13,15 @@
 pub struct DropoutKey {
     pub seed: u32,
     pub step: u32,
+    /// Which of the equal slices of the global batch this pass holds (the rank; 0 alone).
+    pub shard: u32,
+}
+
+impl DropoutKey {
+    /// The key of a whole batch (one process).
+    pub const fn new(seed: u32, step: u32) -> DropoutKey {
+        DropoutKey { seed, step, shard: 0 }
+    }
 }
 
 /// Where a dropout sits in the network; with the layer it picks the RNG stream.
@@ -49,21 +61,34 @@ pub struct DropoutSpec {
     pub p: f32,
     pub seed: u32,
     pub stream: u32,
+    /// The key's shard: see the module header.
+    pub shard: u32,
 }
 
 impl DropoutSpec {
     /// Dropout that keeps everything (attention takes a spec even when nothing drops).
-    pub const NONE: DropoutSpec = DropoutSpec { p: 0.0, seed: 0, stream: 0 };
+    pub const NONE: DropoutSpec = DropoutSpec { p: 0.0, seed: 0, stream: 0, shard: 0 };
 
     /// Dropout at `site` with probability `p`, or None when the step has no key or p is 0.
     pub fn at(key: Option<DropoutKey>, p: f64, site: u32) -> Option<DropoutSpec> {
         let key = key?;
-        (p > 0.0).then(|| DropoutSpec { p: p as f32, seed: key.seed, stream: dropout_stream(key.step, site) })
+        (p > 0.0).then(|| DropoutSpec {
+            p: p as f32,
+            seed: key.seed,
+            stream: dropout_stream(key.step, site),
+            shard: key.shard,
+        })
     }
 
     /// `at`, or [`DropoutSpec::NONE`].
     pub fn at_or_none(key: Option<DropoutKey>, p: f64, site: u32) -> DropoutSpec {
         DropoutSpec::at(key, p, site).unwrap_or(DropoutSpec::NONE)
+    }
+
+    /// The mask index of element 0 of this slice, `len` elements long: shard·len, wrapping
+    /// like the index itself (0 for one process, whose bits it leaves unchanged).
+    pub fn first_index(&self, len: usize) -> u32 {
+        self.shard.wrapping_mul(len as u32)
     }
 
     /// Drop when the draw is below this: p * 2^32, saturating.

@@ -15,6 +15,7 @@ use std::sync::OnceLock;
 use anyhow::{Result, bail};
 
 use crate::data::batch::{Batch, Labels};
+use crate::data::cache::TokenizedSplit;
 use crate::gpu::{Gpu, Tensor};
 use crate::model::EncoderBatch;
 
@@ -226,6 +227,50 @@ pub fn shard(batch: Batch, comm: &dyn Comm) -> (Batch, f32) {
     (Batch { encoder, labels, weights, rows: rows_here }, share)
 }
 
+/// Predictions of `split` in its order, each rank predicting its slice of the examples,
+/// [rank·n/N, (rank+1)·n/N), and every rank receiving all of them, gathered in rank order.
+pub fn predict_sharded(
+    comm: &dyn Comm,
+    split: &TokenizedSplit,
+    predict: &mut dyn FnMut(&TokenizedSplit) -> Result<Vec<f32>>,
+) -> Result<Vec<f32>> {
+    let (n, rank, count) = (comm.size(), comm.rank(), split.examples.len());
+    if n == 1 {
+        return predict(split);
+    }
+    let mine = TokenizedSplit {
+        task: split.task,
+        split: split.split,
+        examples: split.examples[rank * count / n..(rank + 1) * count / n].to_vec(),
+        skipped: split.skipped,
+        cached: split.cached,
+    };
+    let predictions = predict(&mine)?;
+    let bytes: Vec<u8> = predictions.iter().flat_map(|p| p.to_le_bytes()).collect();
+    let all = comm.gather_all(&bytes);
+    let gathered: Vec<f32> = all
+        .iter()
+        .flat_map(|b| b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+        .collect();
+    if gathered.len() != count {
+        bail!("sharded evaluation gathered {} predictions for {count} examples", gathered.len());
+    }
+    Ok(gathered)
+}
+
+/// A note when a run saved by `saved` ranks resumes on another number: allowed (every
+/// rank holds the whole state, and dropout masks follow the global batch), but the sums
+/// over ranks change order, so the run continues the same up to float rounding only.
+pub fn resume_note(comm: &dyn Comm, saved: usize) -> Option<String> {
+    let now = comm.size();
+    (saved != 0 && saved != now).then(|| {
+        format!(
+            "note: resuming a run saved by {saved} rank(s) on {now}: it continues the same run up to \
+             float summation order, not bit for bit (resume at {saved} ranks for that)"
+        )
+    })
+}
+
 /// Floats per collective: large enough to amortize latency, small enough that rank 0's
 /// gather buffer (N × this) stays modest.
 const BUCKET: usize = 1 << 22;
@@ -255,4 +300,17 @@ pub fn sum_gradients(gpu: &Gpu, comm: &dyn Comm, grads: &[&Tensor], share: f32) 
         start = end;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resuming_at_another_rank_count_is_noted() {
+        assert!(resume_note(&Single, 1).is_none());
+        assert!(resume_note(&Single, 0).is_none(), "checkpoints from before ranks were kept");
+        let note = resume_note(&Single, 2).unwrap();
+        assert!(note.contains("saved by 2 rank(s) on 1") && note.contains("not bit for bit"), "{note}");
+    }
 }

@@ -50,6 +50,7 @@ struct Params {
     stream: u32,
     threshold: u32,
     drop_scale: f32,
+    first_index: u32,
 }
 
 pub use crate::contract::AttentionShape;
@@ -92,6 +93,7 @@ fn params(op: &str, shape: AttentionShape, scale: f32, dropout: DropoutSpec) -> 
         stream: dropout.stream,
         threshold: dropout.threshold(),
         drop_scale: dropout.scale(),
+        first_index: dropout.first_index(shape.rows_len() * shape.seq),
     })
 }
 

@@ -34,6 +34,7 @@ struct Params {
     stream: u32,
     threshold: u32,
     scale: f32,
+    first_index: u32,
 }
 
 pub use crate::contract::DropoutSpec;
@@ -62,12 +63,12 @@ fn binary(
     expect_len(spec.name, dx, x.len())?;
     let n = to_u32(spec.name, "n", x.len())?;
     let groups = spread(rec.gpu, n.div_ceil(256));
-    let params = Params { n, seed: 0, stream: 0, threshold: 0, scale: 0.0 };
+    let params = Params { n, seed: 0, stream: 0, threshold: 0, scale: 0.0, first_index: 0 };
     rec.dispatch(spec, "", &params, &[x, dy, dx], groups)
 }
 
 fn plain(op: &str, n: usize) -> Result<Params, GpuError> {
-    Ok(Params { n: to_u32(op, "n", n)?, seed: 0, stream: 0, threshold: 0, scale: 0.0 })
+    Ok(Params { n: to_u32(op, "n", n)?, seed: 0, stream: 0, threshold: 0, scale: 0.0, first_index: 0 })
 }
 
 /// y = GELU(x), exact erf form.
@@ -97,6 +98,7 @@ pub fn dropout(rec: &mut Recorder, x: &Tensor, y: &Tensor, drop: DropoutSpec) ->
         scale: drop.scale(),
         seed: drop.seed,
         stream: drop.stream,
+        first_index: drop.first_index(x.len()),
         ..plain("dropout", x.len())?
     };
     unary(rec, &DROPOUT, x, y, params)

@@ -72,6 +72,7 @@ struct Params {
     stream: u32,
     threshold: u32,
     scale: f32,
+    first_index: u32,
 }
 
 impl Params {
@@ -93,6 +94,7 @@ impl Params {
             stream: drop.stream,
             threshold: drop.threshold(),
             scale: drop.scale(),
+            first_index: drop.first_index(m * n),
         })
     }
 }

@@ -20,7 +20,8 @@ fn dropout_factor(shape: &AttentionShape, drop: &DropoutSpec, bh: usize, i: usiz
         return 1.0;
     }
     // The GPU computes the index in u32 arithmetic, which wraps.
-    let index = ((bh * shape.seq + i) * shape.seq + j) as u64 as u32;
+    let local = ((bh * shape.seq + i) * shape.seq + j) as u64 as u32;
+    let index = drop.first_index(shape.rows_len() * shape.seq).wrapping_add(local);
     if rng::keep(drop.seed, drop.stream, index, drop.p) { 1.0 / (1.0 - drop.p as f64) } else { 0.0 }
 }
 
@@ -215,7 +216,7 @@ mod tests {
         let mut mask = vec![0.0; SHAPE.mask_len()];
         mask[SHAPE.seq + 2] = -10000.0;
         mask[SHAPE.seq + 3] = -10000.0;
-        let drop = DropoutSpec { p: 0.3, seed: 5, stream: 2 };
+        let drop = DropoutSpec { p: 0.3, seed: 5, stream: 2, shard: 0 };
         let kept = (0..SHAPE.rows_len() * SHAPE.seq).filter(|&e| rng::keep(5, 2, e as u32, 0.3)).count();
         assert!(kept > 0 && kept < SHAPE.rows_len() * SHAPE.seq, "mask drops something");
         check_gradients(&mask, drop);

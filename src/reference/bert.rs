@@ -7,7 +7,7 @@ use super::embedding::Tables;
 use super::{attention, elementwise, embedding, layernorm, matmul};
 use crate::contract::{AttentionShape, DropoutSpec};
 use crate::model::{
-    BertConfig, DropoutKey, EncoderBatch, HostTensor, SITE_EMBEDDINGS, Site, Weights, dropout_stream,
+    BertConfig, DropoutKey, EncoderBatch, HostTensor, SITE_EMBEDDINGS, Site, Weights,
     param_shapes, site,
 };
 use std::collections::BTreeMap;
@@ -94,16 +94,12 @@ impl Dropout {
     }
 
     fn spec(&self, site: u32, p: f32) -> DropoutSpec {
-        match self.key {
-            Some(key) => DropoutSpec { p, seed: key.seed, stream: dropout_stream(key.step, site) },
-            None => DropoutSpec::NONE,
-        }
+        DropoutSpec::at_or_none(self.key, p as f64, site)
     }
 
     /// Hidden dropout at `site`; applied to a gradient it is its own backward.
     fn hidden(&self, x: &[f64], site: u32) -> Vec<f64> {
-        let spec = self.spec(site, self.hidden_p);
-        elementwise::dropout_f64(x, spec.p, spec.seed, spec.stream)
+        elementwise::dropout_f64(x, &self.spec(site, self.hidden_p))
     }
 
     fn attention(&self, layer: usize) -> DropoutSpec {
@@ -569,6 +565,7 @@ pub fn loss_of(cache: &BertCache, d_seq: &[f32], d_pooled: &[f32]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::dropout_stream;
     use crate::reference::{random_vec, rng};
 
     fn config() -> BertConfig {
@@ -673,7 +670,7 @@ mod tests {
             && dropped(stream(Site::AttentionProbs), probs, c.attention_probs_dropout_prob)
     }
 
-    const KEY: DropoutKey = DropoutKey { seed: 1234, step: 3 };
+    const KEY: DropoutKey = DropoutKey::new(1234, 3);
 
     #[test]
     fn gradients_match_finite_differences_without_dropout() {
@@ -699,7 +696,7 @@ mod tests {
             let (_, seq, pooled) = forward(c, &weights, &batch, key);
             (seq, pooled)
         };
-        let other = DropoutKey { seed: 99, step: 4 };
+        let other = DropoutKey::new(99, 4);
         let no_dropout = run(&c, None);
         assert_ne!(run(&c, Some(KEY)), no_dropout);
         assert_ne!(run(&c, Some(KEY)), run(&c, Some(other)));

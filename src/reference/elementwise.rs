@@ -1,6 +1,7 @@
 //! GELU (exact erf), tanh, dropout and adds on the CPU, in f64.
 
 use super::rng;
+use crate::contract::DropoutSpec;
 
 /// erf by its Maclaurin series near zero and a continued fraction for erfc further out,
 /// accurate to ~1e-15: independent of the GPU's polynomial fit.
@@ -60,17 +61,21 @@ pub fn tanh_backward(y: &[f32], dy: &[f32]) -> Vec<f32> {
 }
 
 /// x ⊙ keep / (1 − p) in f64; with the same arguments it is also its own backward.
-pub fn dropout_f64(x: &[f64], p: f32, seed: u32, stream: u32) -> Vec<f64> {
-    let scale = if p >= 1.0 { 0.0 } else { 1.0 / (1.0 - p as f64) };
+pub fn dropout_f64(x: &[f64], drop: &DropoutSpec) -> Vec<f64> {
+    let scale = if drop.p >= 1.0 { 0.0 } else { 1.0 / (1.0 - drop.p as f64) };
+    let first = drop.first_index(x.len());
     x.iter()
         .enumerate()
-        .map(|(i, &v)| if rng::keep(seed, stream, i as u32, p) { v * scale } else { 0.0 })
+        .map(|(i, &v)| {
+            let index = first.wrapping_add(i as u32);
+            if rng::keep(drop.seed, drop.stream, index, drop.p) { v * scale } else { 0.0 }
+        })
         .collect()
 }
 
-pub fn dropout(x: &[f32], p: f32, seed: u32, stream: u32) -> Vec<f32> {
+pub fn dropout(x: &[f32], drop: &DropoutSpec) -> Vec<f32> {
     let x: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-    dropout_f64(&x, p, seed, stream).into_iter().map(|v| v as f32).collect()
+    dropout_f64(&x, drop).into_iter().map(|v| v as f32).collect()
 }
 
 /// a + b in f64, rounded once to f32: the correctly rounded f32 sum (f64 has more than
@@ -110,10 +115,21 @@ mod tests {
     #[test]
     fn dropout_drops_about_p() {
         let x = vec![1.0f32; 100_000];
-        let y = dropout(&x, 0.1, 7, 3);
+        let y = dropout(&x, &DropoutSpec { p: 0.1, seed: 7, stream: 3, shard: 0 });
         let dropped = y.iter().filter(|&&v| v == 0.0).count() as f64 / x.len() as f64;
         assert!((dropped - 0.1).abs() < 0.005, "dropped fraction {dropped}");
         assert!(y.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.9).abs() < 1e-6));
+    }
+
+    #[test]
+    fn shards_draw_the_whole_tensors_mask() {
+        // 3 equal slices (ranks) of a 3 x 7 tensor: together they draw the whole's mask.
+        let x = crate::reference::random_vec(21, 4, 1.0);
+        let spec = |shard| DropoutSpec { p: 0.5, seed: 11, stream: 6, shard };
+        let whole = dropout(&x, &spec(0));
+        let slices: Vec<f32> = x.chunks(7).enumerate().flat_map(|(r, xs)| dropout(xs, &spec(r as u32))).collect();
+        assert_eq!(whole, slices);
+        assert_ne!(dropout(&x[7..14], &spec(0)), whole[7..14], "shard 0 redraws the first slice's mask");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use super::elementwise::dropout_f64;
 use crate::contract::DropoutSpec;
 
 fn apply(drop: DropoutSpec, v: &[f64]) -> Vec<f64> {
-    dropout_f64(v, drop.p, drop.seed, drop.stream)
+    dropout_f64(v, &drop)
 }
 
 /// s = x + residual, or x.
@@ -171,7 +171,7 @@ mod tests {
     #[test]
     fn dropout_residual_backward_matches_finite_differences() {
         let (m, n, eps) = (3, 7, 1e-5);
-        let drop = DropoutSpec { p: 0.3, seed: 5, stream: 9 };
+        let drop = DropoutSpec { p: 0.3, seed: 5, stream: 9, shard: 0 };
         let x = random_vec(m * n, 11, 2.0);
         let residual = random_vec(m * n, 12, 1.0);
         let gamma: Vec<f32> = random_vec(n, 13, 0.5).iter().map(|g| 1.0 + g).collect();

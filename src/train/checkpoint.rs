@@ -29,6 +29,9 @@ pub struct TrainerState {
     pub best_step: Option<u64>,
     /// Evaluations done.
     pub evals: u64,
+    /// The data-parallel ranks that trained it (0 in checkpoints from before this was kept).
+    #[serde(default)]
+    pub ranks: usize,
 }
 
 /// Everything a checkpoint holds.

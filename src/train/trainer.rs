@@ -326,7 +326,7 @@ impl<'g> Trainer<'g> {
             buckets: HashMap::new(),
             losses,
             pending: Vec::new(),
-            state: TrainerState::default(),
+            state: TrainerState { ranks: comm.size(), ..TrainerState::default() },
             output: output.to_path_buf(),
             tokenizer_dir: tokenizer_dir.to_path_buf(),
             log: None,
@@ -362,7 +362,12 @@ impl<'g> Trainer<'g> {
             }
         }
         self.optimizer.restore(self.gpu, optimizer, &checkpoint.state.adam_steps)?;
-        self.state = checkpoint.state.clone();
+        if let Some(note) = dist::resume_note(self.comm, checkpoint.state.ranks) {
+            if self.comm.rank() == 0 {
+                eprintln!("{note}");
+            }
+        }
+        self.state = TrainerState { ranks: self.comm.size(), ..checkpoint.state.clone() };
         for step in 0..self.state.step {
             let task = self.sampler.next(step);
             self.iterators[task].next_batch();
@@ -470,11 +475,13 @@ impl<'g> Trainer<'g> {
             if self.state.step.is_multiple_of(REPLICA_CHECK_EVERY) {
                 self.check_replicas()?;
             }
-            // Rank 0 alone evaluates and saves; the others wait at the next step's reduction.
-            if epoch_done && lead {
+            // Every rank predicts its slice of the dev sets; rank 0 alone records and saves.
+            if epoch_done {
                 last_scores = self.evaluate()?;
-                self.record_eval(&last_scores, progress)?;
-                self.save("last", true)?;
+                if lead {
+                    self.record_eval(&last_scores, progress)?;
+                    self.save("last", true)?;
+                }
             }
         }
         self.flush_losses()?;
@@ -513,7 +520,9 @@ impl<'g> Trainer<'g> {
             self.settings.warmup,
             self.settings.lr,
         );
-        let dropout = Some(DropoutKey { seed: self.settings.seed, step: step as u32 });
+        // A rank's rows are its slice of the global batch: it draws that slice's masks.
+        let shard = self.comm.rank() as u32;
+        let dropout = Some(DropoutKey { shard, ..DropoutKey::new(self.settings.seed, step as u32) });
         let slot = self.pending.len() % LOSS_RING;
         {
             let bucket = self.bucket(m, b, s)?;
@@ -647,12 +656,14 @@ impl<'g> Trainer<'g> {
         predict_split(spec, split, &options, &mut |batch| self.logits(task, batch))
     }
 
-    /// Every task's dev metrics (at most `max_eval_examples` examples each).
+    /// Every task's dev metrics (at most `max_eval_examples` examples each); under mpirun
+    /// each rank predicts a slice and every rank scores the gathered predictions.
     pub fn evaluate(&mut self) -> Result<Vec<TaskScore>> {
         let data = std::mem::take(&mut self.data);
-        let limit = self.settings.max_eval_examples;
-        let scores =
-            evaluate_tasks(&data, limit, &mut |task, split| self.predict_as(&data[task].spec, task, split));
+        let (limit, comm) = (self.settings.max_eval_examples, self.comm);
+        let scores = evaluate_tasks(&data, limit, &mut |task, split| {
+            dist::predict_sharded(comm, split, &mut |part| self.predict_as(&data[task].spec, task, part))
+        });
         self.data = data;
         scores
     }

@@ -11,7 +11,7 @@ pub mod top_attn;
 
 use super::bert::{self as encoder, Grads, HookContext, LayerHook, NoHook};
 use super::{elementwise, loss, matmul};
-use crate::contract::{DropoutKey, DropoutSpec, SITE_HEAD, dropout_stream};
+use crate::contract::{DropoutKey, DropoutSpec, SITE_HEAD};
 use crate::model::tasks::{Method, Targets, TaskSpec, task_param_shapes, task_prefix};
 use crate::model::{BertConfig, EncoderBatch, HostTensor, Weights};
 
@@ -78,10 +78,7 @@ impl TaskParams<'_> {
 
     /// Dropout at `site` with probability `p`: none (p = 0) without a key.
     pub fn dropout_spec(&self, ctx: &HookContext, site: u32, p: f64) -> DropoutSpec {
-        match ctx.dropout {
-            Some(key) => DropoutSpec { p: p as f32, seed: key.seed, stream: dropout_stream(key.step, site) },
-            None => DropoutSpec::NONE,
-        }
+        DropoutSpec::at_or_none(ctx.dropout, p, site)
     }
 
     pub fn linear(&self, name: &str) -> Linear {
@@ -140,7 +137,7 @@ impl TaskTerms {
 
 /// Dropout with `spec`; on a gradient it is its own backward.
 pub(crate) fn dropout(x: &[f64], spec: &DropoutSpec) -> Vec<f64> {
-    elementwise::dropout_f64(x, spec.p, spec.seed, spec.stream)
+    elementwise::dropout_f64(x, spec)
 }
 
 /// One task's batch: what it is trained against, with per-example weights (0 masks one).
@@ -163,13 +160,7 @@ pub struct Step {
 
 /// The head's dropout at `SITE_HEAD`: none without a key.
 fn head_dropout(c: &BertConfig, x: &[f64], dropout: Option<DropoutKey>) -> Vec<f64> {
-    match dropout {
-        Some(key) => {
-            let stream = dropout_stream(key.step, SITE_HEAD);
-            elementwise::dropout_f64(x, c.hidden_dropout_prob as f32, key.seed, stream)
-        }
-        None => x.to_vec(),
-    }
+    elementwise::dropout_f64(x, &DropoutSpec::at_or_none(dropout, c.hidden_dropout_prob, SITE_HEAD))
 }
 
 /// (loss, d logits) of the task's loss: cross-entropy, or MSE against score / 5.
@@ -262,7 +253,7 @@ pub fn step(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::contract::{Site, site};
+    use crate::contract::{Site, dropout_stream, site};
     use crate::model::tasks::random_task_weights;
     use crate::model::{param_shapes, random_weights};
     use crate::reference::{random_vec, rng};
@@ -379,7 +370,7 @@ mod tests {
         }
     }
 
-    const KEY: DropoutKey = DropoutKey { seed: 77, step: 5 };
+    const KEY: DropoutKey = DropoutKey::new(77, 5);
 
     /// METHODS[4]'s top, by its type.
     fn top_attn_of<'a>(c: &'a BertConfig, task: &TaskSpec, weights: &'a Weights) -> top_attn::TopAttn<'a> {
