@@ -11,12 +11,13 @@
 mod mpi;
 
 use std::sync::OnceLock;
+use std::time::Instant;
 
 use anyhow::{Result, bail};
 
 use crate::data::batch::{Batch, Labels};
 use crate::data::cache::TokenizedSplit;
-use crate::gpu::{Gpu, Tensor};
+use crate::gpu::{Gpu, Readback, Recorder, Tensor};
 use crate::model::EncoderBatch;
 
 /// The ranks of one training run.
@@ -25,6 +26,10 @@ pub trait Comm: Send + Sync {
     fn size(&self) -> usize;
     /// `values` summed over the ranks in rank order: the same bits on every rank.
     fn sum(&self, values: &mut [f32]);
+    /// `sum` with the values sent as f16 both ways (half the bytes): rank 0 adds the ranks'
+    /// f16 values in f32, in rank order, and rounds the sum to f16. What mixed-precision
+    /// gradients would cost; `pals bench --allreduce` times it, training does not use it.
+    fn sum_f16(&self, values: &mut [f32]);
     /// MPI's own all-reduce, summed in whatever order the library picks: the yardstick of
     /// `pals bench --allreduce`, never used in training.
     fn native_sum(&self, values: &mut [f32]);
@@ -45,6 +50,11 @@ impl Comm for Single {
         1
     }
     fn sum(&self, _values: &mut [f32]) {}
+    fn sum_f16(&self, values: &mut [f32]) {
+        for value in values {
+            *value = half::f16::from_f32(*value).to_f32();
+        }
+    }
     fn native_sum(&self, _values: &mut [f32]) {}
     fn gather_all(&self, bytes: &[u8]) -> Vec<Vec<u8>> {
         vec![bytes.to_vec()]
@@ -271,34 +281,93 @@ pub fn resume_note(comm: &dyn Comm, saved: usize) -> Option<String> {
     })
 }
 
-/// Floats per collective: large enough to amortize latency, small enough that rank 0's
-/// gather buffer (N × this) stays modest.
-const BUCKET: usize = 1 << 22;
+/// Gradient buckets per step: enough that the reduction of the top layers' overlaps the
+/// backward of the lower ones, few enough that each collective amortizes its latency.
+const BUCKETS: usize = 8;
 
-/// Replaces each gradient with Σ over ranks (in rank order) of share·gradient: the global
-/// batch's gradient, the same bits on every rank. The backward must have been submitted.
-pub fn sum_gradients(gpu: &Gpu, comm: &dyn Comm, grads: &[&Tensor], share: f32) -> Result<()> {
-    let mut start = 0;
-    while start < grads.len() {
-        // grads[start..end]: one bucket, at least one tensor.
-        let mut end = start + 1;
-        let mut floats = grads[start].len();
-        while end < grads.len() && floats + grads[end].len() <= BUCKET {
-            floats += grads[end].len();
-            end += 1;
+/// How much of the gradient reduction ran while the backward was still running.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Overlap {
+    pub steps: u64,
+    /// Seconds in the rank-order sums (the collectives), all buckets of all steps.
+    pub reduce_seconds: f64,
+    /// Of those, the seconds of buckets whose sum ended before the backward did.
+    pub hidden_seconds: f64,
+}
+
+impl Overlap {
+    pub fn hidden_fraction(&self) -> f64 {
+        if self.reduce_seconds > 0.0 { self.hidden_seconds / self.reduce_seconds } else { 0.0 }
+    }
+
+    /// The log line of a run over several ranks; `None` for one process.
+    pub fn report(&self) -> Option<String> {
+        (self.steps > 0).then(|| {
+            format!(
+                "gradient all-reduce: {:.1} ms a step, {:.0}% of it hidden behind the backward ({} steps)",
+                1e3 * self.reduce_seconds / self.steps as f64,
+                100.0 * self.hidden_fraction(),
+                self.steps
+            )
+        })
+    }
+}
+
+/// Submits `rec` (a step's forward and backward) and replaces each gradient with Σ over
+/// ranks (in rank order) of share·gradient: the global batch's gradient, the same bits on
+/// every rank. The gradients come back in buckets, in the order the backward finishes them
+/// (task head and top layers first): each bucket is summed while the GPU runs the layers
+/// below and written back before the optimizer's submit. The sum is elementwise, so the
+/// buckets do not change the bits.
+pub fn submit_and_sum_gradients(
+    gpu: &Gpu,
+    comm: &dyn Comm,
+    rec: Recorder,
+    grads: &[&Tensor],
+    share: f32,
+    overlap: &mut Overlap,
+) -> Result<()> {
+    let order = rec.finish_order(grads);
+    let total: usize = grads.iter().map(|g| g.len()).sum();
+    let cap = total.div_ceil(BUCKETS);
+    // Consecutive tensors in finishing order, about `cap` floats each.
+    let mut buckets: Vec<Vec<&Tensor>> = vec![Vec::new()];
+    let mut floats = 0;
+    for &i in &order {
+        if floats >= cap {
+            buckets.push(Vec::new());
+            floats = 0;
         }
-        let mut flat = Vec::with_capacity(floats);
-        for grad in &grads[start..end] {
-            flat.extend(gpu.read::<f32>(grad)?.into_iter().map(|g| g * share));
+        buckets.last_mut().expect("one bucket at least").push(grads[i]);
+        floats += grads[i].len();
+    }
+    let readbacks = rec.submit_in_parts(&buckets)?;
+    let mut backward_done = false;
+    let last = readbacks.len().saturating_sub(1);
+    let mut waiting: Vec<Readback> = readbacks;
+    waiting.reverse(); // popped in bucket order
+    for (k, bucket) in buckets.iter().enumerate() {
+        let readback = waiting.pop().expect("one readback per bucket");
+        let mut flat = readback.wait(gpu)?;
+        for g in &mut flat {
+            *g *= share;
         }
+        let started = Instant::now();
         comm.sum(&mut flat);
+        let spent = started.elapsed().as_secs_f64();
+        // Hidden when the last bucket's part (the end of the backward) had not yet run.
+        backward_done = backward_done || k == last || waiting.first().is_none_or(|r| r.is_ready(gpu));
+        overlap.reduce_seconds += spent;
+        if !backward_done {
+            overlap.hidden_seconds += spent;
+        }
         let mut offset = 0;
-        for grad in &grads[start..end] {
+        for grad in bucket {
             gpu.write(grad, &flat[offset..offset + grad.len()])?;
             offset += grad.len();
         }
-        start = end;
     }
+    overlap.steps += 1;
     Ok(())
 }
 

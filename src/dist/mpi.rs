@@ -64,6 +64,33 @@ impl super::Comm for MpiComm {
         root.broadcast_into(values);
     }
 
+    fn sum_f16(&self, values: &mut [f32]) {
+        let world = world();
+        let root = world.process_at_rank(0);
+        let mut halves: Vec<u16> = values.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+        if self.rank == 0 {
+            let n = values.len();
+            let mut all = vec![0u16; n * self.size];
+            root.gather_into_root(&halves[..], &mut all[..]);
+            // ((rank 0 + rank 1) + rank 2) + … in f32, rounded to f16 once.
+            let mut sums = vec![0f32; n];
+            for rank in all.chunks_exact(n.max(1)) {
+                for (sum, &h) in sums.iter_mut().zip(rank) {
+                    *sum += half::f16::from_bits(h).to_f32();
+                }
+            }
+            for (h, s) in halves.iter_mut().zip(&sums) {
+                *h = half::f16::from_f32(*s).to_bits();
+            }
+        } else {
+            root.gather_into(&halves[..]);
+        }
+        root.broadcast_into(&mut halves[..]);
+        for (value, &h) in values.iter_mut().zip(&halves) {
+            *value = half::f16::from_bits(h).to_f32();
+        }
+    }
+
     fn native_sum(&self, values: &mut [f32]) {
         let mut sum = vec![0f32; values.len()];
         world().all_reduce_into(&values[..], &mut sum[..], SystemOperation::sum());

@@ -291,9 +291,9 @@ impl Gpu {
     }
 
     /// Submits command buffers, counted.
-    pub(crate) fn submit(&self, commands: impl IntoIterator<Item = wgpu::CommandBuffer>) {
+    pub(crate) fn submit(&self, commands: impl IntoIterator<Item = wgpu::CommandBuffer>) -> wgpu::SubmissionIndex {
         self.counters.submits.fetch_add(1, Ordering::Relaxed);
-        self.queue.submit(commands);
+        self.queue.submit(commands)
     }
 
     /// wgpu buffers created so far (tensors, dispatch parameters, staging): subtract two

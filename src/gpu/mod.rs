@@ -9,6 +9,6 @@ mod tune;
 pub use context::{
     AdapterChoice, Gpu, GpuError, OPTIONAL_FEATURES, cooperative_matrix_summary, list_adapters,
 };
-pub use recorder::{Binding, KernelSpec, Recorder, Timing, spread};
+pub use recorder::{Binding, KernelSpec, Readback, Recorder, Timing, spread};
 pub use tensor::{ElementType, Tensor};
 pub use tune::{TuneCache, cache_dir, tuning_enabled};

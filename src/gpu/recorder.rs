@@ -347,8 +347,82 @@ impl Recorder<'_> {
     }
 
     fn encode_and_submit(self, timed: bool) -> Result<Vec<Timing>, GpuError> {
+        self.encode_and_submit_indexed(timed).map(|(timings, _)| timings)
+    }
+
+    /// Indices into `tensors`, ordered by the last command that binds or copies each (those
+    /// no command uses first): the order in which the recorded work finishes with them.
+    pub fn finish_order(&self, tensors: &[&Tensor]) -> Vec<usize> {
+        let last = self.last_uses();
+        let mut order: Vec<usize> = (0..tensors.len()).collect();
+        order.sort_by_key(|&i| last.get(&Arc::as_ptr(&tensors[i].buffer)).map_or(0, |&at| at + 1));
+        order
+    }
+
+    /// Per buffer, the index of the last command that binds or copies it.
+    fn last_uses(&self) -> HashMap<*const wgpu::Buffer, usize> {
+        let mut last = HashMap::new();
+        for (at, command) in self.commands.iter().enumerate() {
+            let buffers: Vec<&Arc<wgpu::Buffer>> = match command {
+                Command::Dispatch(d) => d.buffers.iter().collect(),
+                Command::Copy(c) => vec![&c.source, &c.target],
+            };
+            for buffer in buffers {
+                last.insert(Arc::as_ptr(buffer), at);
+            }
+        }
+        last
+    }
+
+    /// Submits the recording in parts so that the host can read each group of f32 tensors
+    /// as soon as the GPU is done with it, while the GPU runs the rest: the part for group
+    /// k ends after the last command using any of its tensors (groups taken in that order)
+    /// and copies them, packed, into a readback buffer. One `Readback` per group, in order.
+    pub fn submit_in_parts(mut self, groups: &[Vec<&Tensor>]) -> Result<Vec<Readback>, GpuError> {
+        let last = self.last_uses();
+        let end = |group: &Vec<&Tensor>| {
+            group.iter().filter_map(|t| last.get(&Arc::as_ptr(&t.buffer))).map(|&at| at + 1).max().unwrap_or(0)
+        };
+        let mut order: Vec<usize> = (0..groups.len()).collect();
+        order.sort_by_key(|&g| end(&groups[g]));
+        let mut rest = std::mem::take(&mut self.commands);
+        let mut done = 0; // commands of `rest` submitted (drained) so far
+        let mut readbacks: Vec<Option<Readback>> = (0..groups.len()).map(|_| None).collect();
+        for g in order {
+            let mut part: Vec<Command> = rest.drain(..end(&groups[g]).saturating_sub(done)).collect();
+            done += part.len();
+            let bytes: u64 = groups[g].iter().map(|t| t.bytes()).sum();
+            let usage = wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST;
+            let buffer = Arc::new(self.gpu.take_buffer("readback", usage, bytes.max(4)));
+            let mut at = 0;
+            for tensor in &groups[g] {
+                let copy = BufferCopy {
+                    source: tensor.buffer.clone(),
+                    source_offset: 0,
+                    target: buffer.clone(),
+                    target_offset: at,
+                    bytes: tensor.bytes(),
+                };
+                part.push(Command::Copy(copy));
+                at += tensor.bytes();
+            }
+            let (_, index) = self.part(part).encode_and_submit_indexed(false)?;
+            readbacks[g] = Some(Readback::new(buffer, bytes, index));
+        }
+        self.part(rest).encode_and_submit_indexed(false)?;
+        Ok(readbacks.into_iter().flatten().collect())
+    }
+
+    /// A recorder of some of this one's commands, with its whole parameter block (whose
+    /// offsets they hold).
+    fn part(&self, commands: Vec<Command>) -> Recorder<'_> {
+        let dispatches = commands.iter().filter(|c| matches!(c, Command::Dispatch(_))).count();
+        Recorder { gpu: self.gpu, commands, dispatches, params: self.params.clone() }
+    }
+
+    fn encode_and_submit_indexed(self, timed: bool) -> Result<(Vec<Timing>, Option<wgpu::SubmissionIndex>), GpuError> {
         if self.commands.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), None));
         }
         let started = Instant::now();
         let gpu = self.gpu;
@@ -402,22 +476,67 @@ impl Recorder<'_> {
         if let Some(q) = &queries {
             q.resolve(&mut encoder);
         }
-        gpu.submit([encoder.finish()]);
+        let index = gpu.submit([encoder.finish()]);
         drop(slot);
         gpu.count_encoding(started.elapsed());
-        match queries {
-            None => Ok(Vec::new()),
+        let timings = match queries {
+            None => Vec::new(),
             Some(q) => {
                 let ticks = q.read(gpu)?;
                 let period = gpu.queue.get_timestamp_period() as f64;
                 let nanos =
                     |start: usize, end: usize| ticks[end].saturating_sub(ticks[start]) as f64 * period;
-                Ok(spans
-                    .into_iter()
-                    .map(|(label, start, end)| Timing { label, nanos: nanos(start, end) })
-                    .collect())
+                spans.into_iter().map(|(label, start, end)| Timing { label, nanos: nanos(start, end) }).collect()
             }
+        };
+        Ok((timings, Some(index)))
+    }
+}
+
+/// One group of tensors of `Recorder::submit_in_parts`, on its way back to the host.
+pub struct Readback {
+    buffer: Arc<wgpu::Buffer>,
+    bytes: u64,
+    index: wgpu::SubmissionIndex,
+    /// Set (from wgpu's callback) once the part that fills the buffer has run.
+    done: Arc<std::sync::atomic::AtomicBool>,
+    mapped: std::sync::mpsc::Receiver<Result<(), wgpu::BufferAsyncError>>,
+}
+
+impl Readback {
+    fn new(buffer: Arc<wgpu::Buffer>, bytes: u64, index: Option<wgpu::SubmissionIndex>) -> Readback {
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (sender, mapped) = std::sync::mpsc::channel();
+        let flag = done.clone();
+        buffer.slice(..).map_async(wgpu::MapMode::Read, move |result| {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            let _ = sender.send(result);
+        });
+        let index = index.expect("a part with a copy is submitted");
+        Readback { buffer, bytes, index, done, mapped }
+    }
+
+    /// Whether the part that fills it has run, without waiting.
+    pub fn is_ready(&self, gpu: &Gpu) -> bool {
+        let _ = gpu.device.poll(wgpu::PollType::Poll);
+        self.done.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits for the part that fills it (not for the parts after) and returns its floats.
+    pub fn wait(self, gpu: &Gpu) -> Result<Vec<f32>, GpuError> {
+        let error = |message: String| GpuError::Device { op: "reading back gradients".into(), message };
+        let wait = wgpu::PollType::Wait { submission_index: Some(self.index.clone()), timeout: None };
+        gpu.device.poll(wait).map_err(|e| error(e.to_string()))?;
+        self.mapped.recv().map_err(|e| error(e.to_string()))?.map_err(|e| error(e.to_string()))?;
+        let slice = self.buffer.slice(..);
+        let view = slice.get_mapped_range().map_err(|e| error(e.to_string()))?;
+        let out = bytemuck::cast_slice::<u8, f32>(&view[..self.bytes as usize]).to_vec();
+        drop(view);
+        self.buffer.unmap();
+        if let Ok(buffer) = Arc::try_unwrap(self.buffer) {
+            gpu.give_back(buffer);
         }
+        Ok(out)
     }
 }
 

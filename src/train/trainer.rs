@@ -228,6 +228,8 @@ pub struct Trainer<'g> {
     pub dispatches: usize,
     /// The ranks training this model together (one without mpirun).
     comm: &'static dyn Comm,
+    /// How much of the gradient reduction the backward hid (several ranks only).
+    pub overlap: dist::Overlap,
 }
 
 /// Steps between the checks that every rank holds the same parameters.
@@ -334,6 +336,7 @@ impl<'g> Trainer<'g> {
             recent_loss: None,
             dispatches: 0,
             comm,
+            overlap: dist::Overlap::default(),
         })
     }
 
@@ -488,6 +491,9 @@ impl<'g> Trainer<'g> {
         self.check_replicas()?;
         self.save("last", true)?;
         self.log = None;
+        if let Some(line) = self.overlap.report().filter(|_| lead) {
+            say(progress, line);
+        }
         Ok(last_scores)
     }
 
@@ -544,10 +550,9 @@ impl<'g> Trainer<'g> {
             .map(|(((_, p), (_, g)), n)| (n.as_str(), p, g))
             .collect();
         if self.comm.size() > 1 {
-            // The global batch's gradient, summed over the ranks, before the optimizer.
-            rec.submit()?;
+            // The global batch's gradient, summed over the ranks as the backward produces it.
             let grads: Vec<&Tensor> = params.iter().map(|&(_, _, g)| g).collect();
-            dist::sum_gradients(gpu, self.comm, &grads, share)?;
+            dist::submit_and_sum_gradients(gpu, self.comm, rec, &grads, share, &mut self.overlap)?;
             rec = gpu.recorder();
         }
         self.optimizer.step(&mut rec, &params, lr)?;
