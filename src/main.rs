@@ -326,8 +326,9 @@ fn main() {
 fn refuse_flags(error: clap::Error) -> ! {
     if error.use_stderr() && pals::dist::launched_ranks().unwrap_or(1) > 1 {
         let message = error.render().to_string();
+        let message = message.trim_end().trim_start_matches("error: ").to_string();
         let started = pals::dist::init();
-        let error = started.err().unwrap_or_else(|| anyhow::anyhow!("{}", message.trim_end()));
+        let error = started.err().unwrap_or_else(|| anyhow::anyhow!(message));
         pals::dist::fail(&error);
     }
     error.exit()

@@ -144,7 +144,8 @@ fn bind_groups_are_reused_and_dropped_with_their_tensors() {
     let y = gpu.zeros("y", &[n]).unwrap();
     let copy = |from: &pals::gpu::Tensor, to: &pals::gpu::Tensor| {
         let mut rec = gpu.recorder();
-        elementwise::dropout(&mut rec, from, to, DropoutSpec { p: 0.0, seed: 0, stream: 0, shard: 0 }).unwrap();
+        elementwise::dropout(&mut rec, from, to, DropoutSpec { p: 0.0, seed: 0, stream: 0, shard: 0 })
+            .unwrap();
         rec.submit().unwrap();
     };
     copy(&x, &y);

@@ -11,8 +11,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::sync::atomic::AtomicBool;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use pals::model::BertConfig;
@@ -28,7 +28,12 @@ const STOP_AFTER: u64 = 13;
 /// The demo's tiny model, with its dropout (0.1): each rank draws its slice of the global
 /// batch's masks, so the ranks reproduce one process's masks.
 fn config() -> BertConfig {
-    BertConfig { hidden_size: 32, intermediate_size: 64, num_attention_heads: 4, ..pals::train::demo::config() }
+    BertConfig {
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_attention_heads: 4,
+        ..pals::train::demo::config()
+    }
 }
 
 /// Two epochs of 10 steps: the dev sets are evaluated (sharded) twice.
@@ -102,7 +107,11 @@ fn rank_worker() {
 }
 
 /// `mpirun -n RANKS` (or an MPMD command line in `args`), failing the test after `deadline`.
+/// One at a time: two mpiruns starting together race to create Open MPI's session
+/// directory ("mkdir … File exists") and one fails.
 fn mpirun(args: &[&str], env: &[(&str, &Path)], deadline: Duration) -> Output {
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut command = Command::new("mpirun");
     command.args(["--oversubscribe", "--allow-run-as-root"]).args(args);
     for (key, value) in env {
@@ -144,7 +153,11 @@ fn ranks_run() -> &'static Path {
             ["-n", &n, exe.to_str().unwrap(), "--ignored", "--exact", "rank_worker", "--test-threads", "1"];
         let output = mpirun(&args, &[("PALS_MPI_TEST_DIR", &base)], Duration::from_secs(900));
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(output.status.success(), "mpirun failed: {stderr}\n{}", String::from_utf8_lossy(&output.stdout));
+        assert!(
+            output.status.success(),
+            "mpirun failed: {stderr}\n{}",
+            String::from_utf8_lossy(&output.stdout)
+        );
         base
     })
 }
@@ -277,4 +290,29 @@ fn a_flag_one_rank_cannot_parse_stops_every_rank_naming_it() {
     assert!(!output.status.success(), "the run should fail: {stderr}");
     assert!(stderr.contains("rank 1 of 2") && stderr.contains("--lr") && stderr.contains("fast"), "{stderr}");
     assert!(!out.exists(), "nothing was written");
+}
+
+/// The recorder's path of the overlapped reduction, in one process: each group of tensors
+/// comes back as the part of the work that last uses it finishes, with its final values,
+/// while later parts (which write other tensors) still run.
+#[test]
+fn readbacks_return_each_group_when_its_part_is_done() {
+    use pals::kernels::elementwise;
+    let gpu = common::gpu();
+    let x: Vec<f32> = (0..1000).map(|i| i as f32 * 0.5).collect();
+    let t = |name: &str| gpu.upload(name, &[x.len()], &x).unwrap();
+    let (a, b, c, d) = (t("a"), t("b"), t("c"), t("d"));
+    let mut rec = gpu.recorder();
+    elementwise::add_assign(&mut rec, &a, &b).unwrap(); // b = 2x: b done first
+    elementwise::add_assign(&mut rec, &b, &c).unwrap(); // c = 3x
+    elementwise::add_assign(&mut rec, &c, &d).unwrap(); // d = 4x: c and d done last
+    elementwise::add_assign(&mut rec, &c, &d).unwrap(); // d = 7x
+    assert_eq!(rec.finish_order(&[&d, &b, &c]), vec![1, 0, 2]);
+    let readbacks = rec.submit_in_parts(&[vec![&c, &d], vec![&b]]).unwrap();
+    let mut values: Vec<Vec<f32>> = readbacks.into_iter().map(|r| r.wait(gpu).unwrap()).collect();
+    let times = |k: f32| x.iter().map(|v| v * k).collect::<Vec<_>>();
+    let b_values = values.pop().unwrap();
+    assert_eq!(b_values, times(2.0));
+    assert_eq!(values[0], [times(3.0), times(7.0)].concat());
+    assert_eq!(gpu.read::<f32>(&d).unwrap(), times(7.0), "the last part ran");
 }

@@ -291,7 +291,10 @@ impl Gpu {
     }
 
     /// Submits command buffers, counted.
-    pub(crate) fn submit(&self, commands: impl IntoIterator<Item = wgpu::CommandBuffer>) -> wgpu::SubmissionIndex {
+    pub(crate) fn submit(
+        &self,
+        commands: impl IntoIterator<Item = wgpu::CommandBuffer>,
+    ) -> wgpu::SubmissionIndex {
         self.counters.submits.fetch_add(1, Ordering::Relaxed);
         self.queue.submit(commands)
     }

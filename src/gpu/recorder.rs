@@ -381,7 +381,12 @@ impl Recorder<'_> {
     pub fn submit_in_parts(mut self, groups: &[Vec<&Tensor>]) -> Result<Vec<Readback>, GpuError> {
         let last = self.last_uses();
         let end = |group: &Vec<&Tensor>| {
-            group.iter().filter_map(|t| last.get(&Arc::as_ptr(&t.buffer))).map(|&at| at + 1).max().unwrap_or(0)
+            group
+                .iter()
+                .filter_map(|t| last.get(&Arc::as_ptr(&t.buffer)))
+                .map(|&at| at + 1)
+                .max()
+                .unwrap_or(0)
         };
         let mut order: Vec<usize> = (0..groups.len()).collect();
         order.sort_by_key(|&g| end(&groups[g]));
@@ -420,7 +425,10 @@ impl Recorder<'_> {
         Recorder { gpu: self.gpu, commands, dispatches, params: self.params.clone() }
     }
 
-    fn encode_and_submit_indexed(self, timed: bool) -> Result<(Vec<Timing>, Option<wgpu::SubmissionIndex>), GpuError> {
+    fn encode_and_submit_indexed(
+        self,
+        timed: bool,
+    ) -> Result<(Vec<Timing>, Option<wgpu::SubmissionIndex>), GpuError> {
         if self.commands.is_empty() {
             return Ok((Vec::new(), None));
         }
@@ -486,7 +494,10 @@ impl Recorder<'_> {
                 let period = gpu.queue.get_timestamp_period() as f64;
                 let nanos =
                     |start: usize, end: usize| ticks[end].saturating_sub(ticks[start]) as f64 * period;
-                spans.into_iter().map(|(label, start, end)| Timing { label, nanos: nanos(start, end) }).collect()
+                spans
+                    .into_iter()
+                    .map(|(label, start, end)| Timing { label, nanos: nanos(start, end) })
+                    .collect()
             }
         };
         Ok((timings, Some(index)))

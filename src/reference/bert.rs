@@ -7,8 +7,7 @@ use super::embedding::Tables;
 use super::{attention, elementwise, embedding, layernorm, matmul};
 use crate::contract::{AttentionShape, DropoutSpec};
 use crate::model::{
-    BertConfig, DropoutKey, EncoderBatch, HostTensor, SITE_EMBEDDINGS, Site, Weights,
-    param_shapes, site,
+    BertConfig, DropoutKey, EncoderBatch, HostTensor, SITE_EMBEDDINGS, Site, Weights, param_shapes, site,
 };
 use std::collections::BTreeMap;
 

@@ -127,7 +127,8 @@ mod tests {
         let x = crate::reference::random_vec(21, 4, 1.0);
         let spec = |shard| DropoutSpec { p: 0.5, seed: 11, stream: 6, shard };
         let whole = dropout(&x, &spec(0));
-        let slices: Vec<f32> = x.chunks(7).enumerate().flat_map(|(r, xs)| dropout(xs, &spec(r as u32))).collect();
+        let slices: Vec<f32> =
+            x.chunks(7).enumerate().flat_map(|(r, xs)| dropout(xs, &spec(r as u32))).collect();
         assert_eq!(whole, slices);
         assert_ne!(dropout(&x[7..14], &spec(0)), whole[7..14], "shard 0 redraws the first slice's mask");
     }

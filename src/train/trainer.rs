@@ -470,7 +470,8 @@ impl<'g> Trainer<'g> {
                     self.settings.lr,
                 );
                 let message = format!("{task:<6} loss {loss:.4} lr {lr:.2e}");
-                if progress.is_hidden() && self.state.step.is_multiple_of(plain_every(&self.settings)) {
+                let plain = progress.is_hidden() && lead;
+                if plain && self.state.step.is_multiple_of(plain_every(&self.settings)) {
                     eprintln!("step {}/{total}  {message}", self.state.step);
                 }
                 progress.set_message(message);
