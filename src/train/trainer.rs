@@ -365,10 +365,10 @@ impl<'g> Trainer<'g> {
             }
         }
         self.optimizer.restore(self.gpu, optimizer, &checkpoint.state.adam_steps)?;
-        if let Some(note) = dist::resume_note(self.comm, checkpoint.state.ranks) {
-            if self.comm.rank() == 0 {
-                eprintln!("{note}");
-            }
+        if let Some(note) =
+            dist::resume_note(self.comm, checkpoint.state.ranks).filter(|_| self.comm.rank() == 0)
+        {
+            eprintln!("{note}");
         }
         self.state = TrainerState { ranks: self.comm.size(), ..checkpoint.state.clone() };
         for step in 0..self.state.step {
