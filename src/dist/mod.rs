@@ -342,32 +342,57 @@ pub fn submit_and_sum_gradients(
         buckets.last_mut().expect("one bucket at least").push(grads[i]);
         floats += grads[i].len();
     }
-    let readbacks = rec.submit_in_parts(&buckets)?;
-    let mut backward_done = false;
-    let last = readbacks.len().saturating_sub(1);
-    let mut waiting: Vec<Readback> = readbacks;
-    waiting.reverse(); // popped in bucket order
-    for (k, bucket) in buckets.iter().enumerate() {
-        let readback = waiting.pop().expect("one readback per bucket");
-        let mut flat = readback.wait(gpu)?;
-        for g in &mut flat {
-            *g *= share;
+    // A thread submits the parts (on lavapipe a submit runs its work before it returns)
+    // and hands over each bucket's readback; this one sums the buckets in order meanwhile.
+    let (send, receive) = std::sync::mpsc::channel::<Readback>();
+    let all_submitted = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| -> Result<()> {
+        let submitter = scope.spawn(|| {
+            let result = rec.submit_parts_with(&buckets, &mut |_, readback| {
+                let _ = send.send(readback);
+            });
+            all_submitted.store(true, std::sync::atomic::Ordering::SeqCst);
+            drop(send);
+            result
+        });
+        let mut arrived = std::collections::VecDeque::new();
+        let mut backward_done = false;
+        for (k, bucket) in buckets.iter().enumerate() {
+            if arrived.is_empty() {
+                match receive.recv() {
+                    Ok(readback) => arrived.push_back(readback),
+                    Err(_) => break, // the submitter failed: its error is joined below
+                }
+            }
+            let readback = arrived.pop_front().expect("received above");
+            let mut flat = readback.wait(gpu)?;
+            for g in &mut flat {
+                *g *= share;
+            }
+            let started = Instant::now();
+            comm.sum(&mut flat);
+            let spent = started.elapsed().as_secs_f64();
+            // Hidden while the backward still ran: parts left to submit, or the last
+            // bucket's part not yet done on the GPU.
+            arrived.extend(receive.try_iter());
+            let last_in = arrived.len() == buckets.len() - k - 1;
+            let submitted = all_submitted.load(std::sync::atomic::Ordering::SeqCst);
+            backward_done = backward_done
+                || k + 1 == buckets.len()
+                || (submitted && last_in && arrived.back().is_some_and(|r: &Readback| r.is_ready(gpu)));
+            overlap.reduce_seconds += spent;
+            if !backward_done {
+                overlap.hidden_seconds += spent;
+            }
+            let mut offset = 0;
+            for grad in bucket {
+                gpu.write(grad, &flat[offset..offset + grad.len()])?;
+                offset += grad.len();
+            }
         }
-        let started = Instant::now();
-        comm.sum(&mut flat);
-        let spent = started.elapsed().as_secs_f64();
-        // Hidden when the last bucket's part (the end of the backward) had not yet run.
-        backward_done = backward_done || k == last || waiting.first().is_none_or(|r| r.is_ready(gpu));
-        overlap.reduce_seconds += spent;
-        if !backward_done {
-            overlap.hidden_seconds += spent;
-        }
-        let mut offset = 0;
-        for grad in bucket {
-            gpu.write(grad, &flat[offset..offset + grad.len()])?;
-            offset += grad.len();
-        }
-    }
+        submitter.join().map_err(|_| anyhow::anyhow!("the gradient submitter panicked"))??;
+        Ok(())
+    })?;
     overlap.steps += 1;
     Ok(())
 }

@@ -378,7 +378,21 @@ impl Recorder<'_> {
     /// as soon as the GPU is done with it, while the GPU runs the rest: the part for group
     /// k ends after the last command using any of its tensors (groups taken in that order)
     /// and copies them, packed, into a readback buffer. One `Readback` per group, in order.
-    pub fn submit_in_parts(mut self, groups: &[Vec<&Tensor>]) -> Result<Vec<Readback>, GpuError> {
+    pub fn submit_in_parts(self, groups: &[Vec<&Tensor>]) -> Result<Vec<Readback>, GpuError> {
+        let mut readbacks: Vec<Option<Readback>> = (0..groups.len()).map(|_| None).collect();
+        self.submit_parts_with(groups, &mut |g, readback| readbacks[g] = Some(readback))?;
+        Ok(readbacks.into_iter().flatten().collect())
+    }
+
+    /// `submit_in_parts`, handing each group's `Readback` (its index, the readback) to
+    /// `submitted` as soon as its part is submitted: another thread can read and reduce
+    /// it while this one submits the rest (which matters where a submit runs the work
+    /// before it returns, as on lavapipe).
+    pub fn submit_parts_with(
+        mut self,
+        groups: &[Vec<&Tensor>],
+        submitted: &mut dyn FnMut(usize, Readback),
+    ) -> Result<(), GpuError> {
         let last = self.last_uses();
         let end = |group: &Vec<&Tensor>| {
             group
@@ -392,7 +406,6 @@ impl Recorder<'_> {
         order.sort_by_key(|&g| end(&groups[g]));
         let mut rest = std::mem::take(&mut self.commands);
         let mut done = 0; // commands of `rest` submitted (drained) so far
-        let mut readbacks: Vec<Option<Readback>> = (0..groups.len()).map(|_| None).collect();
         for g in order {
             let mut part: Vec<Command> = rest.drain(..end(&groups[g]).saturating_sub(done)).collect();
             done += part.len();
@@ -412,10 +425,10 @@ impl Recorder<'_> {
                 at += tensor.bytes();
             }
             let (_, index) = self.part(part).encode_and_submit_indexed(false)?;
-            readbacks[g] = Some(Readback::new(buffer, bytes, index));
+            submitted(g, Readback::new(buffer, bytes, index));
         }
         self.part(rest).encode_and_submit_indexed(false)?;
-        Ok(readbacks.into_iter().flatten().collect())
+        Ok(())
     }
 
     /// A recorder of some of this one's commands, with its whole parameter block (whose
