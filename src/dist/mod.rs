@@ -250,7 +250,7 @@ pub fn predict_sharded(
         return predict(split);
     }
     let mine = TokenizedSplit {
-        task: split.task,
+        task: split.task.clone(),
         split: split.split,
         examples: split.examples[rank * count / n..(rank + 1) * count / n].to_vec(),
         skipped: split.skipped,
