@@ -124,14 +124,25 @@ pub fn fail(error: &anyhow::Error) -> ! {
     comm.abort(1)
 }
 
-/// The adapter a rank takes by default: the local rank's (round robin when the machine has
-/// fewer adapters than ranks); `None` for one process, which picks the best adapter.
+/// The adapter a rank takes by default, as an index into `pals devices`: the local rank's
+/// among the adapters of the best one's backend (round robin when the machine has fewer
+/// than ranks); `None` for one process, which picks the best adapter. Only one backend
+/// counts because a device is often listed again under another (lavapipe under Vulkan and
+/// OpenGL, a GPU under Vulkan and GL): that copy is no second device, and a slow one.
 pub fn default_adapter(backend: Option<&str>) -> Option<String> {
     if world().size() == 1 {
         return None;
     }
-    let count = crate::gpu::list_adapters(backend).ok()?.len().max(1);
-    Some((local_rank() % count).to_string())
+    let backends: Vec<wgpu::Backend> =
+        crate::gpu::list_adapters(backend).ok()?.iter().map(|a| a.get_info().backend).collect();
+    let indices = same_backend_as_first(&backends);
+    indices.get(local_rank() % indices.len().max(1)).map(usize::to_string)
+}
+
+/// The indices of the entries with the first entry's backend.
+fn same_backend_as_first(backends: &[wgpu::Backend]) -> Vec<usize> {
+    let Some(&first) = backends.first() else { return Vec::new() };
+    (0..backends.len()).filter(|&i| backends[i] == first).collect()
 }
 
 /// Whether `flag` is set on any rank: ranks stop together (Ctrl-C reaches them at
@@ -399,6 +410,15 @@ pub fn submit_and_sum_gradients(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ranks_share_out_only_the_best_adapters_backend() {
+        use wgpu::Backend::{Gl, Vulkan};
+        assert_eq!(super::same_backend_as_first(&[Vulkan, Gl]), vec![0]);
+        assert_eq!(super::same_backend_as_first(&[Vulkan, Vulkan, Gl, Vulkan]), vec![0, 1, 3]);
+        assert_eq!(super::same_backend_as_first(&[Gl]), vec![0]);
+        assert!(super::same_backend_as_first(&[]).is_empty());
+    }
+
     use super::*;
 
     #[test]
