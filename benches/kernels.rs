@@ -9,6 +9,7 @@ use pals::bench::{
     AttentionOperands, MatmulOperands, TrainBench, TrainSession, WARMUP_STEPS, bert_base_cases, cpu_seconds,
 };
 use pals::gpu::Gpu;
+use pals::kernels::attention;
 use pals::model::BertConfig;
 use pals::model::tasks::MethodName;
 
@@ -36,14 +37,15 @@ fn matmul(c: &mut Criterion) {
 fn attention(c: &mut Criterion) {
     let gpu = gpu();
     let operands = AttentionOperands::bert_base(&gpu).unwrap();
-    operands.forward_seconds(&gpu).unwrap();
-    operands.backward_seconds(&gpu).unwrap();
-    let mut group = c.benchmark_group("attention b32 h12 s128 d64");
+    let path = attention::path(&gpu).unwrap();
+    operands.forward_seconds(&gpu, path).unwrap();
+    operands.backward_seconds(&gpu, path).unwrap();
+    let mut group = c.benchmark_group(format!("attention b32 h12 s128 d64 {}", path.name()));
     group.sample_size(10);
     group.throughput(Throughput::Elements(operands.forward_flops() as u64));
-    group.bench_function("forward", |b| b.iter(|| operands.forward_seconds(&gpu).unwrap()));
+    group.bench_function("forward", |b| b.iter(|| operands.forward_seconds(&gpu, path).unwrap()));
     group.throughput(Throughput::Elements(operands.backward_flops() as u64));
-    group.bench_function("backward", |b| b.iter(|| operands.backward_seconds(&gpu).unwrap()));
+    group.bench_function("backward", |b| b.iter(|| operands.backward_seconds(&gpu, path).unwrap()));
     group.finish();
 }
 

@@ -2,7 +2,9 @@
 //   C[b] = op(A[b]) · op(B[b])  (+ bias)  (GELU)        or   C[b] += op(A[b]) · op(B[b])
 // op(A) is M×K: A is stored [M, K] (row stride lda) or, with TRANS_A, [K, M].
 // op(B) is K×N: B is stored [K, N] (row stride ldb) or, with TRANS_B, [N, K].
-// C is [M, N] with row stride ldc. Each operand has an element offset and a batch stride.
+// C is [M, N] with row stride ldc. Each operand has an element offset and a batch stride;
+// batches may nest in two levels (z = outer · inner + i: attention heads inside sequences)
+// with a second stride per operand.
 //
 // Entry point `matmul`; bindings: 0 params, 1 A (read), 2 B (read), 3 bias [N] (read; any
 // buffer when unused), 4 C (write), 5 pre-activation [M, N] (write; GELU epilogue only —
@@ -23,9 +25,15 @@
 
 struct Params {
     m: u32, n: u32, k: u32, batch: u32,
-    lda: u32, ldb: u32, ldc: u32, pad0: u32,
+    lda: u32, ldb: u32, ldc: u32, inner: u32,
     offset_a: u32, offset_b: u32, offset_c: u32, pad1: u32,
     stride_a: u32, stride_b: u32, stride_c: u32, pad2: u32,
+    inner_stride_a: u32, inner_stride_b: u32, inner_stride_c: u32, pad3: u32,
+}
+
+// Batch z is (outer, inner) = (z / inner, z % inner): each operand's start.
+fn batch_base(z: u32, offset: u32, stride: u32, inner_stride: u32) -> u32 {
+    return offset + (z / p.inner) * stride + (z % p.inner) * inner_stride;
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -95,8 +103,8 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
           @builtin(local_invocation_index) tid: u32) {
     let row0 = wid.y * BM;
     let col0 = wid.x * BN;
-    let base_a = p.offset_a + wid.z * p.stride_a;
-    let base_b = p.offset_b + wid.z * p.stride_b;
+    let base_a = batch_base(wid.z, p.offset_a, p.stride_a, p.inner_stride_a);
+    let base_b = batch_base(wid.z, p.offset_b, p.stride_b, p.inner_stride_b);
 
     if (STAGES == 1u) {
         for (var k0 = 0u; k0 < p.k; k0 += BK) {
@@ -121,7 +129,7 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
         }
     }
 
-    let base_c = p.offset_c + wid.z * p.stride_c;
+    let base_c = batch_base(wid.z, p.offset_c, p.stride_c, p.inner_stride_c);
     for (var i = 0u; i < TM; i++) {
         let row = row0 + lid.y * TM + i;
         if (row >= p.m) { continue; }

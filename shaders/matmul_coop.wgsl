@@ -20,9 +20,15 @@
 
 struct Params {
     m: u32, n: u32, k: u32, batch: u32,
-    lda: u32, ldb: u32, ldc: u32, pad0: u32,
+    lda: u32, ldb: u32, ldc: u32, inner: u32,
     offset_a: u32, offset_b: u32, offset_c: u32, pad1: u32,
     stride_a: u32, stride_b: u32, stride_c: u32, pad2: u32,
+    inner_stride_a: u32, inner_stride_b: u32, inner_stride_c: u32, pad3: u32,
+}
+
+// Batch z is (outer, inner) = (z / inner, z % inner): each operand's start.
+fn batch_base(z: u32, offset: u32, stride: u32, inner_stride: u32) -> u32 {
+    return offset + (z / p.inner) * stride + (z % p.inner) * inner_stride;
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -56,8 +62,8 @@ fn load_b(base: u32, row_k: u32, col: u32) -> f32 {
 fn matmul_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
     let row0 = wid.y * BM;
     let col0 = wid.x * BN;
-    let base_a = p.offset_a + wid.z * p.stride_a;
-    let base_b = p.offset_b + wid.z * p.stride_b;
+    let base_a = batch_base(wid.z, p.offset_a, p.stride_a, p.inner_stride_a);
+    let base_b = batch_base(wid.z, p.offset_b, p.stride_b, p.inner_stride_b);
     var acc00 = coop_mat16x16<f32, C>();
     var acc01 = coop_mat16x16<f32, C>();
     var acc10 = coop_mat16x16<f32, C>();
@@ -86,7 +92,7 @@ fn matmul_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     coopStoreT(acc11, &tile_c[16u * BN + 16u], BN);
     workgroupBarrier();
 
-    let base_c = p.offset_c + wid.z * p.stride_c;
+    let base_c = batch_base(wid.z, p.offset_c, p.stride_c, p.inner_stride_c);
     for (var e = lane; e < BM * BN; e += SUBGROUP) {
         let row = row0 + e / BN;
         let col = col0 + e % BN;

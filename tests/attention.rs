@@ -1,12 +1,13 @@
-//! Fused attention on the GPU against the CPU reference, forward (o, lse) and backward
-//! (dq, dk, dv). Tolerances: forward rtol 1e-4, atol 1e-5; backward rtol 5e-4, atol 5e-5
+//! Attention on the GPU against the CPU reference, forward (o, lse) and backward (dq, dk,
+//! dv), on both paths: fused (one kernel family) and unfused (batched matmuls and the
+//! softmax row kernels, CPU adapters' default). Tolerances: forward rtol 1e-4, atol 1e-5; backward rtol 5e-4, atol 5e-5
 //! (f32 sums over S keys and D dims against f64, gradients with two more such sums).
 
 mod common;
 
 use common::{assert_close, gpu};
 use pals::gpu::{Gpu, Tensor};
-use pals::kernels::attention::{self, AttentionShape};
+use pals::kernels::attention::{self, AttentionPath, AttentionShape};
 use pals::kernels::elementwise::DropoutSpec;
 use pals::reference::{self, random_vec};
 
@@ -58,7 +59,16 @@ struct Outputs {
     dv: Vec<f32>,
 }
 
-fn run_gpu(gpu: &Gpu, shape: AttentionShape, x: &Inputs, scale: f32, dropout: DropoutSpec) -> Outputs {
+const PATHS: [AttentionPath; 2] = [AttentionPath::Fused, AttentionPath::Unfused];
+
+fn run_gpu(
+    gpu: &Gpu,
+    path: AttentionPath,
+    shape: AttentionShape,
+    x: &Inputs,
+    scale: f32,
+    dropout: DropoutSpec,
+) -> Outputs {
     let dims = [shape.batch, shape.seq, shape.heads, shape.head_dim];
     let rows = [shape.batch, shape.heads, shape.seq];
     let up = |name: &str, data: &[f32]| gpu.upload(name, &dims, data).unwrap();
@@ -68,9 +78,10 @@ fn run_gpu(gpu: &Gpu, shape: AttentionShape, x: &Inputs, scale: f32, dropout: Dr
     let (o, lse, delta) = (zeros("o", &dims), zeros("lse", &rows), zeros("delta", &rows));
     let (dq, dk, dv) = (zeros("dq", &dims), zeros("dk", &dims), zeros("dv", &dims));
     let mut rec = gpu.recorder();
-    attention::attention_forward(&mut rec, shape, &q, &k, &v, &mask, &o, &lse, scale, dropout).unwrap();
-    attention::attention_backward(
-        &mut rec, shape, &q, &k, &v, &o, &d_out, &mask, &lse, &delta, &dq, &dk, &dv, scale, dropout,
+    attention::attention_forward_on(path, &mut rec, shape, &q, &k, &v, &mask, &o, &lse, scale, dropout)
+        .unwrap();
+    attention::attention_backward_on(
+        path, &mut rec, shape, &q, &k, &v, &o, &d_out, &mask, &lse, &delta, &dq, &dk, &dv, scale, dropout,
     )
     .unwrap();
     rec.submit().unwrap();
@@ -83,25 +94,29 @@ fn run_gpu(gpu: &Gpu, shape: AttentionShape, x: &Inputs, scale: f32, dropout: Dr
     }
 }
 
+/// Both paths against the reference.
 fn check(shape: AttentionShape, pad: usize, p: f32) {
-    check_dropout(shape, pad, drop(p));
+    check_paths(&PATHS, shape, pad, drop(p));
 }
 
-fn check_dropout(shape: AttentionShape, pad: usize, dropout: DropoutSpec) {
+fn check_paths(paths: &[AttentionPath], shape: AttentionShape, pad: usize, dropout: DropoutSpec) {
     let x = Inputs::new(shape, pad);
     let scale = 1.0 / (shape.head_dim as f32).sqrt();
-    let got = run_gpu(gpu(), shape, &x, scale, dropout);
     let r = reference::attention::forward(&shape, &x.q, &x.k, &x.v, &x.mask, scale, &dropout);
     let (dq, dk, dv) =
         reference::attention::backward(&shape, &x.q, &x.k, &x.v, &x.mask, &x.d_out, scale, &dropout);
-    let case = format!("{shape:?} pad={pad} p={} shard {}", dropout.p, dropout.shard);
-    let (rtol, atol) = FORWARD_TOL;
-    assert_close(&format!("o {case}"), &got.o, &r.0, rtol, atol);
-    assert_close(&format!("lse {case}"), &got.lse, &r.1, rtol, atol);
-    let (rtol, atol) = BACKWARD_TOL;
-    assert_close(&format!("dq {case}"), &got.dq, &dq, rtol, atol);
-    assert_close(&format!("dk {case}"), &got.dk, &dk, rtol, atol);
-    assert_close(&format!("dv {case}"), &got.dv, &dv, rtol, atol);
+    for &path in paths {
+        let got = run_gpu(gpu(), path, shape, &x, scale, dropout);
+        let case =
+            format!("{} path, {shape:?} pad={pad} p={} shard {}", path.name(), dropout.p, dropout.shard);
+        let (rtol, atol) = FORWARD_TOL;
+        assert_close(&format!("o {case}"), &got.o, &r.0, rtol, atol);
+        assert_close(&format!("lse {case}"), &got.lse, &r.1, rtol, atol);
+        let (rtol, atol) = BACKWARD_TOL;
+        assert_close(&format!("dq {case}"), &got.dq, &dq, rtol, atol);
+        assert_close(&format!("dk {case}"), &got.dk, &dk, rtol, atol);
+        assert_close(&format!("dv {case}"), &got.dv, &dv, rtol, atol);
+    }
 }
 
 #[test]
@@ -135,7 +150,7 @@ fn bert_head_dim_64_several_tiles() {
 /// A data-parallel rank's slice (shard 1): its mask indices start past shard 0's tensor.
 #[test]
 fn shard_one_draws_its_slice_of_the_global_mask() {
-    check_dropout(shape(2, 13, 2, 32), 2, DropoutSpec { shard: 1, ..drop(0.3) });
+    check_paths(&PATHS, shape(2, 13, 2, 32), 2, DropoutSpec { shard: 1, ..drop(0.3) });
 }
 
 #[test]
@@ -150,12 +165,54 @@ fn longest_sequence_512() {
     check(shape(1, 512, 1, 32), 100, 0.1);
 }
 
+/// The unfused path's products on shapes no tile divides (S = 130 rows and keys, head dims
+/// 32, 34, 64), several sequences and heads, masks and dropout.
+#[test]
+fn unfused_sequence_130() {
+    for d in [32, 34, 64] {
+        check_paths(&[AttentionPath::Unfused], shape(2, 130, 3, d), 17, drop(0.1));
+    }
+    check_paths(&[AttentionPath::Unfused], shape(3, 130, 2, 64), 0, drop(0.0));
+}
+
+/// Chunks of the workspace: 12 heads of 512 keys take 12 MiB of scores per sequence, more
+/// than the workspace's 1 MiB, so each of three sequences is a chunk of its own; 4 heads
+/// of 100 keys take 160,000 bytes, so 6 of 7 sequences fit one chunk and the seventh
+/// follows at an offset.
+#[test]
+fn unfused_chunks_of_long_sequences() {
+    let long = shape(3, 512, 12, 8);
+    assert_eq!(attention::workspace_bytes(long, false), 12 * 512 * 512 * 4);
+    check_paths(&[AttentionPath::Unfused], long, 50, drop(0.1));
+    let many = shape(7, 100, 4, 16);
+    assert_eq!(attention::workspace_bytes(many, false), 6 * 4 * 100 * 100 * 4);
+    check_paths(&[AttentionPath::Unfused], many, 9, drop(0.1));
+}
+
+/// Which path this adapter runs by default, said where a test log shows it.
+#[test]
+fn default_path_is_named() {
+    let gpu = gpu();
+    let path = attention::path(gpu).unwrap();
+    eprintln!("attention path on {}: {}", gpu.describe(), path.name());
+    let cpu = gpu.info.device_type == wgpu::DeviceType::Cpu;
+    if std::env::var_os("PALS_ATTENTION").is_none() {
+        assert_eq!(path, if cpu { AttentionPath::Unfused } else { AttentionPath::Fused });
+    }
+}
+
 #[test]
 fn results_are_bit_identical_across_runs() {
     let shape = shape(2, 45, 2, 34);
     let x = Inputs::new(shape, 6);
-    let first = run_gpu(gpu(), shape, &x, 0.17, drop(0.1));
-    let second = run_gpu(gpu(), shape, &x, 0.17, drop(0.1));
+    for path in PATHS {
+        bit_identical(path, shape, &x);
+    }
+}
+
+fn bit_identical(path: AttentionPath, shape: AttentionShape, x: &Inputs) {
+    let first = run_gpu(gpu(), path, shape, x, 0.17, drop(0.1));
+    let second = run_gpu(gpu(), path, shape, x, 0.17, drop(0.1));
     let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
     for (what, a, b) in [
         ("o", &first.o, &second.o),
@@ -164,7 +221,7 @@ fn results_are_bit_identical_across_runs() {
         ("dk", &first.dk, &second.dk),
         ("dv", &first.dv, &second.dv),
     ] {
-        assert_eq!(bits(a), bits(b), "{what} differs between runs");
+        assert_eq!(bits(a), bits(b), "{what} differs between runs on the {} path", path.name());
     }
 }
 
@@ -209,15 +266,20 @@ fn mismatched_shapes_are_errors() {
     assert!(rec.is_empty());
 }
 
-/// GPU time of the forward and the three backward dispatches on BERT-sized shapes:
-/// `cargo test --test attention -- --ignored --nocapture` (slow on a CPU adapter).
+/// GPU time of each dispatch of the forward and backward at MiniLM's and BERT-base's
+/// training shapes and a PAL-sized one, on this adapter's path (`PALS_ATTENTION` picks
+/// another): `cargo test --test attention -- --ignored --nocapture`.
 #[test]
 #[ignore]
 fn timing() {
     let gpu = gpu();
-    for shape in [shape(32, 128, 12, 64), shape(8, 512, 12, 64), shape(32, 128, 6, 34)] {
+    for shape in [shape(8, 128, 12, 32), shape(32, 128, 12, 64), shape(32, 128, 6, 34)] {
         let x = Inputs::new(shape, 0);
-        run_gpu(gpu, shape, &x, 0.125, drop(0.1)); // compile and warm up
+        // Compile (and tune) and warm up; with a cold MESA_SHADER_CACHE_DIR this is the
+        // path's pipeline builds.
+        let started = std::time::Instant::now();
+        run_gpu(gpu, attention::path(gpu).unwrap(), shape, &x, 0.125, drop(0.1));
+        eprintln!("{shape:?}: first forward + backward {:.2} s", started.elapsed().as_secs_f64());
         let dims = [shape.batch, shape.seq, shape.heads, shape.head_dim];
         let rows = [shape.batch, shape.heads, shape.seq];
         let t = |name: &str, s: &[usize]| gpu.zeros(name, s).unwrap();

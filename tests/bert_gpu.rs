@@ -8,6 +8,7 @@ mod common;
 use common::{assert_close, gpu};
 use pals::error::ModelError;
 use pals::gpu::{GpuError, Tensor};
+use pals::kernels::attention::{self, AttentionPath, AttentionShape};
 use pals::model::bert::{Activations, BatchInputs, Bert};
 use pals::model::memory::{MemoryPlan, tensor_bytes};
 use pals::model::{BertConfig, DropoutKey, EncoderBatch, Weights, random_weights};
@@ -264,8 +265,18 @@ fn dispatch_count_per_step() {
     let forward = rec.len();
     bert.backward(&mut rec, &acts, &inputs, &d_seq, &d_pooled, Some(KEY)).unwrap();
     eprintln!("dispatches at 32x128, 12 layers: forward {forward}, forward + backward {}", rec.len());
-    // Forward: 3 (embeddings) + 11 per layer + 2 (pooler). Backward: 5 (pooler) + 41 per
-    // layer (two-pass column sums past 256 rows) + 12 (embeddings).
-    assert_eq!(forward, 3 + 11 * 12 + 2);
-    assert_eq!(rec.len(), forward + 5 + 41 * 12 + 12);
+    // Forward: 3 (embeddings) + 10 per layer besides attention + 2 (pooler). Backward:
+    // 5 (pooler) + 38 per layer (two-pass column sums past 256 rows) besides attention + 12
+    // (embeddings). Attention takes 1 forward and 3 backward dispatches fused; unfused, per
+    // workspace chunk Q·Kᵀ, softmax, P·V and Q·Kᵀ, dO·Vᵀ, softmax backward, dV, dK, dQ,
+    // after one delta prepass.
+    let path = attention::path(gpu).unwrap();
+    let chunks = attention::chunk_count(AttentionShape { batch, seq, heads: 1, head_dim: 32 });
+    let (attention_forward, attention_backward) = match path {
+        AttentionPath::Fused => (1, 3),
+        AttentionPath::Unfused => (3 * chunks, 1 + 6 * chunks),
+    };
+    eprintln!("attention path: {}", path.name());
+    assert_eq!(forward, 3 + (10 + attention_forward) * 12 + 2);
+    assert_eq!(rec.len(), forward + 5 + (38 + attention_backward) * 12 + 12);
 }

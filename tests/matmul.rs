@@ -5,7 +5,7 @@ mod common;
 
 use common::{assert_close, gpu};
 use pals::gpu::GpuError;
-use pals::kernels::matmul::{self, Epilogue, Matmul, runnable_tiles, usable_tiles};
+use pals::kernels::matmul::{self, Epilogue, InnerBatch, Matmul, runnable_tiles, usable_tiles};
 use pals::reference::{self, random_vec};
 
 // f32 sums over K against f64: relative error grows like sqrt(K)·eps.
@@ -152,6 +152,55 @@ fn batched_strided_and_offset_products() {
     let cls: Vec<f32> = (0..sequences).flat_map(|s| h_host[s * seq * hidden..][..hidden].to_vec()).collect();
     let want = reference::matmul::matmul(&cls, &w_host, sequences, out, hidden, false, true);
     assert_close("strided rows", &gpu.read::<f32>(&y).unwrap(), &want, RTOL, ATOL);
+}
+
+/// Per-head scores of a [B, S, H, D] tensor pair into [B, H, S, S]: batch z = b·H + h
+/// nests the heads inside the sequences, on every tile (S and D are no tile multiples).
+#[test]
+fn two_level_batches_address_heads() {
+    let gpu = gpu();
+    let (b, s, h, d) = (2, 13, 3, 10);
+    let q_host = random_vec(b * s * h * d, 15, 1.0);
+    let k_host = random_vec(b * s * h * d, 16, 1.0);
+    let q = gpu.upload("q", &[b, s, h, d], &q_host).unwrap();
+    let k = gpu.upload("k", &[b, s, h, d], &k_host).unwrap();
+    let op = Matmul {
+        lda: Some(h * d),
+        ldb: Some(h * d),
+        stride_a: Some(s * h * d),
+        stride_b: Some(s * h * d),
+        stride_c: Some(h * s * s),
+        inner: Some(InnerBatch { count: h, stride_a: d, stride_b: d, stride_c: s * s }),
+        ..Matmul::new(s, s, d).trans_b().batched(b * h)
+    };
+    let head = |x: &[f32], bi: usize, hi: usize| -> Vec<f32> {
+        (0..s).flat_map(|si| x[((bi * s + si) * h + hi) * d..][..d].to_vec()).collect()
+    };
+    for tile in runnable_tiles(gpu) {
+        let scores = gpu.zeros("scores", &[b, h, s, s]).unwrap();
+        let mut rec = gpu.recorder();
+        matmul::matmul_with_tile(&mut rec, &q, &k, &scores, &op, Epilogue::None, tile).unwrap();
+        rec.submit().unwrap();
+        let got = gpu.read::<f32>(&scores).unwrap();
+        for (bi, hi) in (0..b).flat_map(|bi| (0..h).map(move |hi| (bi, hi))) {
+            let want = reference::matmul::matmul(
+                &head(&q_host, bi, hi),
+                &head(&k_host, bi, hi),
+                s,
+                s,
+                d,
+                false,
+                true,
+            );
+            let at = (bi * h + hi) * s * s;
+            assert_close(&format!("{tile:?} b{bi} h{hi}"), &got[at..][..s * s], &want, RTOL, ATOL);
+        }
+    }
+    // A batch that is not a whole number of outer batches is refused.
+    let bad = Matmul { batch: b * h - 1, ..op };
+    let scores = gpu.zeros("scores", &[b, h, s, s]).unwrap();
+    let error = matmul::matmul(&mut gpu.recorder(), &q, &k, &scores, &bad, Epilogue::None).unwrap_err();
+    assert!(error.to_string().contains("inner batches"), "{error}");
 }
 
 #[test]

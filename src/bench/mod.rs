@@ -15,7 +15,7 @@ use crate::data::custom::{CustomTask, Kind};
 use crate::data::glue::{Label, Split};
 use crate::data::source::TaskSource;
 use crate::gpu::{Gpu, GpuError, Tensor, Timing};
-use crate::kernels::attention::{self, AttentionShape};
+use crate::kernels::attention::{self, AttentionPath, AttentionShape};
 use crate::kernels::elementwise::DropoutSpec;
 use crate::kernels::matmul::{self, Epilogue, Matmul};
 use crate::model::BertConfig;
@@ -212,11 +212,12 @@ impl AttentionOperands {
         2.5 * self.forward_flops()
     }
 
-    pub fn forward_seconds(&self, gpu: &Gpu) -> Result<f64, GpuError> {
+    pub fn forward_seconds(&self, gpu: &Gpu, path: AttentionPath) -> Result<f64, GpuError> {
         let started = Instant::now();
         let mut rec = gpu.recorder();
         let (o, s) = (self, self.scale());
-        attention::attention_forward(
+        attention::attention_forward_on(
+            path,
             &mut rec,
             o.shape,
             &o.q,
@@ -233,11 +234,12 @@ impl AttentionOperands {
         Ok(started.elapsed().as_secs_f64())
     }
 
-    pub fn backward_seconds(&self, gpu: &Gpu) -> Result<f64, GpuError> {
+    pub fn backward_seconds(&self, gpu: &Gpu, path: AttentionPath) -> Result<f64, GpuError> {
         let started = Instant::now();
         let mut rec = gpu.recorder();
         let o = self;
-        attention::attention_backward(
+        attention::attention_backward_on(
+            path,
             &mut rec,
             o.shape,
             &o.q,
@@ -260,22 +262,41 @@ impl AttentionOperands {
     }
 }
 
-/// The attention rows of `pals bench`: MiniLM's step shape, then BERT-base's.
+/// The attention rows of `pals bench`: MiniLM's step shape, then BERT-base's, on the path
+/// this adapter runs, then on the other one as the yardstick, and their ratio.
 pub fn attention_report(gpu: &Gpu) -> Result<Vec<String>, GpuError> {
+    let chosen = attention::path(gpu)?;
+    let other = match chosen {
+        AttentionPath::Fused => AttentionPath::Unfused,
+        AttentionPath::Unfused => AttentionPath::Fused,
+    };
     let mut rows = Vec::new();
     for operands in [AttentionOperands::minilm(gpu)?, AttentionOperands::bert_base(gpu)?] {
-        operands.forward_seconds(gpu)?;
-        operands.backward_seconds(gpu)?; // compile outside the timing
-        let forward = operands.forward_seconds(gpu)?;
-        let backward = operands.backward_seconds(gpu)?;
-        let row = |name: &str, seconds: f64, flops: f64| {
-            format!("{name:<30} {:>10.2} {:>9.1}", seconds * 1e3, flops / seconds / 1e9)
-        };
         let s = operands.shape;
         let title = format!("attention b{} h{} s{} d{}", s.batch, s.heads, s.seq, s.head_dim);
         rows.push(format!("{title:<30} {:>10} {:>9}", "GPU ms", "GFLOP/s"));
-        rows.push(row("forward", forward, operands.forward_flops()));
-        rows.push(row("backward", backward, operands.backward_flops()));
+        let mut seconds = Vec::new();
+        for (path, role) in [(chosen, "this adapter's"), (other, "yardstick")] {
+            operands.forward_seconds(gpu, path)?;
+            operands.backward_seconds(gpu, path)?; // compile outside the timing
+            let forward = operands.forward_seconds(gpu, path)?;
+            let backward = operands.backward_seconds(gpu, path)?;
+            let row = |name: &str, seconds: f64, flops: f64| {
+                format!("{name:<30} {:>10.2} {:>9.1}", seconds * 1e3, flops / seconds / 1e9)
+            };
+            let name = path.name();
+            rows.push(row(&format!("forward {name} ({role})"), forward, operands.forward_flops()));
+            rows.push(row(&format!("backward {name} ({role})"), backward, operands.backward_flops()));
+            seconds.push((forward, backward));
+        }
+        let ((forward, backward), (forward_other, backward_other)) = (seconds[0], seconds[1]);
+        rows.push(format!(
+            "{} over {}: forward {:.1}x, backward {:.1}x faster",
+            chosen.name(),
+            other.name(),
+            forward_other / forward,
+            backward_other / backward
+        ));
     }
     Ok(rows)
 }
@@ -335,6 +356,9 @@ pub const WARMUP_STEPS: usize = 2;
 #[derive(Clone, Debug)]
 pub struct TrainReport {
     pub adapter: String,
+    /// Which attention path the step ran (`kernels::attention::path`); its products count
+    /// as matmul in `families` on the unfused path.
+    pub attention_path: &'static str,
     pub bench: TrainBench,
     /// The method with its sizes, e.g. `Pals { dim: 102, heads: 6 }`.
     pub method: String,
@@ -532,6 +556,7 @@ pub fn train_bench(gpu: &Gpu, bench: &TrainBench) -> anyhow::Result<TrainReport>
     memory.extend(crate::model::memory::task_memory_report(c, &method, &tasks, bench.batch, padded_seq));
     Ok(TrainReport {
         adapter: gpu.describe(),
+        attention_path: attention::path(gpu)?.name(),
         bench: bench.clone(),
         method: format!("{method:?}"),
         padded_seq,
@@ -580,6 +605,7 @@ impl TrainReport {
         };
         let mut lines = vec![
             format!("adapter: {}", self.adapter),
+            format!("attention: {} path", self.attention_path),
             format!(
                 "config: {} layers x {} hidden, {} heads, intermediate {}, vocab {} ({} encoder parameters)",
                 c.num_hidden_layers,

@@ -4,6 +4,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use super::Tensor;
+
 /// Everything that can go wrong between the host and the GPU, each naming what it concerns.
 #[derive(Debug, thiserror::Error)]
 pub enum GpuError {
@@ -174,6 +176,9 @@ pub struct Gpu {
     /// Small idle staging buffers (readback, timestamps), unmapped, found again by usage
     /// and size: see `take_buffer`.
     spare: Mutex<Vec<wgpu::Buffer>>,
+    /// Scratch tensors kernels keep between calls (attention's score matrices), by name:
+    /// see `workspace`.
+    workspaces: Mutex<HashMap<&'static str, Tensor>>,
     counters: Counters,
 }
 
@@ -239,6 +244,7 @@ impl Gpu {
             tune,
             params: Mutex::new(Default::default()),
             spare: Mutex::new(Vec::new()),
+            workspaces: Mutex::new(HashMap::new()),
             counters: Counters::default(),
         })
     }
@@ -354,5 +360,21 @@ impl Gpu {
             spare.remove(0);
         }
         spare.push(buffer);
+    }
+
+    /// The workspace `name` with room for `len` f32 elements, viewed as `len` long: the one
+    /// kept from an earlier call when it is large enough, else a new one that replaces it.
+    /// Work recorded earlier still holds the old buffer; dispatches on the same workspace
+    /// run in recording order, so kernels that reuse one in turn need no more.
+    pub fn workspace(&self, name: &'static str, len: usize) -> Result<Tensor, GpuError> {
+        let mut workspaces = self.workspaces.lock().unwrap();
+        if let Some(kept) = workspaces.get(name)
+            && kept.len() >= len
+        {
+            return Ok(kept.view(&[len]));
+        }
+        let fresh = self.zeros(name, &[len])?;
+        workspaces.insert(name, fresh.clone());
+        Ok(fresh)
     }
 }

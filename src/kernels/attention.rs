@@ -1,8 +1,18 @@
-//! Fused multi-head self-attention, forward and backward: shaders/attention.wgsl.
+//! Multi-head self-attention, forward and backward, on one of two paths:
+//! - fused (shaders/attention.wgsl): flash-attention style, the S×S scores never reach
+//!   memory; what GPUs run.
+//! - unfused: Q·Kᵀ, P·V and the gradients' products on the batched matmul (one (b, h) per
+//!   batch), the softmax and its backward as row kernels (shaders/attention_softmax.wgsl),
+//!   the scores in a workspace of at most [`WORKSPACE_BYTES`] per matrix, or one sequence's
+//!   scores where those are larger (sequences run in chunks that fit). The fused kernel's per-row loops run at ~0.2 GFLOP/s on lavapipe,
+//!   where the matmul's register tiles are 10× faster, so CPU adapters take this one.
+//!
+//! Both give the same results up to f32 rounding (same dropout mask, same lse).
 
 use super::elementwise::DropoutSpec;
+use super::matmul::{self, Epilogue, InnerBatch, Matmul};
 use super::{expect_len, to_u32};
-use crate::gpu::{Binding, GpuError, KernelSpec, Recorder, Tensor, spread};
+use crate::gpu::{Binding, Gpu, GpuError, KernelSpec, Recorder, Tensor, spread};
 use Binding::{Read, Write};
 
 const SOURCE: &str =
@@ -32,6 +42,23 @@ const BACKWARD_DKDV: KernelSpec = KernelSpec {
     entry: "attention_backward_dkdv",
     bindings: &[Read, Read, Read, Read, Read, Read, Read, Write, Write],
 };
+
+const SOFTMAX_SOURCE: &str =
+    concat!(include_str!("../../shaders/rng.wgsl"), include_str!("../../shaders/attention_softmax.wgsl"));
+const SOFTMAX: KernelSpec = KernelSpec {
+    name: "attention_softmax",
+    source: SOFTMAX_SOURCE,
+    entry: "attention_softmax",
+    bindings: &[Read, Write, Write],
+};
+const SOFTMAX_BACKWARD: KernelSpec = KernelSpec {
+    name: "attention_softmax_backward",
+    source: SOFTMAX_SOURCE,
+    entry: "attention_softmax_backward",
+    bindings: &[Read, Read, Read, Write, Write],
+};
+/// Invocations per workgroup of the softmax kernels, WG in the shader.
+const SOFTMAX_WG: u32 = 64;
 
 /// Rows (queries or keys) per workgroup, BLOCK_Q in the shader.
 const BLOCK_Q: usize = 64;
@@ -104,9 +131,29 @@ fn row_blocks(rec: &Recorder, op: &str, shape: AttentionShape) -> Result<[u32; 3
 }
 
 /// o = softmax(q·kᵀ·scale + mask) · v per head, with dropout on the probabilities; also
-/// writes each row's log-sum-exp of the scaled, masked scores for the backward.
+/// writes each row's log-sum-exp of the scaled, masked scores for the backward. Runs on
+/// this adapter's [`path`].
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
+    rec: &mut Recorder,
+    shape: AttentionShape,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    scale: f32,
+    dropout: DropoutSpec,
+) -> Result<(), GpuError> {
+    let path = path(rec.gpu)?;
+    attention_forward_on(path, rec, shape, q, k, v, mask, out, lse, scale, dropout)
+}
+
+/// `attention_forward` on a given path (tests run both; `pals bench` names the one it ran).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward_on(
+    path: AttentionPath,
     rec: &mut Recorder,
     shape: AttentionShape,
     q: &Tensor,
@@ -128,15 +175,62 @@ pub fn attention_forward(
     if shape.rows_len() == 0 {
         return Ok(());
     }
-    let groups = row_blocks(rec, op, shape)?;
-    rec.dispatch(&FORWARD, &defines(shape), &params, &[q, k, v, mask, out, lse], groups)
+    match path {
+        AttentionPath::Fused => {
+            let groups = row_blocks(rec, op, shape)?;
+            rec.dispatch(&FORWARD, &defines(shape), &params, &[q, k, v, mask, out, lse], groups)
+        }
+        AttentionPath::Unfused => unfused_forward(rec, shape, [q, k, v, mask, out, lse], &params),
+    }
 }
 
-/// dq, dk, dv of the forward above, given its o and lse and the same scale and dropout.
-/// `delta_scratch` [B, H, S] receives rowsum(dO ⊙ o). Three dispatches: the delta
-/// prepass, dq over query blocks and dk/dv over key blocks (nine storage buffers).
+/// dq, dk, dv of the forward above, given its o and lse and the same scale and dropout,
+/// on this adapter's [`path`]. `delta_scratch` [B, H, S] receives rowsum(dO ⊙ o).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
+    rec: &mut Recorder,
+    shape: AttentionShape,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    d_out: &Tensor,
+    mask: &Tensor,
+    lse: &Tensor,
+    delta_scratch: &Tensor,
+    dq: &Tensor,
+    dk: &Tensor,
+    dv: &Tensor,
+    scale: f32,
+    dropout: DropoutSpec,
+) -> Result<(), GpuError> {
+    let path = path(rec.gpu)?;
+    attention_backward_on(
+        path,
+        rec,
+        shape,
+        q,
+        k,
+        v,
+        o,
+        d_out,
+        mask,
+        lse,
+        delta_scratch,
+        dq,
+        dk,
+        dv,
+        scale,
+        dropout,
+    )
+}
+
+/// `attention_backward` on a given path. Fused: the delta prepass, dq over query blocks
+/// and dk/dv over key blocks (nine storage buffers). Unfused: the delta prepass, then per
+/// chunk of sequences Q·Kᵀ and dO·Vᵀ, the softmax backward, dV, dQ and dK.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_on(
+    path: AttentionPath,
     rec: &mut Recorder,
     shape: AttentionShape,
     q: &Tensor,
@@ -162,7 +256,7 @@ pub fn attention_backward(
     expect_len(op, delta_scratch, shape.rows_len())?;
     let params = params(op, shape, scale, dropout)?;
     let storage = rec.gpu.limits.max_storage_buffers_per_shader_stage as usize;
-    if storage < BACKWARD_DKDV.bindings.len() {
+    if path == AttentionPath::Fused && storage < BACKWARD_DKDV.bindings.len() {
         return Err(GpuError::Device {
             op: op.into(),
             message: format!(
@@ -178,6 +272,10 @@ pub fn attention_backward(
     let rows = to_u32(op, "rows", shape.rows_len())?;
     let delta_groups = spread(rec.gpu, rows.div_ceil(256));
     rec.dispatch(&DELTA, &defines, &params, &[o, d_out, delta_scratch], delta_groups)?;
+    if path == AttentionPath::Unfused {
+        let tensors = Backward { q, k, v, d_out, mask, lse, delta: delta_scratch, dq, dk, dv };
+        return unfused_backward(rec, shape, &tensors, &params);
+    }
     let groups = row_blocks(rec, op, shape)?;
     let inputs = [q, k, v, mask, d_out, lse, delta_scratch];
     let dq_tensors: Vec<&Tensor> = inputs.iter().copied().chain([dq]).collect();
@@ -186,9 +284,249 @@ pub fn attention_backward(
     rec.dispatch(&BACKWARD_DKDV, &defines, &params, &dkdv_tensors, groups)
 }
 
+// ----------------------------------------------------------------------------------------
+// Which path runs
+
+/// How attention is computed: see the module header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionPath {
+    Fused,
+    Unfused,
+}
+
+impl AttentionPath {
+    pub fn name(self) -> &'static str {
+        match self {
+            AttentionPath::Fused => "fused",
+            AttentionPath::Unfused => "unfused",
+        }
+    }
+}
+
+/// The path for this adapter: `PALS_ATTENTION=fused|unfused` when set, else unfused on CPU
+/// adapters and fused elsewhere. A rule, not a measurement: it costs a first run nothing.
+pub fn path(gpu: &Gpu) -> Result<AttentionPath, GpuError> {
+    match std::env::var("PALS_ATTENTION").as_deref() {
+        Ok("fused") => Ok(AttentionPath::Fused),
+        Ok("unfused") => Ok(AttentionPath::Unfused),
+        Ok(other) => Err(GpuError::Device {
+            op: "attention".into(),
+            message: format!("PALS_ATTENTION='{other}' is not a path: use fused or unfused"),
+        }),
+        Err(_) if gpu.info.device_type == wgpu::DeviceType::Cpu => Ok(AttentionPath::Unfused),
+        Err(_) => Ok(AttentionPath::Fused),
+    }
+}
+
+// ----------------------------------------------------------------------------------------
+// The unfused path
+
+/// The most bytes one workspace score matrix takes; longer batches run in chunks. Small
+/// enough that a chunk's scores stay in a CPU's L2 cache from Q·Kᵀ through the softmax to
+/// P·V: on lavapipe 1 MiB chunks (one sequence of MiniLM or BERT-base at S = 128) ran the
+/// forward and backward about twice as fast as 32 MiB ones (one chunk for the batch).
+pub const WORKSPACE_BYTES: usize = 1 << 20;
+
+/// Sequences per chunk: as many as fit the workspace, at least one.
+fn chunk_sequences(shape: AttentionShape) -> usize {
+    let per_sequence = 4 * shape.heads * shape.seq * shape.seq;
+    (WORKSPACE_BYTES / per_sequence.max(1)).clamp(1, shape.batch.max(1))
+}
+
+/// Bytes of workspace the unfused path holds for `shape`: one score matrix for the
+/// forward, two for the backward (the larger of what this shape and earlier ones needed).
+pub fn workspace_bytes(shape: AttentionShape, backward: bool) -> u64 {
+    let matrix = 4 * chunk_sequences(shape) * shape.heads * shape.seq * shape.seq;
+    (matrix * if backward { 2 } else { 1 }) as u64
+}
+
+/// Where a product operand lives: a [B, S, H, D] tensor (head h of sequence b at
+/// b·S·H·D + h·D, rows H·D apart) or the chunk's packed [C, H, S, S] scores.
+#[derive(Clone, Copy)]
+enum Layout {
+    Heads,
+    Scores,
+}
+
+/// (row stride, offset, sequence stride, head stride) of an operand for the chunk that
+/// starts at sequence `first`.
+fn addressing(shape: AttentionShape, first: usize, layout: Layout) -> (usize, usize, usize, usize) {
+    let (s, h, d) = (shape.seq, shape.heads, shape.head_dim);
+    match layout {
+        Layout::Heads => (h * d, first * s * h * d, s * h * d, d),
+        Layout::Scores => (s, 0, h * s * s, s * s),
+    }
+}
+
+/// One product per (b, h) of `sequences` sequences from `first`: C = op(A)·op(B), M×K·K×N.
+fn head_product(
+    shape: AttentionShape,
+    (first, sequences): (usize, usize),
+    [m, n, k]: [usize; 3],
+    (trans_a, trans_b): (bool, bool),
+    layouts: [Layout; 3],
+) -> Matmul {
+    let [a, b, c] = layouts.map(|l| addressing(shape, first, l));
+    Matmul {
+        lda: Some(a.0),
+        ldb: Some(b.0),
+        ldc: Some(c.0),
+        offset_a: a.1,
+        offset_b: b.1,
+        offset_c: c.1,
+        stride_a: Some(a.2),
+        stride_b: Some(b.2),
+        stride_c: Some(c.2),
+        inner: Some(InnerBatch { count: shape.heads, stride_a: a.3, stride_b: b.3, stride_c: c.3 }),
+        trans_a,
+        trans_b,
+        ..Matmul::new(m, n, k).batched(sequences * shape.heads)
+    }
+}
+
+/// How many chunks the unfused path runs `shape` in (its dispatches are per chunk).
+pub fn chunk_count(shape: AttentionShape) -> usize {
+    chunks(shape).count()
+}
+
+/// (first sequence, sequences) of each chunk.
+fn chunks(shape: AttentionShape) -> impl Iterator<Item = (usize, usize)> {
+    let size = chunk_sequences(shape);
+    (0..shape.batch).step_by(size).map(move |first| (first, size.min(shape.batch - first)))
+}
+
+/// The softmax kernels' parameters for one chunk.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct SoftmaxParams {
+    seq: u32,
+    heads: u32,
+    rows: u32,
+    row0: u32,
+    scale: f32,
+    seed: u32,
+    stream: u32,
+    threshold: u32,
+    drop_scale: f32,
+    first_index: u32,
+}
+
+fn softmax_params(
+    p: &Params,
+    shape: AttentionShape,
+    (first, sequences): (usize, usize),
+) -> Result<SoftmaxParams, GpuError> {
+    let rows_per_sequence = shape.heads * shape.seq;
+    Ok(SoftmaxParams {
+        seq: p.seq,
+        heads: p.heads,
+        rows: to_u32("attention_softmax", "rows", sequences * rows_per_sequence)?,
+        row0: to_u32("attention_softmax", "first row", first * rows_per_sequence)?,
+        scale: p.scale,
+        seed: p.seed,
+        stream: p.stream,
+        threshold: p.threshold,
+        drop_scale: p.drop_scale,
+        first_index: p.first_index,
+    })
+}
+
+/// The chunk's score matrices in the workspace `name`.
+fn scores_workspace(gpu: &Gpu, name: &'static str, shape: AttentionShape) -> Result<Tensor, GpuError> {
+    gpu.workspace(name, chunk_sequences(shape) * shape.heads * shape.seq * shape.seq)
+}
+
+/// [q, k, v, mask, out, lse]: per chunk, scores = Q·Kᵀ, the softmax in place, out = P·V.
+fn unfused_forward(
+    rec: &mut Recorder,
+    shape: AttentionShape,
+    [q, k, v, mask, out, lse]: [&Tensor; 6],
+    params: &Params,
+) -> Result<(), GpuError> {
+    use Layout::{Heads, Scores};
+    let (s, d) = (shape.seq, shape.head_dim);
+    let scores = scores_workspace(rec.gpu, "attention.scores", shape)?;
+    for chunk in chunks(shape) {
+        let qk = head_product(shape, chunk, [s, s, d], (false, true), [Heads, Heads, Scores]);
+        matmul::matmul(rec, q, k, &scores, &qk, Epilogue::None)?;
+        let p = softmax_params(params, shape, chunk)?;
+        let groups = spread(rec.gpu, p.rows.div_ceil(SOFTMAX_WG));
+        rec.dispatch(&SOFTMAX, "", &p, &[mask, &scores, lse], groups)?;
+        let pv = head_product(shape, chunk, [s, d, s], (false, false), [Scores, Heads, Heads]);
+        matmul::matmul(rec, &scores, v, out, &pv, Epilogue::None)?;
+    }
+    Ok(())
+}
+
+/// The backward's tensors (delta already holds rowsum(dO ⊙ o)).
+struct Backward<'t> {
+    q: &'t Tensor,
+    k: &'t Tensor,
+    v: &'t Tensor,
+    d_out: &'t Tensor,
+    mask: &'t Tensor,
+    lse: &'t Tensor,
+    delta: &'t Tensor,
+    dq: &'t Tensor,
+    dk: &'t Tensor,
+    dv: &'t Tensor,
+}
+
+/// Per chunk: P recomputed from Q·Kᵀ and lse (nothing S×S is kept from the forward, so
+/// every layer shares the workspace), dP = dO·Vᵀ, then dV = (P·keep)ᵀ·dO, dQ = dS·K,
+/// dK = dSᵀ·Q with dS = scale·P·(dP·keep − delta).
+fn unfused_backward(
+    rec: &mut Recorder,
+    shape: AttentionShape,
+    t: &Backward,
+    params: &Params,
+) -> Result<(), GpuError> {
+    use Layout::{Heads, Scores};
+    let (s, d) = (shape.seq, shape.head_dim);
+    let probs = scores_workspace(rec.gpu, "attention.scores", shape)?;
+    let d_scores = scores_workspace(rec.gpu, "attention.d_scores", shape)?;
+    for chunk in chunks(shape) {
+        let by_keys = head_product(shape, chunk, [s, s, d], (false, true), [Heads, Heads, Scores]);
+        matmul::matmul(rec, t.q, t.k, &probs, &by_keys, Epilogue::None)?;
+        matmul::matmul(rec, t.d_out, t.v, &d_scores, &by_keys, Epilogue::None)?;
+        let p = softmax_params(params, shape, chunk)?;
+        let groups = spread(rec.gpu, p.rows.div_ceil(SOFTMAX_WG));
+        let tensors = [t.mask, t.lse, t.delta, &probs, &d_scores];
+        rec.dispatch(&SOFTMAX_BACKWARD, "", &p, &tensors, groups)?;
+        let transposed = head_product(shape, chunk, [s, d, s], (true, false), [Scores, Heads, Heads]);
+        matmul::matmul(rec, &probs, t.d_out, t.dv, &transposed, Epilogue::None)?;
+        matmul::matmul(rec, &d_scores, t.q, t.dk, &transposed, Epilogue::None)?;
+        let plain = head_product(shape, chunk, [s, d, s], (false, false), [Scores, Heads, Heads]);
+        matmul::matmul(rec, &d_scores, t.k, t.dq, &plain, Epilogue::None)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn workspace_is_bounded_and_chunks_cover_the_batch() {
+        for (batch, seq, heads) in
+            [(32, 128, 12), (8, 512, 12), (3, 512, 12), (1, 1, 1), (5, 7, 3), (2, 2048, 16)]
+        {
+            let shape = AttentionShape { batch, seq, heads, head_dim: 64 };
+            let per_sequence = 4 * heads * seq * seq;
+            assert!(workspace_bytes(shape, false) as usize <= WORKSPACE_BYTES.max(per_sequence), "{shape:?}");
+            assert_eq!(workspace_bytes(shape, true), 2 * workspace_bytes(shape, false));
+            let mut next = 0;
+            for (first, sequences) in chunks(shape) {
+                assert!(first == next && sequences >= 1 && sequences <= chunk_sequences(shape), "{shape:?}");
+                next += sequences;
+            }
+            assert_eq!(next, batch, "{shape:?}");
+        }
+        // BERT-base at batch 32 x 128: chunks of one sequence, 768 KiB per score matrix.
+        let base = AttentionShape { batch: 32, seq: 128, heads: 12, head_dim: 64 };
+        assert_eq!(workspace_bytes(base, true), 1536 << 10);
+        assert_eq!(chunks(base).count(), 32);
+    }
 
     #[test]
     fn tiles_fit_16_kib() {

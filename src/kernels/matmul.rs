@@ -78,7 +78,9 @@ impl Tile {
 /// for 8×4 on Mesa 25, 2 cores); the 128 × 128 one gives small products (M = 1024,
 /// N = 384: MiniLM) more workgroups. The measurement decides among them. CPU adapters
 /// measure only their three, since every candidate is a pipeline compile (seconds on
-/// lavapipe) per transpose form, and first-run tuning must stay short.
+/// lavapipe) per transpose form, and first-run tuning must stay short. Products only 32 or
+/// 64 wide (attention's P·V and its gradients, per head) leave 3/4 of a 128-wide tile idle:
+/// CPU adapters also measure the one narrow tile whose width fits them, and only there.
 pub const CANDIDATES: &[(Tile, Adapters)] = &[
     (Tile::new(64, 64, 16, 8, 4), Adapters::Gpu),
     (Tile::new(32, 32, 16, 4, 4), Adapters::Gpu),
@@ -91,6 +93,8 @@ pub const CANDIDATES: &[(Tile, Adapters)] = &[
     (Tile::new(256, 128, 8, 16, 16), Adapters::Cpu),
     (Tile::new(256, 128, 8, 16, 8), Adapters::Cpu),
     (Tile::new(128, 128, 16, 16, 16), Adapters::Cpu),
+    (Tile::new(128, 32, 8, 8, 16), Adapters::CpuNarrow),
+    (Tile::new(128, 64, 8, 8, 16), Adapters::CpuNarrow),
 ];
 
 /// Which adapters a candidate tile is measured on.
@@ -99,6 +103,8 @@ pub enum Adapters {
     All,
     Gpu,
     Cpu,
+    /// CPU adapters, on products at most BN and over BN / 2 wide.
+    CpuNarrow,
 }
 
 /// What happens to each output element after the product.
@@ -146,9 +152,22 @@ pub struct Matmul {
     pub stride_a: Option<usize>,
     pub stride_b: Option<usize>,
     pub stride_c: Option<usize>,
+    /// Batches nested in two levels (attention: batch = b·heads + h); `None`: one level.
+    pub inner: Option<InnerBatch>,
     /// The caller accepts operands rounded to f16 (mixed precision): lets the tuner also
     /// measure the cooperative-matrix kernel where the adapter has one.
     pub f16_operands: bool,
+}
+
+/// Batch z = outer·count + inner of a two-level batch: operand X of batch z starts at
+/// offset_X + outer·stride_X + inner·inner_stride_X (strides in elements). Attention
+/// addresses head h of sequence b in a [B, S, heads, D] tensor this way.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct InnerBatch {
+    pub count: usize,
+    pub stride_a: usize,
+    pub stride_b: usize,
+    pub stride_c: usize,
 }
 
 #[repr(C)]
@@ -161,7 +180,7 @@ struct Params {
     lda: u32,
     ldb: u32,
     ldc: u32,
-    pad0: u32,
+    inner: u32,
     offset_a: u32,
     offset_b: u32,
     offset_c: u32,
@@ -170,6 +189,10 @@ struct Params {
     stride_b: u32,
     stride_c: u32,
     pad2: u32,
+    inner_stride_a: u32,
+    inner_stride_b: u32,
+    inner_stride_c: u32,
+    pad3: u32,
 }
 
 impl Matmul {
@@ -214,16 +237,25 @@ impl Matmul {
         [(a_rows, self.lda(), a_cols), (b_rows, self.ldb(), b_cols), (self.m, self.ldc(), self.n)]
     }
 
+    /// Inner batches per outer one (1 without nesting).
+    fn inner_count(&self) -> usize {
+        self.inner.map_or(1, |inner| inner.count.max(1))
+    }
+
     /// Elements each operand must hold: offset + last batch + last row + row length.
     fn required(&self) -> [usize; 3] {
-        let batch = self.batch.max(1);
+        let inner_count = self.inner_count();
+        let outer = self.batch.max(1).div_ceil(inner_count);
         let strides = [self.stride_a, self.stride_b, self.stride_c];
+        let inner = self.inner.unwrap_or_default();
+        let inner_strides = [inner.stride_a, inner.stride_b, inner.stride_c];
         let offsets = [self.offset_a, self.offset_b, self.offset_c];
         let mut needed = [0; 3];
         for (i, (rows, ld, cols)) in self.extents().into_iter().enumerate() {
             let matrix = if rows == 0 || cols == 0 { 0 } else { (rows - 1) * ld + cols };
             let stride = strides[i].unwrap_or(rows * ld);
-            needed[i] = if matrix == 0 { 0 } else { offsets[i] + (batch - 1) * stride + matrix };
+            let last = (outer - 1) * stride + (inner_count - 1) * inner_strides[i];
+            needed[i] = if matrix == 0 { 0 } else { offsets[i] + last + matrix };
         }
         needed
     }
@@ -231,6 +263,7 @@ impl Matmul {
     fn params(&self) -> Result<Params, GpuError> {
         let u = |what: &str, v: usize| to_u32("matmul", what, v);
         let [(a_rows, lda, _), (b_rows, ldb, _), (_, ldc, _)] = self.extents();
+        let inner = self.inner.unwrap_or_default();
         Ok(Params {
             m: u("m", self.m)?,
             n: u("n", self.n)?,
@@ -245,9 +278,13 @@ impl Matmul {
             stride_a: u("stride_a", self.stride_a.unwrap_or(a_rows * lda))?,
             stride_b: u("stride_b", self.stride_b.unwrap_or(b_rows * ldb))?,
             stride_c: u("stride_c", self.stride_c.unwrap_or(self.m * ldc))?,
-            pad0: 0,
+            inner: u("inner batches", self.inner_count())?,
+            inner_stride_a: u("inner stride_a", inner.stride_a)?,
+            inner_stride_b: u("inner stride_b", inner.stride_b)?,
+            inner_stride_c: u("inner stride_c", inner.stride_c)?,
             pad1: 0,
             pad2: 0,
+            pad3: 0,
         })
     }
 
@@ -257,6 +294,13 @@ impl Matmul {
         if lda < a_cols || ldb < b_cols || ldc < c_cols {
             return Err(shape_error(format!(
                 "row strides lda={lda} ldb={ldb} ldc={ldc} shorter than the rows ({a_cols}, {b_cols}, {c_cols})"
+            )));
+        }
+        if !self.batch.max(1).is_multiple_of(self.inner_count()) {
+            return Err(shape_error(format!(
+                "batch {} is not a multiple of the {} inner batches",
+                self.batch,
+                self.inner_count()
             )));
         }
         for (tensor, needed) in [a, b, c].into_iter().zip(self.required()) {
@@ -340,7 +384,7 @@ pub fn usable_tiles(gpu: &Gpu) -> Vec<Tile> {
         .filter(|(_, on)| match on {
             Adapters::All => true,
             Adapters::Gpu => !cpu,
-            Adapters::Cpu => cpu,
+            Adapters::Cpu | Adapters::CpuNarrow => cpu,
         })
         .map(|(tile, _)| *tile)
         .collect();
@@ -523,9 +567,17 @@ fn shape_class(op: &Matmul) -> String {
     )
 }
 
+/// Whether a usable tile is worth measuring on `op`: narrow tiles only where they fit it.
+fn suits(tile: &Tile, op: &Matmul) -> bool {
+    let narrow = CANDIDATES.iter().any(|(t, on)| t == tile && *on == Adapters::CpuNarrow);
+    let bn = tile.bn as usize;
+    !narrow || (op.n <= bn && 2 * op.n > bn)
+}
+
 /// The kernels the tuner measures for `op` on this adapter, the default first.
 fn candidates(gpu: &Gpu, op: &Matmul) -> Vec<Kernel> {
-    let mut kernels: Vec<Kernel> = usable_tiles(gpu).into_iter().map(Kernel::Tiled).collect();
+    let tiles = usable_tiles(gpu).into_iter().filter(|t| suits(t, op));
+    let mut kernels: Vec<Kernel> = tiles.map(Kernel::Tiled).collect();
     if op.f16_operands && coop_unavailable(gpu).is_none() {
         kernels.push(Kernel::Coop);
     }
@@ -554,7 +606,7 @@ fn choose_kernel(gpu: &Gpu, op: &Matmul) -> Result<Kernel, GpuError> {
     Ok(Kernel::parse(&chosen).unwrap_or(default))
 }
 
-/// A stand-in for a shape in its class: the same N and K, fewer rows, one batch, so that
+/// A stand-in for a shape in its class: the same N and K, fewer rows and batches, so that
 /// measuring every candidate stays within about a second even on a CPU adapter.
 struct Proxy {
     op: Matmul,
@@ -571,11 +623,14 @@ impl Proxy {
         // on a mostly empty tile.
         let tallest = usable_tiles(gpu).iter().map(|t| t.bm as usize).max().unwrap_or(64);
         let rows = ((PROXY_FLOPS / per_row) as usize).clamp(tallest, tallest.max(1024)).min(op.m.max(1));
+        // Small batched products (attention's, per head) keep enough of their batch to
+        // give every tile its real number of workgroups.
+        let batch = ((PROXY_FLOPS / (per_row * rows as f64)) as usize).clamp(1, op.batch.max(1));
         let proxy = Matmul {
             m: rows,
             n: op.n,
             k: op.k,
-            batch: 1,
+            batch,
             trans_a: op.trans_a,
             trans_b: op.trans_b,
             f16_operands: op.f16_operands,

@@ -7,6 +7,8 @@
 use super::bert::{Activations, BatchInputs};
 use super::tasks::{Bucket, Method, TaskActivations, TaskSpec, task_param_shapes};
 use super::{BertConfig, param_shapes};
+use crate::contract::AttentionShape;
+use crate::kernels::attention;
 
 /// Bytes a tensor of `shape` occupies: 4-byte elements, and never less than one element
 /// (`Gpu::zeros` gives an empty tensor one element so that it can be bound).
@@ -99,8 +101,16 @@ pub fn memory_report(config: &BertConfig, batch: usize, seq: usize) -> Vec<Strin
         row("activations", plan.activations, eval.activations),
         row("inputs", plan.inputs, eval.inputs),
         row("total", plan.total(), eval.total()),
-        "  training activations by buffer (count x shape class):".to_string(),
     ];
+    // The unfused attention path's score matrices (CPU adapters), shared by every layer
+    // and kept by the device, not the model: on top of the total where that path runs.
+    let shape = AttentionShape { batch, seq, heads: config.num_attention_heads, head_dim: config.head_dim() };
+    let (train, eval) = (attention::workspace_bytes(shape, true), attention::workspace_bytes(shape, false));
+    lines.push(format!(
+        "{} (unfused attention's workspace, where that path runs)",
+        row("+ attention", train, eval)
+    ));
+    lines.push("  training activations by buffer (count x shape class):".to_string());
     for (name, count, bytes) in activation_groups(config, batch, seq) {
         lines.push(format!("    {name:24} x{count:<3} {}", mib(bytes)));
     }
@@ -206,6 +216,11 @@ mod tests {
         assert_eq!(grouped, plan.activations);
         let report = memory_report(&c, 3, 7);
         assert!(report.iter().any(|line| line.contains("layer.*.pre")), "{report:?}");
+        // Chunks of 4 sequences x 4 heads x 128 x 128 f32 scores: 1 MiB, twice for the
+        // backward.
+        let report = memory_report(&c, 32, 128);
+        let workspace = report.iter().find(|line| line.contains("+ attention")).unwrap();
+        assert!(workspace.contains("2.0 MiB") && workspace.contains("1.0 MiB"), "{workspace}");
     }
 
     #[test]
