@@ -333,11 +333,17 @@ fn chunk_sequences(shape: AttentionShape) -> usize {
     (WORKSPACE_BYTES / per_sequence.max(1)).clamp(1, shape.batch.max(1))
 }
 
+/// Elements of one workspace score matrix: always the whole [`WORKSPACE_BYTES`] (or one
+/// sequence's scores where larger), so that every shape of a run shares one buffer and
+/// the recorder's cached bind groups stay valid after the first step.
+fn workspace_len(shape: AttentionShape) -> usize {
+    (WORKSPACE_BYTES / 4).max(shape.heads * shape.seq * shape.seq)
+}
+
 /// Bytes of workspace the unfused path holds for `shape`: one score matrix for the
 /// forward, two for the backward (the larger of what this shape and earlier ones needed).
 pub fn workspace_bytes(shape: AttentionShape, backward: bool) -> u64 {
-    let matrix = 4 * chunk_sequences(shape) * shape.heads * shape.seq * shape.seq;
-    (matrix * if backward { 2 } else { 1 }) as u64
+    (4 * workspace_len(shape) * if backward { 2 } else { 1 }) as u64
 }
 
 /// Where a product operand lives: a [B, S, H, D] tensor (head h of sequence b at
@@ -431,9 +437,9 @@ fn softmax_params(
     })
 }
 
-/// The chunk's score matrices in the workspace `name`.
+/// The chunks' score matrices in the workspace `name`.
 fn scores_workspace(gpu: &Gpu, name: &'static str, shape: AttentionShape) -> Result<Tensor, GpuError> {
-    gpu.workspace(name, chunk_sequences(shape) * shape.heads * shape.seq * shape.seq)
+    gpu.workspace(name, workspace_len(shape))
 }
 
 /// [q, k, v, mask, out, lse]: per chunk, scores = Q·Kᵀ, the softmax in place, out = P·V.
@@ -513,7 +519,11 @@ mod tests {
         {
             let shape = AttentionShape { batch, seq, heads, head_dim: 64 };
             let per_sequence = 4 * heads * seq * seq;
-            assert!(workspace_bytes(shape, false) as usize <= WORKSPACE_BYTES.max(per_sequence), "{shape:?}");
+            assert_eq!(
+                workspace_bytes(shape, false) as usize,
+                WORKSPACE_BYTES.max(per_sequence),
+                "{shape:?}"
+            );
             assert_eq!(workspace_bytes(shape, true), 2 * workspace_bytes(shape, false));
             let mut next = 0;
             for (first, sequences) in chunks(shape) {
@@ -522,9 +532,9 @@ mod tests {
             }
             assert_eq!(next, batch, "{shape:?}");
         }
-        // BERT-base at batch 32 x 128: chunks of one sequence, 768 KiB per score matrix.
+        // BERT-base at batch 32 x 128: chunks of one sequence (768 KiB) in 1 MiB matrices.
         let base = AttentionShape { batch: 32, seq: 128, heads: 12, head_dim: 64 };
-        assert_eq!(workspace_bytes(base, true), 1536 << 10);
+        assert_eq!(workspace_bytes(base, true), 2 << 20);
         assert_eq!(chunks(base).count(), 32);
     }
 
