@@ -12,6 +12,7 @@ use pals::gpu::Gpu;
 use pals::kernels::attention;
 use pals::model::BertConfig;
 use pals::model::tasks::MethodName;
+use pals::train::trainer::Precision;
 
 fn gpu() -> Gpu {
     Gpu::from_env().unwrap_or_else(|error| panic!("benchmarks need a GPU adapter: {error}"))
@@ -51,8 +52,14 @@ fn attention(c: &mut Criterion) {
 
 fn training_step(c: &mut Criterion) {
     let gpu = gpu();
-    let bench =
-        TrainBench { config: BertConfig::minilm(), method: MethodName::Pals, batch: 8, seq: 64, steps: 1 };
+    let bench = TrainBench {
+        config: BertConfig::minilm(),
+        method: MethodName::Pals,
+        batch: 8,
+        seq: 64,
+        steps: 1,
+        precision: Precision::F32,
+    };
     let mut session = TrainSession::new(&gpu, &bench).unwrap();
     for _ in 0..WARMUP_STEPS {
         session.step().unwrap(); // compile, tune and allocate outside the timing

@@ -1,6 +1,7 @@
 // Losses over a batch of B examples with per-example weights w_b (0 masks a padding example).
 // N = max(sum_b w_b, 1): the loss is the mean over real examples, and an all-masked batch
-// gives loss 0 and zero gradients. Gradients are also multiplied by params.grad_scale.
+// gives loss 0 and zero gradients. Gradients are also multiplied by grad_scale[0] (the loss
+// scale of mixed precision, which the optimizer changes on the GPU).
 // Every sum runs in a fixed order (per-thread strided loops, then a tree), so results are
 // bit-identical from run to run.
 //
@@ -10,12 +11,13 @@
 //             4 loss [1] (write)
 //   dispatch: 1 workgroup of 256; thread t takes rows t, t + 256, ...
 // cross_entropy_backward: dlogits[b, c] = grad_scale * w_b * (softmax(logits[b, :])[c] - [c == label_b]) / N
-//   bindings: 0 params, 1 logits [B, C], 2 labels [B], 3 weights [B] (read), 4 dlogits [B, C] (write)
+//   bindings: 0 params, 1 logits [B, C], 2 labels [B], 3 weights [B] (read), 4 dlogits [B, C] (write),
+//             5 grad_scale [1] (read)
 //   dispatch: B workgroups of 256 spread over x/y (gpu::spread), one row each; each workgroup
 //             recomputes N itself, in the same order, rather than needing a scratch buffer.
 // mse:                    loss[0] = sum_b w_b (p_b - t_b)^2 / N,  dpred[b] = grad_scale * 2 w_b (p_b - t_b) / N
 //   bindings: 0 params, 1 pred [B] (read), 2 targets [B] (read), 3 weights [B] (read),
-//             4 loss [1] (write), 5 dpred [B] (write)
+//             4 loss [1] (write), 5 dpred [B] (write), 6 grad_scale [1] (read)
 //   dispatch: 1 workgroup of 256; O(B) work, B is a batch size.
 //
 // An example whose label is >= C counts as masked rather than reading outside its row.
@@ -24,7 +26,6 @@
 struct Params {
     batch: u32,
     classes: u32,
-    grad_scale: f32,
 }
 
 const LOWEST: f32 = -3.402823e38;
@@ -38,6 +39,8 @@ const LOWEST: f32 = -3.402823e38;
 @group(0) @binding(4) var<storage, read_write> loss: array<f32>;
 @group(0) @binding(4) var<storage, read_write> dlogits: array<f32>;
 @group(0) @binding(5) var<storage, read_write> dpred: array<f32>;
+@group(0) @binding(5) var<storage, read> ce_grad_scale: array<f32>;
+@group(0) @binding(6) var<storage, read> mse_grad_scale: array<f32>;
 
 fn ce_weight(b: u32) -> f32 {
     return select(0.0, weights[b], labels[b] < params.classes);
@@ -102,7 +105,7 @@ fn cross_entropy_backward(@builtin(workgroup_id) wid: vec3<u32>,
     }
     let inv_sum = 1.0 / workgroup_reduce(lid, local_sum, false);
     let w = ce_weight(row);
-    let scale = params.grad_scale * w / ce_normalizer(lid);
+    let scale = ce_grad_scale[0] * w / ce_normalizer(lid);
     let label = labels[row];
     for (var c = lid; c < params.classes; c += WG) {
         let p = exp(logits[base + c] - row_max) * inv_sum;
@@ -129,6 +132,6 @@ fn mse(@builtin(local_invocation_index) lid: u32) {
     for (var b = lid; b < params.batch; b += WG) {
         let w = weights[b];
         let d = pred[b] - targets[b];
-        dpred[b] = select(0.0, params.grad_scale * 2.0 * w * d / n, w != 0.0);
+        dpred[b] = select(0.0, mse_grad_scale[0] * 2.0 * w * d / n, w != 0.0);
     }
 }

@@ -11,7 +11,7 @@ use pals::gpu::{AdapterChoice, Gpu};
 use pals::model::tasks::MethodName;
 use pals::train::checks::{at_least, checked, task_flags};
 use pals::train::commands;
-use pals::train::trainer::TrainSettings;
+use pals::train::trainer::{Precision, TrainSettings};
 
 #[derive(Parser)]
 #[command(name = "pals", version, about = "BERT and PALs: multi-task BERT on any GPU through wgpu")]
@@ -116,6 +116,26 @@ struct RunArgs {
     /// Stop after this many steps (the schedule still spans all epochs).
     #[arg(long)]
     stop_after: Option<u64>,
+    #[command(flatten)]
+    precision: PrecisionArgs,
+}
+
+#[derive(Args, Clone)]
+struct PrecisionArgs {
+    /// f32, or mixed: f32 master weights and Adam state with dynamic loss scaling as
+    /// PyTorch's GradScaler (so far the kernels still compute in f32); mixed needs an
+    /// adapter with shader-f16.
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    precision: Precision,
+    /// The same as --precision mixed (Hugging Face's name).
+    #[arg(long, conflicts_with = "precision")]
+    fp16: bool,
+}
+
+impl PrecisionArgs {
+    fn precision(&self) -> Precision {
+        if self.fp16 { Precision::Mixed } else { self.precision }
+    }
 }
 
 impl RunArgs {
@@ -141,6 +161,7 @@ impl RunArgs {
             weight_decay: self.weight_decay,
             max_eval_examples: self.max_eval_examples,
             stop_after: self.stop_after,
+            precision: self.precision.precision(),
         }
     }
 }
@@ -184,6 +205,8 @@ enum Command {
         /// Timed steps for --train (after 2 warm-up steps).
         #[arg(long, default_value_t = 3)]
         steps: usize,
+        #[command(flatten)]
+        precision: PrecisionArgs,
         /// Sequences per batch for --memory and --train.
         #[arg(long, default_value_t = 32)]
         batch: usize,
@@ -345,7 +368,8 @@ fn given_flags(matches: &ArgMatches) -> Vec<String> {
                 Some(clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable)
             )
         })
-        .map(|id| id.to_string())
+        // --fp16 sets the precision setting.
+        .map(|id| if id == "fp16" { "precision".to_string() } else { id.to_string() })
         .collect()
 }
 
@@ -452,9 +476,11 @@ fn run(cli: Cli, given: Vec<String>) -> Result<()> {
             }
             Ok(())
         }
-        Command::Bench { adapter, train: Some(model), method, steps, batch, seq, .. } => {
+        Command::Bench { adapter, train: Some(model), method, steps, batch, seq, precision, .. } => {
             let gpu = adapter.open()?;
-            let bench = pals::bench::TrainBench { config: model_config(&model)?, method, batch, seq, steps };
+            let precision = precision.precision();
+            let config = model_config(&model)?;
+            let bench = pals::bench::TrainBench { config, method, batch, seq, steps, precision };
             for line in pals::bench::train_bench(&gpu, &bench)?.lines() {
                 println!("{line}");
             }

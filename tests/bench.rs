@@ -7,6 +7,7 @@ use pals::gpu::{Gpu, Timing};
 use pals::kernels::elementwise::{self, DropoutSpec};
 use pals::model::BertConfig;
 use pals::model::tasks::MethodName;
+use pals::train::trainer::Precision;
 
 fn gpu() -> Gpu {
     Gpu::from_env().unwrap_or_else(|error| panic!("GPU tests need a GPU adapter: {error}"))
@@ -22,6 +23,7 @@ fn warm_training_steps_create_no_buffers() {
         batch: 4,
         seq: 8,
         steps: 2,
+        precision: Precision::F32,
     };
     let report = train_bench(&gpu, &bench).unwrap();
     let lines = report.lines();
@@ -51,7 +53,14 @@ fn warm_training_steps_create_no_buffers() {
 fn a_sequence_longer_than_the_positions_is_refused() {
     let gpu = gpu();
     let config = BertConfig::tiny(1, 32, 4); // 64 positions
-    let bench = TrainBench { config, method: MethodName::Pals, batch: 1, seq: 65, steps: 1 };
+    let bench = TrainBench {
+        config,
+        method: MethodName::Pals,
+        batch: 1,
+        seq: 65,
+        steps: 1,
+        precision: Precision::F32,
+    };
     let error = train_bench(&gpu, &bench).expect_err("seq 65 > 64 positions");
     assert!(error.to_string().contains("positions"), "{error}");
 }

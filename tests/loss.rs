@@ -40,8 +40,9 @@ fn run_cross_entropy(
     let weights = gpu.upload("weights", &[batch], weights).unwrap();
     let loss_t = gpu.zeros("loss", &[1]).unwrap();
     let dlogits = gpu.zeros("dlogits", &[batch, classes]).unwrap();
+    let grad_scale = gpu.upload("grad_scale", &[1], &[grad_scale]).unwrap();
     let mut rec = gpu.recorder();
-    loss::cross_entropy(&mut rec, &logits, &labels, &weights, &loss_t, &dlogits, grad_scale).unwrap();
+    loss::cross_entropy(&mut rec, &logits, &labels, &weights, &loss_t, &dlogits, &grad_scale).unwrap();
     rec.submit().unwrap();
     CeRun { loss: gpu.read::<f32>(&loss_t).unwrap(), dlogits: gpu.read::<f32>(&dlogits).unwrap() }
 }
@@ -103,8 +104,9 @@ fn run_mse(gpu: &Gpu, pred: &[f32], targets: &[f32], weights: &[f32]) -> (Vec<f3
     let weights = gpu.upload("weights", &[b], weights).unwrap();
     let loss_t = gpu.zeros("loss", &[1]).unwrap();
     let dpred = gpu.zeros("dpred", &[b, 1]).unwrap();
+    let grad_scale = gpu.upload("grad_scale", &[1], &[2.0f32]).unwrap();
     let mut rec = gpu.recorder();
-    loss::mse(&mut rec, &pred, &targets, &weights, &loss_t, &dpred, 2.0).unwrap();
+    loss::mse(&mut rec, &pred, &targets, &weights, &loss_t, &dpred, &grad_scale).unwrap();
     rec.submit().unwrap();
     (gpu.read::<f32>(&loss_t).unwrap(), gpu.read::<f32>(&dpred).unwrap())
 }
@@ -152,17 +154,22 @@ fn shape_mismatches_are_errors() {
     let weights = gpu.zeros("weights", &[4]).unwrap();
     let loss_t = gpu.zeros("loss", &[1]).unwrap();
     let dlogits = gpu.zeros("dlogits", &[4, 3]).unwrap();
+    let one = gpu.upload("one", &[1], &[1.0f32]).unwrap();
     let mut rec = gpu.recorder();
-    let error = loss::cross_entropy(&mut rec, &logits, &labels, &weights, &loss_t, &dlogits, 1.0)
+    let error = loss::cross_entropy(&mut rec, &logits, &labels, &weights, &loss_t, &dlogits, &one)
         .unwrap_err()
         .to_string();
     assert!(error.contains("'labels'") && error.contains("[5]"), "{error}");
     let flat = gpu.zeros("flat", &[12]).unwrap();
-    let error = loss::cross_entropy(&mut rec, &flat, &labels, &weights, &loss_t, &dlogits, 1.0)
+    let error = loss::cross_entropy(&mut rec, &flat, &labels, &weights, &loss_t, &dlogits, &one)
         .unwrap_err()
         .to_string();
     assert!(error.contains("'flat'"), "{error}");
     let error =
-        loss::mse(&mut rec, &weights, &labels, &weights, &loss_t, &weights, 1.0).unwrap_err().to_string();
+        loss::mse(&mut rec, &weights, &labels, &weights, &loss_t, &weights, &one).unwrap_err().to_string();
     assert!(error.contains("'weights'") && error.contains("[4]"), "{error}");
+    let error = loss::cross_entropy(&mut rec, &logits, &weights, &weights, &loss_t, &dlogits, &weights)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("'weights'"), "a grad_scale of 4 elements: {error}");
 }

@@ -242,6 +242,8 @@ fn step(step: u32, task: &str, loss: f32) -> StepRecord {
         loss,
         lr: lr(step, 10, 0.1, 2e-5),
         time: 0.5 * f64::from(step),
+        scale: None,
+        skipped: None,
     }
 }
 

@@ -20,7 +20,7 @@ use crate::kernels::elementwise::DropoutSpec;
 use crate::kernels::matmul::{self, Epilogue, Matmul};
 use crate::model::BertConfig;
 use crate::model::tasks::{Method, MethodName, TaskSpec};
-use crate::train::trainer::{TaskData, TrainSettings, Trainer};
+use crate::train::trainer::{Precision, TaskData, TrainSettings, Trainer};
 
 /// One benchmarked product.
 pub struct MatmulCase {
@@ -346,6 +346,7 @@ pub struct TrainBench {
     pub seq: usize,
     /// Timed steps after the warm-up.
     pub steps: usize,
+    pub precision: Precision,
 }
 
 /// Steps before timing: the first compiles pipelines, tunes matmul tiles and allocates the
@@ -485,6 +486,7 @@ impl<'g> TrainSession<'g> {
             // Long enough that no benchmark runs past the schedule (the timings would not
             // change: past it the learning rate is 0, the work the same).
             steps_per_epoch: 1 << 20,
+            precision: bench.precision,
             ..TrainSettings::default()
         };
         let method = settings.method(c)?;
@@ -615,7 +617,10 @@ impl TrainReport {
                 c.vocab_size,
                 crate::model::param_count(c)
             ),
-            format!("method: {} ({}), 1 synthetic task of 2 classes", b.method, self.method),
+            format!(
+                "method: {} ({}), 1 synthetic task of 2 classes, precision {}",
+                b.method, self.method, b.precision
+            ),
             format!(
                 "shape: batch {} x seq {}{padded}; {WARMUP_STEPS} warm-up steps, {} timed",
                 b.batch, b.seq, b.steps

@@ -1,7 +1,8 @@
 //! Softmax cross-entropy and mean squared error with per-example weights: shaders/loss.wgsl.
 //!
 //! Both return the weighted mean over real examples, Σ w_b·loss_b / max(Σ w_b, 1), and its
-//! gradient times `grad_scale`. Weight 0 masks an example (padding in a last partial batch).
+//! gradient times `grad_scale[0]`, read on the GPU so that a loss scale the optimizer
+//! changes there (mixed precision) needs no host sync. Weight 0 masks an example (padding in a last partial batch).
 
 use super::{expect_len, expect_shape, to_u32};
 use crate::gpu::{Binding, GpuError, KernelSpec, Recorder, Tensor, spread};
@@ -20,13 +21,13 @@ const CROSS_ENTROPY_BACKWARD: KernelSpec = KernelSpec {
     name: "cross_entropy_backward",
     source: SOURCE,
     entry: "cross_entropy_backward",
-    bindings: CE_BINDINGS,
+    bindings: &[Binding::Read, Binding::Read, Binding::Read, Binding::Write, Binding::Read],
 };
 const MSE: KernelSpec = KernelSpec {
     name: "mse",
     source: SOURCE,
     entry: "mse",
-    bindings: &[Binding::Read, Binding::Read, Binding::Read, Binding::Write, Binding::Write],
+    bindings: &[Binding::Read, Binding::Read, Binding::Read, Binding::Write, Binding::Write, Binding::Read],
 };
 
 #[repr(C)]
@@ -34,11 +35,10 @@ const MSE: KernelSpec = KernelSpec {
 struct Params {
     batch: u32,
     classes: u32,
-    grad_scale: f32,
 }
 
 /// Softmax cross-entropy of `logits` [B, C] against `labels` (u32 [B]) with `weights` [B]:
-/// `loss` [1] gets the weighted mean, `dlogits` [B, C] its gradient times `grad_scale`.
+/// `loss` [1] gets the weighted mean, `dlogits` [B, C] its gradient times `grad_scale` [1].
 /// An example whose label is ≥ C is treated as masked.
 pub fn cross_entropy(
     rec: &mut Recorder,
@@ -47,7 +47,7 @@ pub fn cross_entropy(
     weights: &Tensor,
     loss: &Tensor,
     dlogits: &Tensor,
-    grad_scale: f32,
+    grad_scale: &Tensor,
 ) -> Result<(), GpuError> {
     let op = "cross_entropy";
     let [batch, classes] = logits.shape[..] else {
@@ -69,21 +69,21 @@ pub fn cross_entropy(
     expect_len(op, weights, batch)?;
     expect_len(op, loss, 1)?;
     expect_shape(op, dlogits, &logits.shape)?;
-    let params =
-        Params { batch: to_u32(op, "batch", batch)?, classes: to_u32(op, "classes", classes)?, grad_scale };
+    expect_len(op, grad_scale, 1)?;
+    let params = Params { batch: to_u32(op, "batch", batch)?, classes: to_u32(op, "classes", classes)? };
     rec.dispatch(&CROSS_ENTROPY_LOSS, "", &params, &[logits, labels, weights, loss], [1, 1, 1])?;
     rec.dispatch(
         &CROSS_ENTROPY_BACKWARD,
         "",
         &params,
-        &[logits, labels, weights, dlogits],
+        &[logits, labels, weights, dlogits, grad_scale],
         spread(rec.gpu, params.batch),
     )
 }
 
 /// Mean squared error of `predictions` ([B, 1] or [B]) against `targets` [B] with `weights`
 /// [B]: `loss` [1] gets the weighted mean, `dpred` (shaped like `predictions`) its gradient
-/// times `grad_scale`.
+/// times `grad_scale` [1].
 pub fn mse(
     rec: &mut Recorder,
     predictions: &Tensor,
@@ -91,7 +91,7 @@ pub fn mse(
     weights: &Tensor,
     loss: &Tensor,
     dpred: &Tensor,
-    grad_scale: f32,
+    grad_scale: &Tensor,
 ) -> Result<(), GpuError> {
     let op = "mse";
     let batch = targets.len();
@@ -99,6 +99,7 @@ pub fn mse(
     expect_len(op, weights, batch)?;
     expect_len(op, loss, 1)?;
     expect_shape(op, dpred, &predictions.shape)?;
-    let params = Params { batch: to_u32(op, "batch", batch)?, classes: 1, grad_scale };
-    rec.dispatch(&MSE, "", &params, &[predictions, targets, weights, loss, dpred], [1, 1, 1])
+    expect_len(op, grad_scale, 1)?;
+    let params = Params { batch: to_u32(op, "batch", batch)?, classes: 1 };
+    rec.dispatch(&MSE, "", &params, &[predictions, targets, weights, loss, dpred, grad_scale], [1, 1, 1])
 }

@@ -3,7 +3,9 @@
 //!
 //! A step with clipping, for gradient tensors g_0..g_{T-1} (one buffer each):
 //! `sum_squares(g_t, partials, norms, t)` for every t, then `clip_coefficients(norms, coef)`,
-//! then `adam_step(.., coef, t, ..)` for every t. Nothing is read back to the host.
+//! then `adam_step(.., coef, t, ..)` for every t, then `update_scaler` (step counts and the
+//! loss scale). Nothing is read back to the host: a step whose scaled gradients overflowed
+//! is skipped on the GPU.
 
 use super::{expect_len, to_u32};
 use crate::gpu::{Binding, GpuError, KernelSpec, Recorder, Tensor, spread};
@@ -30,12 +32,26 @@ const CLIP_COEFFICIENTS: KernelSpec = KernelSpec {
     name: "clip_coefficients",
     source: SOURCE,
     entry: "clip_coefficients",
-    bindings: READ_WRITE,
+    bindings: &[Binding::Read, Binding::Write, Binding::Read],
 };
 const ADAM_STEP: KernelSpec = KernelSpec {
     name: "adam_step",
     source: SOURCE,
     entry: "adam_step",
+    bindings: &[
+        Binding::Read,
+        Binding::Read,
+        Binding::Read,
+        Binding::Read,
+        Binding::Write,
+        Binding::Write,
+        Binding::Write,
+    ],
+};
+const UPDATE_SCALER: KernelSpec = KernelSpec {
+    name: "update_scaler",
+    source: SOURCE,
+    entry: "update_scaler",
     bindings: &[Binding::Read, Binding::Read, Binding::Write, Binding::Write, Binding::Write],
 };
 
@@ -55,6 +71,7 @@ struct NormParams {
     slot: u32,
     mode: u32,
     max_norm: f32,
+    scaling: u32,
 }
 
 #[repr(C)]
@@ -62,13 +79,77 @@ struct NormParams {
 struct AdamParams {
     n: u32,
     slot: u32,
+    found: u32,
+    index: u32,
+    corrections: u32,
     lr: f32,
     beta1: f32,
     beta2: f32,
     eps: f32,
     weight_decay: f32,
-    bc1: f32,
-    bc2: f32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct ScalerParams {
+    ids: u32,
+    found: u32,
+    slot: u32,
+    stride: u32,
+    scaling: u32,
+    interval: u32,
+}
+
+/// Bias-correction pairs beyond which we give up on a table (AdamW's β2 = 0.999 needs
+/// about 17,300: from there both corrections round to 1 in f32).
+const MAX_CORRECTIONS: usize = 1 << 20;
+
+/// (1 − β1^t, 1 − β2^t) for t = 1, 2, … as the host computes them (f64 rounded to f32),
+/// flattened, up to the first t where both are 1: what `adam_step` reads, so the GPU can
+/// count steps itself (a skipped step does not advance them) and still match the host.
+/// Empty without bias correction.
+pub fn bias_correction_table(cfg: &AdamConfig) -> Result<Vec<f32>, GpuError> {
+    let mut table = Vec::new();
+    if !cfg.bias_correction {
+        return Ok(table);
+    }
+    for t in 1..=MAX_CORRECTIONS as u32 {
+        let (bc1, bc2) = cfg.bias_corrections(t);
+        if bc1 == 1.0 && bc2 == 1.0 {
+            return Ok(table);
+        }
+        table.extend([bc1, bc2]);
+    }
+    let detail = format!("betas {} and {} need over {MAX_CORRECTIONS} corrections", cfg.beta1, cfg.beta2);
+    Err(GpuError::Shape { op: "bias_correction_table".into(), detail })
+}
+
+/// Where `adam_step` finds a tensor's step count and the bias corrections, on the GPU.
+pub struct AdamSteps<'a> {
+    /// u32 [tensors]: the updates each tensor has had (advanced by `update_scaler`).
+    pub counts: &'a Tensor,
+    /// This tensor's entry in `counts`.
+    pub index: u32,
+    /// `bias_correction_table`'s values (one element when it is empty).
+    pub corrections: &'a Tensor,
+    /// Pairs in the table.
+    pub pairs: u32,
+}
+
+/// Dynamic loss scaling as PyTorch's GradScaler: gradients arrive multiplied by the scale;
+/// a step with an inf or NaN among them is skipped and halves the scale; `growth_interval`
+/// clean steps in a row double it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LossScaling {
+    pub init_scale: f32,
+    pub growth_interval: u32,
+}
+
+impl Default for LossScaling {
+    /// GradScaler's defaults: 2^16, doubled after 2000 clean steps.
+    fn default() -> Self {
+        LossScaling { init_scale: 65536.0, growth_interval: 2000 }
+    }
 }
 
 pub use crate::contract::ClipMode;
@@ -117,37 +198,50 @@ pub fn sum_squares(
         });
     }
     let groups = grad.len().div_ceil(256 * ELEMENTS_PER_THREAD).clamp(1, NORM_PARTIALS);
-    let params =
-        NormParams { n: to_u32(op, "n", grad.len())?, groups: groups as u32, slot, mode: 0, max_norm: 0.0 };
+    let params = NormParams {
+        n: to_u32(op, "n", grad.len())?,
+        groups: groups as u32,
+        slot,
+        mode: 0,
+        max_norm: 0.0,
+        scaling: 0,
+    };
     let first = [groups as u32, 1, 1];
     rec.dispatch(&SUM_SQUARES_PARTIAL, "", &params, &[grad, partials], first)?;
     rec.dispatch(&SUM_SQUARES_FINAL, "", &params, &[partials, norms], [1, 1, 1])
 }
 
-/// From squared norms [T] to clip factors: coef[t] for t < T per `mode`, coef[T] = the
-/// global norm √(Σ norms) (in every mode, for logging).
+/// From squared norms [T] of gradients scaled by S = scaler[0] to clip factors that also
+/// unscale: coef[t] for t < T per `mode`, divided by S; coef[T] = the unscaled global norm
+/// √(Σ norms) / S (in every mode, for logging); coef[T + 1] = 1 when `scaling` and that norm
+/// is not finite (the step is then skipped), else 0.
 pub fn clip_coefficients(
     rec: &mut Recorder,
     norms: &Tensor,
     coef: &Tensor,
+    scaler: &Tensor,
     max_norm: f32,
     mode: ClipMode,
+    scaling: bool,
 ) -> Result<(), GpuError> {
     let op = "clip_coefficients";
-    expect_len(op, coef, norms.len() + 1)?;
+    expect_len(op, coef, norms.len() + 2)?;
+    expect_len(op, scaler, 2)?;
     let params = NormParams {
         n: to_u32(op, "tensors", norms.len())?,
         groups: 0,
         slot: 0,
         mode: mode.code(),
         max_norm,
+        scaling: scaling as u32,
     };
-    rec.dispatch(&CLIP_COEFFICIENTS, "", &params, &[norms, coef], [1, 1, 1])
+    rec.dispatch(&CLIP_COEFFICIENTS, "", &params, &[norms, coef, scaler], [1, 1, 1])
 }
 
 /// One fused Adam update of `param`, `m` and `v` in place from `grad` × coef[slot]:
-/// param −= lr·(update + weight_decay·param), `step` counting from 1. Pass weight_decay 0
-/// for tensors that are not decayed (biases, LayerNorm).
+/// param −= lr·(update + weight_decay·param), at the step count `steps` holds + 1. Nothing
+/// changes when coef's last element (`clip_coefficients`' found flag) is not 0. Pass
+/// weight_decay 0 for tensors that are not decayed (biases, LayerNorm).
 #[allow(clippy::too_many_arguments)]
 pub fn adam_step(
     rec: &mut Recorder,
@@ -159,7 +253,7 @@ pub fn adam_step(
     slot: u32,
     lr: f32,
     weight_decay: f32,
-    step: u32,
+    steps: &AdamSteps,
     cfg: &AdamConfig,
 ) -> Result<(), GpuError> {
     let op = "adam_step";
@@ -167,16 +261,55 @@ pub fn adam_step(
         expect_len(op, tensor, param.len())?;
     }
     expect_slot(op, coef, slot)?;
-    if step == 0 && cfg.bias_correction {
-        return Err(GpuError::Shape {
-            op: op.into(),
-            detail: "step counts from 1 (bias correction divides by 1 - beta^step)".into(),
-        });
+    expect_slot(op, steps.counts, steps.index)?;
+    if steps.corrections.len() < 2 * steps.pairs as usize {
+        let detail = format!("'{}' holds fewer than {} pairs", steps.corrections.name, steps.pairs);
+        return Err(GpuError::Shape { op: op.into(), detail });
     }
-    let (bc1, bc2) = cfg.bias_corrections(step);
     let n = to_u32(op, "n", param.len())?;
-    let params =
-        AdamParams { n, slot, lr, beta1: cfg.beta1, beta2: cfg.beta2, eps: cfg.eps, weight_decay, bc1, bc2 };
+    let params = AdamParams {
+        n,
+        slot,
+        found: to_u32(op, "coef", coef.len() - 1)?,
+        index: steps.index,
+        corrections: steps.pairs,
+        lr,
+        beta1: cfg.beta1,
+        beta2: cfg.beta2,
+        eps: cfg.eps,
+        weight_decay,
+    };
     let groups = spread(rec.gpu, n.div_ceil(256));
-    rec.dispatch(&ADAM_STEP, "", &params, &[grad, coef, param, m, v], groups)
+    let bound = [grad, coef, steps.counts, steps.corrections, param, m, v];
+    rec.dispatch(&ADAM_STEP, "", &params, &bound, groups)
+}
+
+/// Ends a step after its `adam_step`s: unless coef's found flag is up, each `counts[ids[j]]`
+/// advances by one. record[slot] gets the scale this step used and record[slot + stride]
+/// its found flag (0 or 1); with `scaling`, the scale and its growth counter (`scaler`
+/// [S, growth]) are updated as GradScaler does.
+#[allow(clippy::too_many_arguments)]
+pub fn update_scaler(
+    rec: &mut Recorder,
+    coef: &Tensor,
+    ids: &Tensor,
+    counts: &Tensor,
+    scaler: &Tensor,
+    record: &Tensor,
+    slot: u32,
+    stride: u32,
+    scaling: Option<LossScaling>,
+) -> Result<(), GpuError> {
+    let op = "update_scaler";
+    expect_len(op, scaler, 2)?;
+    expect_slot(op, record, slot + stride)?;
+    let params = ScalerParams {
+        ids: to_u32(op, "ids", ids.len())?,
+        found: to_u32(op, "coef", coef.len() - 1)?,
+        slot,
+        stride,
+        scaling: scaling.is_some() as u32,
+        interval: scaling.map_or(0, |s| s.growth_interval),
+    };
+    rec.dispatch(&UPDATE_SCALER, "", &params, &[coef, ids, counts, scaler, record], [1, 1, 1])
 }

@@ -32,6 +32,19 @@ pub struct TrainerState {
     /// The data-parallel ranks that trained it (0 in checkpoints from before this was kept).
     #[serde(default)]
     pub ranks: usize,
+    /// Mixed precision: the loss scaler where the run stopped (absent in f32 runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<ScalerState>,
+    /// Mixed precision: steps skipped because their scaled gradients overflowed.
+    #[serde(default)]
+    pub skipped_steps: u64,
+}
+
+/// The dynamic loss scale and its count of clean steps since it last changed.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScalerState {
+    pub scale: f32,
+    pub growth: u32,
 }
 
 /// Everything a checkpoint holds.

@@ -35,6 +35,12 @@ pub struct StepRecord {
     pub loss: f32,
     pub lr: f32,
     pub time: f64,
+    /// Mixed precision: the loss scale the step used, and whether its gradients overflowed
+    /// (and so it did not update anything).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<bool>,
 }
 
 /// One evaluation on the dev sets.

@@ -20,20 +20,39 @@ use crate::data::sampler::{EpochIterator, Sampling, TaskSampler};
 use crate::data::source::TaskSource;
 use crate::dist::{self, Comm};
 use crate::gpu::{Gpu, Tensor, Timing};
-use crate::kernels::optimizer::{AdamConfig, ClipMode};
+use crate::kernels::optimizer::{AdamConfig, ClipMode, LossScaling};
 use crate::model::bert::BatchInputs;
 use crate::model::tasks::{
     HeadInputs, Method, MethodName, MultiTaskModel, Targets, TaskActivations, TaskSpec,
 };
 use crate::model::{BertConfig, DropoutKey, EncoderBatch, Weights};
-use crate::train::checkpoint::{Checkpoint, TrainerState};
+use crate::train::checkpoint::{Checkpoint, ScalerState, TrainerState};
 use crate::train::inference::{build_models, evaluate_tasks, predict_split};
 use crate::train::log::{EvalRecord, LogWriter, StepRecord};
 use crate::train::metrics::{
     TaskScore, glue_average, score_accuracy_macro_f1, score_classification, score_regression,
 };
-use crate::train::optim::{Optimizer, OptimizerSettings};
+use crate::train::optim::{Optimizer, OptimizerSettings, ScaleRecord};
 use crate::train::schedule;
+
+/// The arithmetic of training. Mixed: dynamic loss scaling (as PyTorch's GradScaler) over
+/// f32 master weights, gradients and Adam state; it needs an adapter with `shader-f16`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Precision {
+    #[default]
+    F32,
+    Mixed,
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::Mixed => "mixed",
+        })
+    }
+}
 
 /// Everything `pals train` was asked: saved as the checkpoint's run.json.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -67,6 +86,9 @@ pub struct TrainSettings {
     /// Stop after this many steps in this run (the schedule still spans the whole run):
     /// for short checks and for testing resumption.
     pub stop_after: Option<u64>,
+    /// f32 or mixed (runs saved before it existed are f32).
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 impl Default for TrainSettings {
@@ -93,6 +115,7 @@ impl Default for TrainSettings {
             weight_decay: 0.01,
             max_eval_examples: None,
             stop_after: None,
+            precision: Precision::F32,
         }
     }
 }
@@ -121,7 +144,14 @@ impl TrainSettings {
             "none" => ClipMode::None,
             other => bail!("--clip '{other}': use global, per-tensor or none"),
         };
-        Ok(OptimizerSettings { adam, weight_decay: self.weight_decay, clip, max_norm: self.max_norm })
+        let scaling = (self.precision == Precision::Mixed).then(LossScaling::default);
+        Ok(OptimizerSettings {
+            adam,
+            weight_decay: self.weight_decay,
+            clip,
+            max_norm: self.max_norm,
+            scaling,
+        })
     }
 
     /// The method for a model of `config`; `separate` trains `Shared` models, one per task.
@@ -196,6 +226,9 @@ struct Bucket {
 
 /// Steps whose loss is on the GPU but not yet read.
 const LOSS_RING: usize = 32;
+/// The ring holds, per slot, the loss at [slot], the loss scale the step used at
+/// [slot + LOSS_RING] and whether the step was skipped (1) at [slot + 2 LOSS_RING].
+const RING_ROWS: usize = 3;
 
 pub struct Trainer<'g> {
     gpu: &'g Gpu,
@@ -212,8 +245,8 @@ pub struct Trainer<'g> {
     sampler: TaskSampler,
     iterators: Vec<EpochIterator>,
     buckets: HashMap<(usize, usize, usize), Bucket>,
-    /// [LOSS_RING]: one slot per step not yet read back. One tensor, so each step binds
-    /// the same buffers and the loss copy needs no new bind group.
+    /// [RING_ROWS, LOSS_RING]: one slot per step not yet read back. One tensor, so each
+    /// step binds the same buffers and the loss copy needs no new bind group.
     losses: Tensor,
     /// (step, task, lr, this rank's share of the step's loss) of steps not yet read.
     pending: Vec<(u64, usize, f32, f32)>,
@@ -224,6 +257,8 @@ pub struct Trainer<'g> {
     started: Instant,
     /// The mean of the losses read at the last flush, for the progress line.
     pub recent_loss: Option<f32>,
+    /// With loss scaling: the scale of the last step read back.
+    pub recent_scale: Option<f32>,
     /// Dispatches in the last step's submit.
     pub dispatches: usize,
     /// The ranks training this model together (one without mpirun).
@@ -313,7 +348,14 @@ impl<'g> Trainer<'g> {
                 )
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let losses = gpu.zeros("losses", &[LOSS_RING])?;
+        if settings.precision == Precision::Mixed && !gpu.has(wgpu::Features::SHADER_F16) {
+            bail!(
+                "config error: --precision mixed needs the shader-f16 feature, which adapter {} lacks; \
+                 use --precision f32 or another --adapter",
+                gpu.describe()
+            );
+        }
+        let losses = gpu.zeros("losses", &[RING_ROWS, LOSS_RING])?;
         Ok(Trainer {
             gpu,
             settings,
@@ -334,10 +376,23 @@ impl<'g> Trainer<'g> {
             log: None,
             started: Instant::now(),
             recent_loss: None,
+            recent_scale: None,
             dispatches: 0,
             comm,
             overlap: dist::Overlap::default(),
         })
+    }
+
+    /// Replaces the loss scaler of a mixed-precision run by one starting afresh from
+    /// `scaling` (GradScaler's constants otherwise): for tests, which force overflows with a
+    /// huge scale and growth with a short interval.
+    pub fn set_loss_scaling(&mut self, scaling: LossScaling) -> Result<()> {
+        if self.settings.precision != Precision::Mixed {
+            bail!("loss scaling is part of --precision mixed; this run is {}", self.settings.precision);
+        }
+        self.optimizer.settings.scaling = Some(scaling);
+        self.optimizer.restore_scaler(self.gpu, scaling.init_scale, 0)?;
+        Ok(())
     }
 
     fn separate(&self) -> bool {
@@ -365,6 +420,9 @@ impl<'g> Trainer<'g> {
             }
         }
         self.optimizer.restore(self.gpu, optimizer, &checkpoint.state.adam_steps)?;
+        if let Some(scaler) = checkpoint.state.loss_scale {
+            self.optimizer.restore_scaler(self.gpu, scaler.scale, scaler.growth)?;
+        }
         if let Some(note) =
             dist::resume_note(self.comm, checkpoint.state.ranks).filter(|_| self.comm.rank() == 0)
         {
@@ -398,7 +456,14 @@ impl<'g> Trainer<'g> {
             }
             false => (None, BTreeMap::new()),
         };
-        let state = TrainerState { adam_steps, ..self.state.clone() };
+        let loss_scale = match (with_optimizer, self.optimizer.settings.scaling) {
+            (true, Some(_)) => {
+                let (scale, growth) = self.optimizer.download_scaler(self.gpu)?;
+                Some(ScalerState { scale, growth })
+            }
+            _ => None,
+        };
+        let state = TrainerState { adam_steps, loss_scale, ..self.state.clone() };
         Ok(Checkpoint {
             run: serde_json::to_value(&self.settings)?,
             config: self.config.clone(),
@@ -469,7 +534,10 @@ impl<'g> Trainer<'g> {
                     self.settings.warmup,
                     self.settings.lr,
                 );
-                let message = format!("{task:<6} loss {loss:.4} lr {lr:.2e}");
+                let mut message = format!("{task:<6} loss {loss:.4} lr {lr:.2e}");
+                if let Some(scale) = self.recent_scale {
+                    message += &format!(" scale {scale} skipped {}", self.state.skipped_steps);
+                }
                 let plain = progress.is_hidden() && lead;
                 if plain && self.state.step.is_multiple_of(plain_every(&self.settings)) {
                     eprintln!("step {}/{total}  {message}", self.state.step);
@@ -536,6 +604,10 @@ impl<'g> Trainer<'g> {
             bucket.inputs.write(gpu, &batch.encoder)?;
             bucket.head.write(gpu, &targets, &batch.weights)?;
         }
+        if self.optimizer.settings.scaling.is_some() {
+            self.buckets.get_mut(&(m, b, s)).expect("made above").head.loss_scale =
+                self.optimizer.loss_scale();
+        }
         let bucket = &self.buckets[&(m, b, s)];
         let model = &self.models[m];
         let mut rec = gpu.recorder();
@@ -556,7 +628,9 @@ impl<'g> Trainer<'g> {
             dist::submit_and_sum_gradients(gpu, self.comm, rec, &grads, share, &mut self.overlap)?;
             rec = gpu.recorder();
         }
-        self.optimizer.step(&mut rec, &params, lr)?;
+        let record =
+            ScaleRecord { record: &self.losses, slot: (LOSS_RING + slot) as u32, stride: LOSS_RING as u32 };
+        self.optimizer.step(&mut rec, &params, lr, &record)?;
         self.dispatches = rec.len();
         let timings = if timed { rec.submit_timed()? } else { rec.submit().map(|_| Vec::new())? };
         self.pending.push((step, task, lr, share));
@@ -574,11 +648,18 @@ impl<'g> Trainer<'g> {
         let mut losses: Vec<f32> =
             pending.iter().enumerate().map(|(slot, &(.., share))| share * ring[slot]).collect();
         self.comm.sum(&mut losses);
-        for (&(step, task, lr, _), &loss) in pending.iter().zip(&losses) {
+        let scaling = self.optimizer.settings.scaling.is_some();
+        for (slot, (&(step, task, lr, _), &loss)) in pending.iter().zip(&losses).enumerate() {
             if !loss.is_finite() {
                 bail!("the loss of step {step} ({}) is {loss}: training diverged", self.data[task].spec.name);
             }
             sum += loss;
+            // Every rank reduced the same gradients, so every rank saw the same scale and skip.
+            let (scale, skipped) = (ring[LOSS_RING + slot], ring[2 * LOSS_RING + slot] != 0.0);
+            if scaling {
+                self.state.skipped_steps += skipped as u64;
+                self.recent_scale = Some(scale);
+            }
             if let Some(log) = &mut self.log {
                 let task = self.data[task].spec.name.clone();
                 log.step(StepRecord {
@@ -587,6 +668,8 @@ impl<'g> Trainer<'g> {
                     loss,
                     lr,
                     time: self.started.elapsed().as_secs_f64(),
+                    scale: scaling.then_some(scale),
+                    skipped: scaling.then_some(skipped),
                 })?;
             }
         }

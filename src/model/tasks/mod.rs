@@ -342,6 +342,9 @@ pub struct HeadInputs {
     /// What `labels` holds: None before the first write, else whether it is regression
     /// targets (the buffer itself has no type).
     pub regression: Option<bool>,
+    /// [1]: what the loss gradient is multiplied by: 1, or the optimizer's loss scale
+    /// (a view of its buffer, so a scale changed on the GPU needs no copy).
+    pub loss_scale: Tensor,
 }
 
 impl HeadInputs {
@@ -350,6 +353,7 @@ impl HeadInputs {
             labels: gpu.zeros("head.labels", &[batch])?,
             weights: gpu.zeros("head.weights", &[batch])?,
             regression: None,
+            loss_scale: gpu.upload("head.loss_scale", &[1], &[1.0f32])?,
         })
     }
 
@@ -538,9 +542,25 @@ impl MultiTaskModel {
         let (head, b, k) = (&acts.head, acts.batch(), module.spec.num_labels);
         let (logits, d_logits) = (self.logits(acts, task)?, head.d_logits.view(&[b, k]));
         if module.spec.is_regression() {
-            loss::mse(rec, &logits, &labels.labels, &labels.weights, &head.loss, &d_logits, 1.0)?;
+            loss::mse(
+                rec,
+                &logits,
+                &labels.labels,
+                &labels.weights,
+                &head.loss,
+                &d_logits,
+                &labels.loss_scale,
+            )?;
         } else {
-            loss::cross_entropy(rec, &logits, &labels.labels, &labels.weights, &head.loss, &d_logits, 1.0)?;
+            loss::cross_entropy(
+                rec,
+                &logits,
+                &labels.labels,
+                &labels.weights,
+                &head.loss,
+                &d_logits,
+                &labels.loss_scale,
+            )?;
         }
         let drop = self.head_dropout(dropout);
         let input = dropout_target(&acts.encoder.pooled, &head.input, drop);
