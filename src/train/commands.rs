@@ -113,6 +113,7 @@ pub fn train(
     checks::task_flags(&settings.tasks, &data_dirs.custom)?;
     let custom = data_dirs.custom.iter().map(CustomTask::from_arg).collect::<Result<Vec<_>, _>>()?;
     let settings = checks::checked(TrainSettings { custom, ..settings })?;
+    crate::train::trainer::check_precision(gpu, settings.precision)?;
     if start.resume && start.overwrite {
         bail!("config error: --resume and --overwrite exclude each other");
     }

@@ -348,13 +348,7 @@ impl<'g> Trainer<'g> {
                 )
             })
             .collect::<Result<Vec<_>, _>>()?;
-        if settings.precision == Precision::Mixed && !gpu.has(wgpu::Features::SHADER_F16) {
-            bail!(
-                "config error: --precision mixed needs the shader-f16 feature, which adapter {} lacks; \
-                 use --precision f32 or another --adapter",
-                gpu.describe()
-            );
-        }
+        check_precision(gpu, settings.precision)?;
         let losses = gpu.zeros("losses", &[RING_ROWS, LOSS_RING])?;
         Ok(Trainer {
             gpu,
@@ -763,6 +757,18 @@ impl TrainSettings {
     pub fn batch_options(&self) -> BatchOptions {
         train_options(self)
     }
+}
+
+/// Mixed precision needs f16 in shaders: refused, naming the adapter, where it lacks them.
+pub fn check_precision(gpu: &Gpu, precision: Precision) -> Result<()> {
+    if precision == Precision::Mixed && !gpu.has(wgpu::Features::SHADER_F16) {
+        bail!(
+            "config error: --precision mixed needs the shader-f16 feature, which adapter {} lacks; \
+             use --precision f32 or another --adapter",
+            gpu.describe()
+        );
+    }
+    Ok(())
 }
 
 /// Prints above the progress bar, or as a plain line where there is no bar (stderr not a
