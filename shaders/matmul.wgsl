@@ -11,6 +11,10 @@
 // the backward needs it; any spare buffer otherwise).
 // Dispatch: (ceil(N / BN), ceil(M / BM), batch); workgroup (BN / TN) × (BM / TM).
 //
+// Element types (aliases prepended by the host, with `enable f16;` where one is f16):
+//   A_TYPE, B_TYPE the operands' storage, C_TYPE that of C and pre, each f32 or f16; bias
+//   is f32. Loads widen to f32 before staging and every sum is f32: only the storage
+//   differs between the variants (mixed precision reads f16 weights and activations).
 // Compile-time constants (prepended by the host, chosen per adapter by measurement):
 //   BM, BN, BK  workgroup tile; TM, TN  register tile per invocation; STAGES 1 or 2
 //   (double buffering: the next K-tile is staged while this one is multiplied, one
@@ -37,11 +41,11 @@ fn batch_base(z: u32, offset: u32, stride: u32, inner_stride: u32) -> u32 {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> a: array<f32>;
-@group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(1) var<storage, read> a: array<A_TYPE>;
+@group(0) @binding(2) var<storage, read> b: array<B_TYPE>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
-@group(0) @binding(4) var<storage, read_write> c: array<f32>;
-@group(0) @binding(5) var<storage, read_write> pre: array<f32>;
+@group(0) @binding(4) var<storage, read_write> c: array<C_TYPE>;
+@group(0) @binding(5) var<storage, read_write> pre: array<C_TYPE>;
 
 const THREADS_X: u32 = BN / TN;
 const THREADS: u32 = (BM / TM) * (BN / TN);
@@ -61,14 +65,14 @@ var<private> acc: array<array<vec4<f32>, VN>, TM>;
 
 fn load_a(base: u32, row: u32, col_k: u32) -> f32 {
     if (row >= p.m || col_k >= p.k) { return 0.0; }
-    if (TRANS_A) { return a[base + col_k * p.lda + row]; }
-    return a[base + row * p.lda + col_k];
+    if (TRANS_A) { return f32(a[base + col_k * p.lda + row]); }
+    return f32(a[base + row * p.lda + col_k]);
 }
 
 fn load_b(base: u32, row_k: u32, col: u32) -> f32 {
     if (row_k >= p.k || col >= p.n) { return 0.0; }
-    if (TRANS_B) { return b[base + col * p.ldb + row_k]; }
-    return b[base + row_k * p.ldb + col];
+    if (TRANS_B) { return f32(b[base + col * p.ldb + row_k]); }
+    return f32(b[base + row_k * p.ldb + col]);
 }
 
 // Stages the K-tile from k0 on into `stage`. Consecutive invocations walk the operand's
@@ -141,11 +145,11 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
                 var value = acc[i][v][j];
                 if (EPILOGUE == 1u || EPILOGUE == 2u) { value += bias[col]; }
                 if (EPILOGUE == 2u) {
-                    pre[index] = value;
+                    pre[index] = C_TYPE(value);
                     value = gelu(value);
                 }
-                if (EPILOGUE == 3u) { value += c[index]; }
-                c[index] = value;
+                if (EPILOGUE == 3u) { value += f32(c[index]); }
+                c[index] = C_TYPE(value);
             }
         }
     }

@@ -35,9 +35,15 @@
 //   bc1(t), bc2(t) = corrections[2 (t - 1)], corrections[2 (t - 1) + 1] for t <= the table's
 //   length, 1 beyond (the host's f64 values rounded to f32; the table ends where both
 //   round to 1). BERTAdam passes an empty table.
+//   With WRITE_HALF it also writes the updated value rounded to f16 into param_half, the
+//   copy mixed precision's products read (one pass over param instead of a second cast).
 //   bindings: 0 adam, 1 grad [n] (read), 2 coef [>= slot + 1] (read), 3 steps u32 (read),
-//             4 corrections [2 L] (read), 5 param [n], 6 m [n], 7 v [n] (read_write)
+//             4 corrections [2 L] (read), 5 param [n], 6 m [n], 7 v [n],
+//             8 param_half [n] HALF (read_write; param again without WRITE_HALF)
 //   dispatch: ceil(n / 256) workgroups of 256 spread over x/y (gpu::spread)
+// The host prepends `alias HALF = f16; const WRITE_HALF = true;` (after `enable f16;`) for
+// adam_step with an f16 copy, `alias HALF = f32; const WRITE_HALF = false;` otherwise.
+//
 // update_scaler, after every adam_step of the step:
 //     unless found: steps[ids[j]] += 1 for each j
 //     record[slot] = S, record[slot + stride] = found (what the host reads with the loss)
@@ -103,6 +109,7 @@ const MODE_PER_TENSOR: u32 = 2u;
 @group(0) @binding(5) var<storage, read_write> record: array<f32>;
 @group(0) @binding(6) var<storage, read_write> m: array<f32>;
 @group(0) @binding(7) var<storage, read_write> v: array<f32>;
+@group(0) @binding(8) var<storage, read_write> param_half: array<HALF>;
 
 
 @compute @workgroup_size(256)
@@ -188,7 +195,11 @@ fn adam_step(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     v[i] = v_new;
     let update = (m_new / bc1) / (sqrt(v_new / bc2) + adam.eps);
     let p = param[i];
-    param[i] = p - adam.lr * (update + adam.weight_decay * p);
+    let updated = p - adam.lr * (update + adam.weight_decay * p);
+    param[i] = updated;
+    if (WRITE_HALF) {
+        param_half[i] = HALF(updated);
+    }
 }
 
 @compute @workgroup_size(256)

@@ -4,9 +4,9 @@
 mod common;
 
 use common::{assert_close, gpu};
-use pals::gpu::GpuError;
+use pals::gpu::{ElementType, Gpu, GpuError, Tensor};
 use pals::kernels::matmul::{self, Epilogue, InnerBatch, Matmul, runnable_tiles, usable_tiles};
-use pals::reference::{self, random_vec};
+use pals::reference::{self, random_vec, round_f16};
 
 // f32 sums over K against f64: relative error grows like sqrt(K)·eps.
 const RTOL: f32 = 1e-4;
@@ -294,11 +294,6 @@ fn coop_kernel_validates_with_naga() {
     }
 }
 
-/// Rounds to f16 and back: what the cooperative-matrix kernel stages.
-fn round_f16(x: &[f32]) -> Vec<f32> {
-    x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect()
-}
-
 /// The cooperative-matrix path against the reference on the f16-rounded operands (so only
 /// f32 accumulation order differs), at shapes that are not multiples of its 32-blocks or
 /// 16-matrices. Where the adapter cannot run it, the test says so plainly and checks that
@@ -345,4 +340,124 @@ fn coop_kernel_matches_reference_or_says_why_not() {
             assert_close(&format!("{what} accumulate"), &gpu.read::<f32>(&acc).unwrap(), &twice, RTOL, ATOL);
         }
     }
+}
+
+// An f16 C is the f32 sum rounded once: within one f16 ulp (2^-10 relative; WGSL allows
+// either neighbour) of a value that is itself within RTOL of the reference.
+const F16_RTOL: f32 = RTOL + 1.0 / 1024.0;
+
+/// A tensor of `dtype` holding `values` (exact in f16 where they were rounded first).
+fn upload_as(gpu: &Gpu, name: &str, values: &[f32], dtype: ElementType) -> Tensor {
+    match dtype {
+        ElementType::F32 => gpu.upload(name, &[values.len()], values).unwrap(),
+        ElementType::F16 => gpu.upload_f16(name, &[values.len()], values).unwrap(),
+    }
+}
+
+fn read_as_f32(gpu: &Gpu, tensor: &Tensor) -> Vec<f32> {
+    match tensor.dtype {
+        ElementType::F32 => gpu.read::<f32>(tensor).unwrap(),
+        ElementType::F16 => gpu.read_f16(tensor).unwrap(),
+    }
+}
+
+fn rtol(dtype: ElementType) -> f32 {
+    if dtype == ElementType::F16 { F16_RTOL } else { RTOL }
+}
+
+/// A, B and C each f32 or f16 (mixed precision's storage): every combination on one tile
+/// and every transpose; every tile with all three f16, untransposed and both transposed
+/// (each tile's transposed staging is the f32 test's; the f16 loads are one code path,
+/// and each pipeline compile costs seconds on lavapipe). Against the reference on the
+/// f16-rounded operands (so the GPU reads exactly the reference's values and only the f32
+/// accumulation order and C's rounding differ).
+#[test]
+fn f16_storage_variants_match_reference() {
+    use ElementType::{F16, F32};
+    let gpu = gpu();
+    let tiles = runnable_tiles(gpu);
+    let combinations = [
+        (F16, F32, F32),
+        (F32, F16, F32),
+        (F16, F16, F32),
+        (F32, F32, F16),
+        (F16, F32, F16),
+        (F32, F16, F16),
+    ];
+    for (m, n, k) in [(33, 65, 17), (130, 70, 200)] {
+        let a_host = round_f16(&random_vec(m * k, 41, 1.0));
+        let b_host = round_f16(&random_vec(k * n, 42, 1.0));
+        let want = reference::matmul::matmul(&a_host, &b_host, m, n, k, false, false);
+        for (trans_a, trans_b) in [(false, false), (true, false), (false, true), (true, true)] {
+            let a_stored = if trans_a { transpose(&a_host, m, k) } else { a_host.clone() };
+            let b_stored = if trans_b { transpose(&b_host, k, n) } else { b_host.clone() };
+            let op = Matmul { trans_a, trans_b, ..Matmul::new(m, n, k) };
+            let every_tile = if trans_a == trans_b { tiles.clone() } else { Vec::new() };
+            let runs = combinations
+                .iter()
+                .map(|&types| (types, tiles[0]))
+                .chain(every_tile.into_iter().map(|t| ((F16, F16, F16), t)));
+            for ((ta, tb, tc), tile) in runs {
+                let a = upload_as(gpu, "a", &a_stored, ta);
+                let b = upload_as(gpu, "b", &b_stored, tb);
+                let c = gpu.zeros_of("c", &[m, n], tc).unwrap();
+                let mut rec = gpu.recorder();
+                matmul::matmul_with_tile(&mut rec, &a, &b, &c, &op, Epilogue::None, tile).unwrap();
+                rec.submit().unwrap();
+                let what =
+                    format!("{m}x{n}x{k} ta={trans_a} tb={trans_b} {ta:?}·{tb:?}→{tc:?} tile={tile:?}");
+                assert_close(&what, &read_as_f32(gpu, &c), &want, rtol(tc), ATOL);
+            }
+        }
+    }
+}
+
+/// The epilogues with an f16 C (and pre-activation), and `matmul` choosing a tiled kernel
+/// for f16 storage.
+#[test]
+fn f16_epilogues_and_the_tuned_entry_point() {
+    let gpu = gpu();
+    let (m, n, k) = (37, 29, 41);
+    let x_host = round_f16(&random_vec(m * k, 43, 1.0));
+    let w_host = round_f16(&random_vec(n * k, 44, 0.5));
+    let bias_host = random_vec(n, 45, 1.0);
+    let x = gpu.upload_f16("x", &[m, k], &x_host).unwrap();
+    let w = gpu.upload_f16("w", &[n, k], &w_host).unwrap();
+    let bias = gpu.upload("bias", &[n], &bias_host).unwrap();
+    let linear = reference::matmul::linear_forward(&x_host, &w_host, Some(&bias_host), m, n, k);
+    let no_bias = reference::matmul::matmul(&x_host, &w_host, m, n, k, false, true);
+    let op = Matmul::new(m, n, k).trans_b();
+    let half = |name: &str| gpu.zeros_of(name, &[m, n], ElementType::F16).unwrap();
+    let (y, gelu, pre, plain) = (half("y"), half("gelu"), half("pre"), half("plain"));
+    let start = round_f16(&linear);
+    let acc = gpu.upload_f16("acc", &[m, n], &start).unwrap();
+    let tile = runnable_tiles(gpu)[0];
+    let mut rec = gpu.recorder();
+    matmul::matmul_with_tile(&mut rec, &x, &w, &y, &op, Epilogue::Bias(&bias), tile).unwrap();
+    let fused = Epilogue::BiasGelu { bias: &bias, pre: &pre };
+    matmul::matmul_with_tile(&mut rec, &x, &w, &gelu, &op, fused, tile).unwrap();
+    matmul::matmul_with_tile(&mut rec, &x, &w, &acc, &op, Epilogue::Accumulate, tile).unwrap();
+    matmul::matmul(&mut rec, &x, &w, &plain, &op, Epilogue::None).unwrap();
+    rec.submit().unwrap();
+    assert_close("f16 bias", &gpu.read_f16(&y).unwrap(), &linear, F16_RTOL, ATOL);
+    assert_close("f16 pre-activation", &gpu.read_f16(&pre).unwrap(), &linear, F16_RTOL, ATOL);
+    let want_gelu = reference::elementwise::gelu_forward(&linear);
+    assert_close("f16 bias+gelu", &gpu.read_f16(&gelu).unwrap(), &want_gelu, F16_RTOL, ATOL);
+    let sum: Vec<f32> = start.iter().zip(&no_bias).map(|(a, b)| a + b).collect();
+    assert_close("f16 accumulate", &gpu.read_f16(&acc).unwrap(), &sum, F16_RTOL, ATOL);
+    assert_close("f16 through matmul()", &gpu.read_f16(&plain).unwrap(), &no_bias, F16_RTOL, ATOL);
+
+    let f32_pre = gpu.zeros("f32 pre", &[m, n]).unwrap();
+    let f16_bias = gpu.upload_f16("f16 bias", &[n], &bias_host).unwrap();
+    let mut rec = gpu.recorder();
+    let mixed = Epilogue::BiasGelu { bias: &bias, pre: &f32_pre };
+    let error = matmul::matmul_with_tile(&mut rec, &x, &w, &gelu, &op, mixed, tile).unwrap_err().to_string();
+    assert!(error.contains("'f32 pre'"), "pre must have C's type: {error}");
+    let error = matmul::matmul_with_tile(&mut rec, &x, &w, &y, &op, Epilogue::Bias(&f16_bias), tile)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("'f16 bias'"), "bias is f32: {error}");
+    let error = matmul::matmul_coop(&mut rec, &x, &w, &y, &op, Epilogue::None).unwrap_err().to_string();
+    assert!(error.contains("'x'") && error.contains("F16"), "the cooperative kernel reads f32: {error}");
+    assert!(rec.is_empty());
 }

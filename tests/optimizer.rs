@@ -3,8 +3,8 @@
 
 mod common;
 
-use common::{assert_close, gpu};
-use pals::gpu::{Gpu, Recorder, Tensor};
+use common::{assert_close, assert_rounded_f16, gpu};
+use pals::gpu::{ElementType, Gpu, Recorder, Tensor};
 use pals::kernels::optimizer::{
     self, AdamConfig, AdamSteps, ClipMode, LossScaling, NORM_PARTIALS, bias_correction_table,
 };
@@ -138,6 +138,8 @@ fn three_adam_steps_match_reference() {
                 let coef = gpu.upload("coef", &[3], &[9.0f32, 0.75, 0.0]).unwrap();
                 // The tensor's count at index 1: the one at 0 must be ignored.
                 let counts = Counts::new(gpu, 2, &cfg);
+                // The f16 copy written in the same pass (a variant of the kernel).
+                let half = gpu.zeros_of("param f16", &[n], ElementType::F16).unwrap();
                 for step in 1..=3u32 {
                     gpu.write(&counts.counts, &[7u32, step - 1]).unwrap();
                     let g = random_vec(n, 10 + step, 0.5);
@@ -156,6 +158,7 @@ fn three_adam_steps_match_reference() {
                         weight_decay,
                         &counts.at(1),
                         &cfg,
+                        (step != 2).then_some(&half),
                     )
                     .unwrap();
                     rec.submit().unwrap();
@@ -177,6 +180,11 @@ fn three_adam_steps_match_reference() {
                     assert_close(&format!("v {what}"), &got_v, &host.v, 1e-5, 1e-6);
                     let got_param = gpu.read::<f32>(&param).unwrap();
                     assert_close(&format!("param {what}"), &got_param, &host.param, 1e-5, 1e-6);
+                    if step != 2 {
+                        // The copy is the f32 result rounded once to f16.
+                        let copy = gpu.read_f16(&half).unwrap();
+                        assert_rounded_f16(&format!("f16 copy {what}"), &copy, &got_param);
+                    }
                 }
             }
         }
@@ -212,8 +220,21 @@ fn clipped_step(gpu: &Gpu, mode: ClipMode) -> Vec<Vec<f32>> {
     for _ in 1..=2 {
         for (slot, ((param, grad), (m, v))) in params.iter().zip(&grads).zip(&ms).enumerate() {
             let steps = counts.at(slot as u32);
-            optimizer::adam_step(&mut rec, param, grad, m, v, &coef, slot as u32, 0.01, 0.01, &steps, &cfg)
-                .unwrap();
+            optimizer::adam_step(
+                &mut rec,
+                param,
+                grad,
+                m,
+                v,
+                &coef,
+                slot as u32,
+                0.01,
+                0.01,
+                &steps,
+                &cfg,
+                None,
+            )
+            .unwrap();
         }
         optimizer::update_scaler(&mut rec, &coef, &ids, &counts.counts, &scaler, &record, 0, 1, None)
             .unwrap();
@@ -262,29 +283,23 @@ fn shape_mismatches_are_errors() {
     let mut rec = gpu.recorder();
     let cfg = AdamConfig::default();
     let counts = Counts::new(gpu, 1, &cfg);
-    let adam = |rec: &mut Recorder, grad: &Tensor, slot, index| {
-        optimizer::adam_step(
-            rec,
-            &param,
-            grad,
-            &param,
-            &param,
-            &coef,
-            slot,
-            0.1,
-            0.0,
-            &counts.at(index),
-            &cfg,
-        )
-        .unwrap_err()
-        .to_string()
+    let adam = |rec: &mut Recorder, grad: &Tensor, slot, index, copy: Option<&Tensor>| {
+        let steps = counts.at(index);
+        optimizer::adam_step(rec, &param, grad, &param, &param, &coef, slot, 0.1, 0.0, &steps, &cfg, copy)
+            .unwrap_err()
+            .to_string()
     };
-    let error = adam(&mut rec, &short, 0, 0);
+    let error = adam(&mut rec, &short, 0, 0, None);
     assert!(error.contains("'short'") && error.contains("[9]"), "{error}");
-    let error = adam(&mut rec, &param, 3, 0);
+    let error = adam(&mut rec, &param, 3, 0, None);
     assert!(error.contains("slot 3") && error.contains("'coef'"), "{error}");
-    let error = adam(&mut rec, &param, 0, 1);
+    let error = adam(&mut rec, &param, 0, 1, None);
     assert!(error.contains("slot 1") && error.contains("'counts'"), "{error}");
+    let error = adam(&mut rec, &param, 0, 0, Some(&short));
+    assert!(error.contains("'short'") && error.contains("F32"), "an f32 tensor as the f16 copy: {error}");
+    let half_short = gpu.zeros_of("half short", &[9], ElementType::F16).unwrap();
+    let error = adam(&mut rec, &param, 0, 0, Some(&half_short));
+    assert!(error.contains("'half short'") && error.contains("9"), "{error}");
 
     let norms = gpu.zeros("norms", &[2]).unwrap();
     let scaler = unscaled(gpu);

@@ -110,6 +110,20 @@ impl Gpu {
         Ok(tensor)
     }
 
+    /// An f16 tensor holding `data` rounded to the nearest f16 (ties to even).
+    pub fn upload_f16(&self, name: &str, shape: &[usize], data: &[f32]) -> Result<Tensor, GpuError> {
+        let tensor = self.zeros_of(name, shape, ElementType::F16)?;
+        let bits: Vec<u16> = data.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+        self.write(&tensor, &bits)?;
+        Ok(tensor)
+    }
+
+    /// An f16 tensor's values, widened to f32 (waits for all submitted work).
+    pub fn read_f16(&self, tensor: &Tensor) -> Result<Vec<f32>, GpuError> {
+        let bits = self.read::<u16>(tensor)?;
+        Ok(bits.into_iter().map(|b| half::f16::from_bits(b).to_f32()).collect())
+    }
+
     /// Overwrites a tensor's contents (ordered before the next submit).
     pub fn write<T: bytemuck::Pod>(&self, tensor: &Tensor, data: &[T]) -> Result<(), GpuError> {
         let bytes: &[u8] = bytemuck::cast_slice(data);

@@ -5,8 +5,8 @@
 
 use std::time::Instant;
 
-use super::to_u32;
-use crate::gpu::{Binding, Gpu, GpuError, KernelSpec, Recorder, Tensor, tuning_enabled};
+use super::{expect_shader_f16, to_u32};
+use crate::gpu::{Binding, ElementType, Gpu, GpuError, KernelSpec, Recorder, Tensor, tuning_enabled};
 
 const MATMUL: KernelSpec = KernelSpec {
     name: "matmul",
@@ -320,6 +320,12 @@ impl Matmul {
             }
         }
         let packed = self.ldc == Some(self.n) || self.ldc.is_none();
+        if let Epilogue::Bias(bias) | Epilogue::BiasGelu { bias, .. } = epilogue {
+            bias.expect_type("matmul", ElementType::F32)?;
+        }
+        if let Epilogue::BiasGelu { pre, .. } = epilogue {
+            pre.expect_type("matmul", c.dtype)?;
+        }
         match epilogue {
             Epilogue::Bias(bias) | Epilogue::BiasGelu { bias, .. } if bias.len() != self.n => {
                 Err(shape_error(format!("bias '{}' has {} elements, N = {}", bias.name, bias.len(), self.n)))
@@ -365,8 +371,26 @@ fn multiply_function(tile: Tile) -> String {
     )
 }
 
-fn defines(tile: Tile, op: &Matmul, epilogue: u32) -> String {
-    multiply_function(tile)
+/// The storage aliases of A, B and C (shaders/matmul.wgsl's header), opening with the
+/// `enable f16;` a module must start with when one of them is f16.
+fn storage_types(a: &Tensor, b: &Tensor, c: &Tensor) -> String {
+    let name = |t: &Tensor| match t.dtype {
+        ElementType::F32 => "f32",
+        ElementType::F16 => "f16",
+    };
+    let any_f16 = [a, b, c].iter().any(|t| t.dtype == ElementType::F16);
+    format!(
+        "{}alias A_TYPE = {};\nalias B_TYPE = {};\nalias C_TYPE = {};\n",
+        if any_f16 { "enable f16;\n" } else { "" },
+        name(a),
+        name(b),
+        name(c)
+    )
+}
+
+fn defines(tile: Tile, op: &Matmul, epilogue: u32, types: &str) -> String {
+    types.to_string()
+        + &multiply_function(tile)
         + &format!(
             "const BM: u32 = {}u;\nconst BN: u32 = {}u;\nconst BK: u32 = {}u;\nconst TM: u32 = {}u;\n\
          const TN: u32 = {}u;\nconst STAGES: u32 = {}u;\nconst TRANS_A: bool = {};\nconst TRANS_B: bool = {};\n\
@@ -437,6 +461,8 @@ impl Kernel {
 }
 
 /// C = op(A)·op(B) with `epilogue`, on the kernel measured best for this shape class.
+/// A, B and C may each be f32 or f16 (f32 sums); f16 ones take the tiled kernels, on the
+/// tile the f32 form was measured best with.
 pub fn matmul(
     rec: &mut Recorder,
     a: &Tensor,
@@ -446,7 +472,9 @@ pub fn matmul(
     epilogue: Epilogue,
 ) -> Result<(), GpuError> {
     op.check(a, b, c, &epilogue)?;
-    match choose_kernel(rec.gpu, op)? {
+    let f16_storage = [a, b, c].iter().any(|t| t.dtype == ElementType::F16);
+    let tuned = if f16_storage { Matmul { f16_operands: false, ..*op } } else { *op };
+    match choose_kernel(rec.gpu, &tuned)? {
         Kernel::Tiled(tile) => matmul_with_tile(rec, a, b, c, op, epilogue, tile),
         Kernel::Coop => matmul_coop(rec, a, b, c, op, epilogue),
     }
@@ -506,6 +534,10 @@ pub fn matmul_coop(
     epilogue: Epilogue,
 ) -> Result<(), GpuError> {
     op.check(a, b, c, &epilogue)?;
+    for tensor in [a, b, c] {
+        // It stages f32 storage itself; f16 storage is the tiled kernels' so far.
+        tensor.expect_type("matmul_coop", ElementType::F32)?;
+    }
     if let Some(reason) = coop_unavailable(rec.gpu) {
         return Err(GpuError::Device { op: "matmul_coop".into(), message: reason });
     }
@@ -541,6 +573,9 @@ pub fn matmul_with_tile(
     tile: Tile,
 ) -> Result<(), GpuError> {
     op.check(a, b, c, &epilogue)?;
+    if [a, b, c].iter().any(|t| t.dtype == ElementType::F16) {
+        expect_shader_f16("matmul", rec.gpu)?;
+    }
     let params = op.params()?;
     let (bias, pre) = epilogue_buffers(a, c, &epilogue);
     let groups = [
@@ -548,7 +583,7 @@ pub fn matmul_with_tile(
         to_u32("matmul", "row tiles", op.m.div_ceil(tile.bm as usize))?,
         params.batch,
     ];
-    let defines = defines(tile, op, epilogue.code());
+    let defines = defines(tile, op, epilogue.code(), &storage_types(a, b, c));
     rec.dispatch(&MATMUL, &defines, &params, &[a, b, bias, c, pre], groups)
 }
 

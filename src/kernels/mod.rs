@@ -1,6 +1,7 @@
 //! One file per shader: shape guards, the binding table, dispatch math and the typed call.
 
 pub mod attention;
+pub mod cast;
 pub mod elementwise;
 pub mod embedding;
 pub mod layernorm;
@@ -9,7 +10,16 @@ pub mod matmul;
 pub mod optimizer;
 pub mod reduce;
 
-use crate::gpu::{GpuError, Tensor};
+use crate::gpu::{Gpu, GpuError, Tensor};
+
+/// An error naming the adapter unless its shaders can hold f16 (the shader-f16 feature).
+pub(crate) fn expect_shader_f16(op: &str, gpu: &Gpu) -> Result<(), GpuError> {
+    if gpu.has(wgpu::Features::SHADER_F16) {
+        return Ok(());
+    }
+    let message = format!("f16 tensors need shader-f16, which adapter '{}' lacks", gpu.info.name);
+    Err(GpuError::Device { op: op.into(), message })
+}
 
 /// An error unless `tensor` holds exactly `expected` elements.
 pub(crate) fn expect_len(op: &str, tensor: &Tensor, expected: usize) -> Result<(), GpuError> {

@@ -7,8 +7,8 @@
 //! loss scale). Nothing is read back to the host: a step whose scaled gradients overflowed
 //! is skipped on the GPU.
 
-use super::{expect_len, to_u32};
-use crate::gpu::{Binding, GpuError, KernelSpec, Recorder, Tensor, spread};
+use super::{expect_len, expect_shader_f16, to_u32};
+use crate::gpu::{Binding, ElementType, GpuError, KernelSpec, Recorder, Tensor, spread};
 
 const SOURCE: &str = concat!(
     include_str!("../../shaders/workgroup_reduce.wgsl"),
@@ -46,8 +46,14 @@ const ADAM_STEP: KernelSpec = KernelSpec {
         Binding::Write,
         Binding::Write,
         Binding::Write,
+        Binding::Write,
     ],
 };
+
+/// The storage of adam_step's f16 copy (shaders/optimizer.wgsl): every kernel of the module
+/// is compiled with one of these.
+const NO_HALF_COPY: &str = "alias HALF = f32;\nconst WRITE_HALF: bool = false;\n";
+const HALF_COPY: &str = "enable f16;\nalias HALF = f16;\nconst WRITE_HALF: bool = true;\n";
 const UPDATE_SCALER: KernelSpec = KernelSpec {
     name: "update_scaler",
     source: SOURCE,
@@ -207,8 +213,8 @@ pub fn sum_squares(
         scaling: 0,
     };
     let first = [groups as u32, 1, 1];
-    rec.dispatch(&SUM_SQUARES_PARTIAL, "", &params, &[grad, partials], first)?;
-    rec.dispatch(&SUM_SQUARES_FINAL, "", &params, &[partials, norms], [1, 1, 1])
+    rec.dispatch(&SUM_SQUARES_PARTIAL, NO_HALF_COPY, &params, &[grad, partials], first)?;
+    rec.dispatch(&SUM_SQUARES_FINAL, NO_HALF_COPY, &params, &[partials, norms], [1, 1, 1])
 }
 
 /// From squared norms [T] of gradients scaled by S = scaler[0] to clip factors that also
@@ -235,13 +241,14 @@ pub fn clip_coefficients(
         max_norm,
         scaling: scaling as u32,
     };
-    rec.dispatch(&CLIP_COEFFICIENTS, "", &params, &[norms, coef, scaler], [1, 1, 1])
+    rec.dispatch(&CLIP_COEFFICIENTS, NO_HALF_COPY, &params, &[norms, coef, scaler], [1, 1, 1])
 }
 
 /// One fused Adam update of `param`, `m` and `v` in place from `grad` × coef[slot]:
 /// param −= lr·(update + weight_decay·param), at the step count `steps` holds + 1. Nothing
 /// changes when coef's last element (`clip_coefficients`' found flag) is not 0. Pass
-/// weight_decay 0 for tensors that are not decayed (biases, LayerNorm).
+/// weight_decay 0 for tensors that are not decayed (biases, LayerNorm). `half_copy` (f16,
+/// like `param`) gets the updated values rounded to f16 in the same pass.
 #[allow(clippy::too_many_arguments)]
 pub fn adam_step(
     rec: &mut Recorder,
@@ -255,10 +262,25 @@ pub fn adam_step(
     weight_decay: f32,
     steps: &AdamSteps,
     cfg: &AdamConfig,
+    half_copy: Option<&Tensor>,
 ) -> Result<(), GpuError> {
     let op = "adam_step";
     for tensor in [grad, m, v] {
         expect_len(op, tensor, param.len())?;
+    }
+    if let Some(copy) = half_copy {
+        copy.expect_type(op, ElementType::F16)?;
+        expect_shader_f16(op, rec.gpu)?;
+        if copy.len() != param.len() {
+            let detail = format!(
+                "f16 copy '{}' has {} elements, '{}' {}",
+                copy.name,
+                copy.len(),
+                param.name,
+                param.len()
+            );
+            return Err(GpuError::Shape { op: op.into(), detail });
+        }
     }
     expect_slot(op, coef, slot)?;
     expect_slot(op, steps.counts, steps.index)?;
@@ -280,8 +302,12 @@ pub fn adam_step(
         weight_decay,
     };
     let groups = spread(rec.gpu, n.div_ceil(256));
-    let bound = [grad, coef, steps.counts, steps.corrections, param, m, v];
-    rec.dispatch(&ADAM_STEP, "", &params, &bound, groups)
+    let (defines, copy) = match half_copy {
+        Some(copy) => (HALF_COPY, copy),
+        None => (NO_HALF_COPY, param),
+    };
+    let bound = [grad, coef, steps.counts, steps.corrections, param, m, v, copy];
+    rec.dispatch(&ADAM_STEP, defines, &params, &bound, groups)
 }
 
 /// Ends a step after its `adam_step`s: unless coef's found flag is up, each `counts[ids[j]]`
@@ -311,5 +337,5 @@ pub fn update_scaler(
         scaling: scaling.is_some() as u32,
         interval: scaling.map_or(0, |s| s.growth_interval),
     };
-    rec.dispatch(&UPDATE_SCALER, "", &params, &[coef, ids, counts, scaler, record], [1, 1, 1])
+    rec.dispatch(&UPDATE_SCALER, NO_HALF_COPY, &params, &[coef, ids, counts, scaler, record], [1, 1, 1])
 }

@@ -180,7 +180,20 @@ impl Optimizer {
                 pairs: self.pairs,
             };
             let (m, v) = (&state.m, &state.v);
-            optimizer::adam_step(rec, param, grad, m, v, &coef, slot as u32, lr, decay, &steps, &s.adam)?;
+            optimizer::adam_step(
+                rec,
+                param,
+                grad,
+                m,
+                v,
+                &coef,
+                slot as u32,
+                lr,
+                decay,
+                &steps,
+                &s.adam,
+                None,
+            )?;
         }
         let ScaleRecord { record, slot, stride } = *record;
         optimizer::update_scaler(

@@ -39,6 +39,27 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], rtol: f32, atol: f32)
     }
 }
 
+/// Fails unless each `got` (an f16 value, widened) is one of the two f16 neighbours of the
+/// exact `want`, as WGSL allows an f32 → f16 conversion to give; says how many were not the
+/// nearest-even one (the host's rounding), so a test shows what this adapter does.
+pub fn assert_rounded_f16(what: &str, got: &[f32], want: &[f32]) {
+    use half::f16;
+    assert_eq!(got.len(), want.len(), "{what}: length {} vs {}", got.len(), want.len());
+    let mut not_nearest = 0;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let nearest = f16::from_f32(w);
+        if g.to_bits() == nearest.to_f32().to_bits() {
+            continue;
+        }
+        // The neighbour on w's other side (bits step by one ulp away from zero or toward).
+        let away = (nearest.to_f32().abs() < w.abs()) as i32 * 2 - 1;
+        let other = f16::from_bits((nearest.to_bits() as i32 + away) as u16).to_f32();
+        assert!(g == other, "{what}: element {i}: got {g}, want {} or {other} (from {w})", nearest.to_f32());
+        not_nearest += 1;
+    }
+    eprintln!("{what}: {not_nearest} of {} rounded other than to nearest even", got.len());
+}
+
 /// A fresh directory under the system temp dir, removed on drop.
 pub struct TempDir(pub PathBuf);
 
