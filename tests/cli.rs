@@ -60,6 +60,7 @@ fn every_bad_number_is_refused_naming_its_flag_before_anything_is_loaded() {
         (&["encode", "--model", "/nonexistent", "--batch-size", "0"], "--batch-size"),
         (&["demo", "--epochs", "0"], "--epochs"),
         (&["bench", "--reps", "0"], "--reps"),
+        (&["bench", "--fp16"], "--precision mixed"),
         (&["params", "--pal-dim", "0"], "--pal-dim"),
         (&["params", "--tasks", "rte,RTE"], "RTE twice"),
     ];
@@ -162,4 +163,33 @@ fn bad_models_data_and_paths_are_clear_errors_on_a_tiny_model() {
     let input = input.to_str().unwrap();
     let output = pals(&["encode", "--model", model, "--input", input, "--max-length", "100"], &cache);
     assert_refused(&output, &["--max-length 100", "64 positions"], "encode --max-length");
+}
+
+/// `--fp16` is `--precision mixed`: saved in run.json, the loss scale logged with every
+/// step, and on `--resume` a precision that differs from the saved run is refused while
+/// the same one (by either flag) is accepted.
+#[test]
+fn fp16_is_mixed_precision_saved_logged_and_kept_on_resume() {
+    let tmp = TempDir::new("cli-fp16");
+    let (model, glue, cache, out) = (tmp.join("model"), tmp.join("glue"), tmp.join("cache"), tmp.join("run"));
+    std::fs::create_dir_all(&model).unwrap();
+    tiny_model(&model);
+    tiny_glue(&glue);
+    let output = train(&model, &glue, &out, &cache, &["--fp16", "--stop-after", "1"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("last/run.json")).unwrap()).unwrap();
+    assert_eq!(run["precision"], "mixed");
+    let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert!(
+        log.lines().next().is_some_and(|l| l.contains("\"scale\":65536") && l.contains("\"skipped\":false")),
+        "{log}"
+    );
+
+    let output = train(&model, &glue, &out, &cache, &["--resume", "--precision", "f32"]);
+    assert_refused(&output, &["--precision f32 (saved: mixed)"], "resume with another precision");
+    let output = train(&model, &glue, &out, &cache, &["--resume", "--fp16", "--stop-after", "1"]);
+    assert!(output.status.success(), "resume with --fp16: {}", stderr(&output));
+    let output = train(&model, &glue, &tmp.join("both"), &cache, &["--fp16", "--precision", "f32"]);
+    assert_eq!(output.status.code(), Some(2), "clap refuses both: {}", stderr(&output));
 }
