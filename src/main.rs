@@ -122,9 +122,9 @@ struct RunArgs {
 
 #[derive(Args, Clone)]
 struct PrecisionArgs {
-    /// f32, or mixed: f32 master weights and Adam state with dynamic loss scaling as
-    /// PyTorch's GradScaler (so far the kernels still compute in f32); mixed needs an
-    /// adapter with shader-f16.
+    /// f32, or mixed: f32 master weights and Adam state, dynamic loss scaling as PyTorch's
+    /// GradScaler, the encoder's big products reading f16 copies of their weights (the
+    /// activations are still f32); mixed needs an adapter with shader-f16.
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     precision: Precision,
     /// The same as --precision mixed (Hugging Face's name).
@@ -453,9 +453,10 @@ fn run(cli: Cli, given: Vec<String>) -> Result<()> {
             }
             if precision.precision() == Precision::Mixed {
                 // Said rather than left out: the flag must not look as if it changed the figures.
+                let copies = pals::model::memory::f16_weight_copy_bytes(&config) as f64 / (1024.0 * 1024.0);
                 println!(
-                    "precision mixed: the same buffers as f32 so far (loss scaling only; f16 \
-                     activations and weight copies are not yet wired into the model)"
+                    "precision mixed: the buffers above (activations are still f32) plus {copies:.1} MiB of \
+                     f16 copies of the encoder's Linear weights"
                 );
             }
             Ok(())

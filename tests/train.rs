@@ -157,10 +157,11 @@ fn scales(out: &Path) -> Vec<(f32, bool)> {
     records.steps.iter().map(|s| (s.scale.unwrap(), s.skipped.unwrap())).collect()
 }
 
-/// Until the f16 kernels are wired in, mixed precision computes in f32 with a loss scale
-/// that is a power of two: scaling and unscaling are exact, so without an overflow its
-/// run is the f32 run bit for bit while the scale grows every `growth_interval` steps.
-/// Resuming restores the scale and its growth counter.
+/// Mixed precision (f16 copies of the encoder's Linear weights in the big products, a
+/// power-of-two loss scale, f32 everywhere else) tracks the f32 run's losses, and is not
+/// the f32 run (the f16 path ran): f16 rounds each weight by at most 2^-11 relative, which
+/// moves a loss near 1 by well under 1e-2 over these 24 steps. The scale grows every
+/// `growth_interval` clean steps; resuming restores it and is bit-identical.
 #[test]
 fn mixed_precision_scales_the_loss_and_resumes_the_scale() {
     let growth = LossScaling { init_scale: 65536.0, growth_interval: 5 };
@@ -168,7 +169,10 @@ fn mixed_precision_scales_the_loss_and_resumes_the_scale() {
     run(&mut trainer("pals", None, &plain));
     let whole = output("mixed-whole");
     run(&mut mixed_trainer(None, &whole, growth));
-    assert_eq!(losses(&plain), losses(&whole), "mixed (scaled f32) and f32 losses differ");
+    let values =
+        |out: &Path| -> Vec<f32> { losses(out).iter().map(|&(_, bits)| f32::from_bits(bits)).collect() };
+    common::assert_close("mixed vs f32 losses", &values(&whole), &values(&plain), 1e-2, 1e-2);
+    assert_ne!(losses(&plain), losses(&whole), "mixed gave the f32 losses bit for bit: no f16 path ran");
     let want: Vec<(f32, bool)> = (0..24).map(|i| (65536.0 * 2f32.powi(i / 5), false)).collect();
     assert_eq!(scales(&whole), want, "the scale doubles every 5 clean steps");
 

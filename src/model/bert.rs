@@ -27,7 +27,8 @@ use super::hook::{HookStep, LayerHook, NoHook};
 use super::{BertConfig, DropoutKey, HostTensor, SITE_EMBEDDINGS, Site, Weights, param_shapes, site};
 use crate::contract::{AttentionShape, DropoutSpec};
 use crate::error::ModelError;
-use crate::gpu::{Gpu, GpuError, Recorder, Tensor};
+use crate::gpu::{ElementType, Gpu, GpuError, Recorder, Tensor};
+use crate::kernels::cast;
 use crate::kernels::elementwise;
 use crate::kernels::embedding::{self, Embeddings};
 use crate::kernels::layernorm::{self, LayerNormScratch};
@@ -76,11 +77,11 @@ impl<'a> ByName<'a> {
 
     /// `{name}.weight` and `{name}.bias`.
     pub(crate) fn linear(&self, name: &str) -> Linear {
-        Linear { w: self.get(&format!("{name}.weight")), b: self.get(&format!("{name}.bias")) }
+        Linear { w: self.get(&format!("{name}.weight")), b: self.get(&format!("{name}.bias")), w16: None }
     }
 
     pub(crate) fn norm(&self, name: &str) -> Norm {
-        let Linear { w, b } = self.linear(name);
+        let Linear { w, b, .. } = self.linear(name);
         Norm { gamma: w, beta: b }
     }
 }
@@ -364,6 +365,39 @@ pub(crate) fn check_config(c: &BertConfig) -> Result<(), ModelError> {
 }
 
 impl Bert {
+    /// Mixed precision: gives each encoder layer's Linears (Q, K, V, attention output, FFN
+    /// in and out: the big products) an f16 copy of W that their products read, cast from
+    /// the f32 weights now; again (the same copies) after the weights were overwritten.
+    /// Returns (weight name, copy) for the optimizer, which keeps them current.
+    pub fn use_f16_weights(&mut self, gpu: &Gpu) -> Result<Vec<(String, Tensor)>, GpuError> {
+        let mut copies = Vec::new();
+        let mut rec = gpu.recorder();
+        for (l, layer) in self.params.layers.iter_mut().enumerate() {
+            let attention = &mut layer.attention;
+            let [q, k, v] = &mut attention.qkv;
+            let sites = [
+                ("attention.self.query", q),
+                ("attention.self.key", k),
+                ("attention.self.value", v),
+                ("attention.output.dense", &mut attention.output),
+                ("intermediate.dense", &mut layer.ffn_in),
+                ("output.dense", &mut layer.ffn_out),
+            ];
+            for (site, linear) in sites {
+                let name = format!("encoder.layer.{l}.{site}.weight");
+                let copy = match &linear.w16 {
+                    Some(copy) => copy.clone(),
+                    None => gpu.zeros_of(&format!("{name} f16"), &linear.w.shape, ElementType::F16)?,
+                };
+                cast::cast_f16(&mut rec, &linear.w, &copy)?;
+                linear.w16 = Some(copy.clone());
+                copies.push((name, copy));
+            }
+        }
+        rec.submit()?;
+        Ok(copies)
+    }
+
     /// Uploads `weights` (named as `param_shapes`; extra entries are ignored) and allocates
     /// zeroed gradients. An error names any missing or mis-shaped tensor.
     pub fn upload(gpu: &Gpu, config: &BertConfig, weights: &Weights) -> Result<Bert, ModelError> {

@@ -137,6 +137,9 @@ pub(crate) fn stats<'a>(mean: &'a Tensor, rstd: &'a Tensor) -> LayerNormStats<'a
 pub struct Linear {
     pub w: Tensor,
     pub b: Tensor,
+    /// Mixed precision: W rounded to f16, what the products read (the optimizer rewrites
+    /// it with every update of W). None in f32, and for gradients.
+    pub w16: Option<Tensor>,
 }
 
 /// A LayerNorm's γ and β [width] (or their gradients).
@@ -190,6 +193,11 @@ pub(crate) fn add_input_grad(
 }
 
 impl Linear {
+    /// The weight the products read: the f16 copy where there is one.
+    pub(crate) fn operand(&self) -> &Tensor {
+        self.w16.as_ref().unwrap_or(&self.w)
+    }
+
     /// y = x·Wᵀ + b for x [rows, in].
     pub(crate) fn forward(
         &self,
@@ -198,7 +206,7 @@ impl Linear {
         x: &Tensor,
         y: &Tensor,
     ) -> Result<(), GpuError> {
-        linear(rec, rows, x, &self.w, y, Epilogue::Bias(&self.b))
+        linear(rec, rows, x, self.operand(), y, Epilogue::Bias(&self.b))
     }
 
     /// y = GELU(x·Wᵀ + b), keeping x·Wᵀ + b in `pre`.
@@ -210,7 +218,7 @@ impl Linear {
         y: &Tensor,
         pre: &Tensor,
     ) -> Result<(), GpuError> {
-        linear(rec, rows, x, &self.w, y, Epilogue::BiasGelu { bias: &self.b, pre })
+        linear(rec, rows, x, self.operand(), y, Epilogue::BiasGelu { bias: &self.b, pre })
     }
 
     /// out = Dropout(x·Wᵀ + b): straight into `out` without dropout, else through `scratch`.
@@ -246,7 +254,9 @@ impl Linear {
         let dw_epilogue = if accumulate { Epilogue::Accumulate } else { Epilogue::None };
         matmul(rec, dy, x, &grads.w, &Matmul::new(out, inner, rows).trans_a(), dw_epilogue)?;
         match dx {
-            Some((dx, epilogue)) => matmul(rec, dy, &self.w, dx, &Matmul::new(rows, inner, out), epilogue),
+            Some((dx, epilogue)) => {
+                matmul(rec, dy, self.operand(), dx, &Matmul::new(rows, inner, out), epilogue)
+            }
             None => Ok(()),
         }
     }

@@ -87,6 +87,13 @@ fn activation_groups(config: &BertConfig, batch: usize, seq: usize) -> Vec<(Stri
 }
 
 /// A printable breakdown: totals per kind, then the activation buffers by name.
+/// Mixed precision's f16 copies of each encoder layer's Q, K, V, attention-output and FFN
+/// weights (`Bert::use_f16_weights`): 2 bytes per weight.
+pub fn f16_weight_copy_bytes(c: &BertConfig) -> u64 {
+    let (h, i) = (c.hidden_size as u64, c.intermediate_size as u64);
+    c.num_hidden_layers as u64 * (4 * h * h + 2 * h * i) * 2
+}
+
 pub fn memory_report(config: &BertConfig, batch: usize, seq: usize) -> Vec<String> {
     let (plan, eval) = (MemoryPlan::new(config, batch, seq), MemoryPlan::inference(config, batch, seq));
     let row = |name: &str, train: u64, eval: u64| format!("  {name:12} {} {}", mib(train), mib(eval));

@@ -74,6 +74,8 @@ pub struct Optimizer {
     scaler: Tensor,
     /// The `counts` entries of each distinct list of tensors a step has updated.
     ids: HashMap<Vec<u32>, Tensor>,
+    /// f16 copies the Adam kernel rewrites with each update (mixed precision), by name.
+    half_copies: BTreeMap<String, Tensor>,
 }
 
 impl Optimizer {
@@ -108,7 +110,15 @@ impl Optimizer {
             pairs,
             scaler: gpu.upload("loss scaler", &[2], &[scale, 0.0])?,
             ids: HashMap::new(),
+            half_copies: BTreeMap::new(),
         })
+    }
+
+    /// Has each update of the tensor `name` also write `copy` (its f16 copy).
+    pub fn keep_half_copy(&mut self, name: &str, copy: Tensor) -> Result<(), GpuError> {
+        self.state(name)?;
+        self.half_copies.insert(name.to_string(), copy);
+        Ok(())
     }
 
     /// [1]: the loss scale the loss backward multiplies its gradient by (1 without scaling).
@@ -179,7 +189,7 @@ impl Optimizer {
                 corrections: &self.corrections,
                 pairs: self.pairs,
             };
-            let (m, v) = (&state.m, &state.v);
+            let (m, v, half) = (&state.m, &state.v, self.half_copies.get(*name));
             optimizer::adam_step(
                 rec,
                 param,
@@ -192,7 +202,7 @@ impl Optimizer {
                 decay,
                 &steps,
                 &s.adam,
-                None,
+                half,
             )?;
         }
         let ScaleRecord { record, slot, stride } = *record;

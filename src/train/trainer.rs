@@ -331,7 +331,16 @@ impl<'g> Trainer<'g> {
                 }
             }
         }
-        let optimizer = Optimizer::new(gpu, &named, settings.optimizer_settings()?)?;
+        let mut optimizer = Optimizer::new(gpu, &named, settings.optimizer_settings()?)?;
+        let mut models = models;
+        if settings.precision == Precision::Mixed {
+            for (i, t) in data.iter().enumerate() {
+                let (m, _) = place[i];
+                for (name, copy) in models[m].bert.use_f16_weights(gpu)? {
+                    optimizer.keep_half_copy(&state_name(separate, &t.spec.name, &name), copy)?;
+                }
+            }
+        }
         let sampling = Sampling::from_name(&settings.sampling)?;
         let sizes: Vec<usize> = data.iter().map(|t| t.train.examples.len()).collect();
         let sampler =
@@ -414,6 +423,12 @@ impl<'g> Trainer<'g> {
             }
         }
         self.optimizer.restore(self.gpu, optimizer, &checkpoint.state.adam_steps)?;
+        if self.settings.precision == Precision::Mixed {
+            for model in &mut self.models {
+                // The same copies, cast again from the restored weights.
+                model.bert.use_f16_weights(self.gpu)?;
+            }
+        }
         if let Some(scaler) = checkpoint.state.loss_scale {
             self.optimizer.restore_scaler(self.gpu, scaler.scale, scaler.growth)?;
         }
