@@ -63,7 +63,13 @@ impl TuneCache {
         }
     }
 
+    /// The choice remembered for `key`; none while measuring is off, so that such a run
+    /// takes every kernel's default whatever an earlier run measured: the kernels it
+    /// compiles up front (`pals demo`'s warm-up) are then the ones it runs, at any shape.
     pub fn get(&self, key: &str) -> Option<String> {
+        if !self.measure.load(Ordering::Relaxed) {
+            return None;
+        }
         self.choices.lock().unwrap().get(key).cloned()
     }
 
