@@ -541,27 +541,8 @@ impl MultiTaskModel {
         self.forward(rec, acts, inputs, task, dropout)?;
         let (head, b, k) = (&acts.head, acts.batch(), module.spec.num_labels);
         let (logits, d_logits) = (self.logits(acts, task)?, head.d_logits.view(&[b, k]));
-        if module.spec.is_regression() {
-            loss::mse(
-                rec,
-                &logits,
-                &labels.labels,
-                &labels.weights,
-                &head.loss,
-                &d_logits,
-                &labels.loss_scale,
-            )?;
-        } else {
-            loss::cross_entropy(
-                rec,
-                &logits,
-                &labels.labels,
-                &labels.weights,
-                &head.loss,
-                &d_logits,
-                &labels.loss_scale,
-            )?;
-        }
+        let loss_of = if module.spec.is_regression() { loss::mse } else { loss::cross_entropy };
+        loss_of(rec, &logits, &labels.labels, &labels.weights, &head.loss, &d_logits, &labels.loss_scale)?;
         let drop = self.head_dropout(dropout);
         let input = dropout_target(&acts.encoder.pooled, &head.input, drop);
         let to_input = Some((&head.d_input, Epilogue::None));
