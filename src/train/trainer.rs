@@ -496,7 +496,11 @@ impl<'g> Trainer<'g> {
         if !self.buckets.contains_key(&key) {
             let acts = self.models[model].activations(self.gpu, batch, seq)?;
             let inputs = BatchInputs::new(self.gpu, &self.config, batch, seq)?;
-            let head = HeadInputs::new(self.gpu, batch)?;
+            let mut head = HeadInputs::new(self.gpu, batch)?;
+            // With loss scaling the loss backward reads the optimizer's live scale.
+            if self.optimizer.settings.scaling.is_some() {
+                head.loss_scale = self.optimizer.loss_scale();
+            }
             self.buckets.insert(key, Bucket { acts, inputs, head });
         }
         Ok(self.buckets.get_mut(&key).expect("inserted above"))
@@ -612,10 +616,6 @@ impl<'g> Trainer<'g> {
             let bucket = self.bucket(m, b, s)?;
             bucket.inputs.write(gpu, &batch.encoder)?;
             bucket.head.write(gpu, &targets, &batch.weights)?;
-        }
-        if self.optimizer.settings.scaling.is_some() {
-            self.buckets.get_mut(&(m, b, s)).expect("made above").head.loss_scale =
-                self.optimizer.loss_scale();
         }
         let bucket = &self.buckets[&(m, b, s)];
         let model = &self.models[m];
