@@ -6,46 +6,24 @@
 // batches may nest in two levels (z = outer · inner + i: attention heads inside sequences)
 // with a second stride per operand.
 //
-// Entry point `matmul`; bindings: 0 params, 1 A (read), 2 B (read), 3 bias [N] (read; any
-// buffer when unused), 4 C (write), 5 pre-activation [M, N] (write; GELU epilogue only —
-// the backward needs it; any spare buffer otherwise).
+// Entry point `matmul`; parameters, bindings and epilogue in matmul_io.wgsl.
 // Dispatch: (ceil(N / BN), ceil(M / BM), batch); workgroup (BN / TN) × (BM / TM).
 //
 // Element types (aliases prepended by the host, with `enable f16;` where one is f16):
 //   A_TYPE, B_TYPE the operands' storage, C_TYPE that of C and pre, each f32 or f16; bias
 //   is f32. Loads widen to f32 before staging and every sum is f32: only the storage
 //   differs between the variants (mixed precision reads f16 weights and activations).
-// Compile-time constants (prepended by the host, chosen per adapter by measurement):
+// Compile-time constants (prepended by the host; measured per adapter on GPUs, a fixed
+// rule on CPU adapters):
 //   BM, BN, BK  workgroup tile; TM, TN  register tile per invocation; STAGES 1 or 2
 //   (double buffering: the next K-tile is staged while this one is multiplied, one
-//   barrier per step); TRANS_A, TRANS_B; EPILOGUE: 0 plain, 1 bias, 2 bias + GELU,
-//   3 accumulate into C.
+//   barrier per step); TRANS_A, TRANS_B.
 // Tiles of A and B are staged through workgroup memory as vec4s; per 4 steps of k each
 // invocation reads TM vec4s of A and TN vec4s of B and does TM·TN·4 multiply-adds as vec4
 // FMAs. This register blocking is what makes it fast on GPUs and on lavapipe alike (where
 // vec4 loads are far cheaper than scalar gathers). TN and BK are multiples of 4; the
 // global loads are scalar and bounds-checked, so no shape or alignment is required.
 // Accumulation is f32, in a fixed order.
-
-struct Params {
-    m: u32, n: u32, k: u32, batch: u32,
-    lda: u32, ldb: u32, ldc: u32, inner: u32,
-    offset_a: u32, offset_b: u32, offset_c: u32, pad1: u32,
-    stride_a: u32, stride_b: u32, stride_c: u32, pad2: u32,
-    inner_stride_a: u32, inner_stride_b: u32, inner_stride_c: u32, pad3: u32,
-}
-
-// Batch z is (outer, inner) = (z / inner, z % inner): each operand's start.
-fn batch_base(z: u32, offset: u32, stride: u32, inner_stride: u32) -> u32 {
-    return offset + (z / p.inner) * stride + (z % p.inner) * inner_stride;
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> a: array<A_TYPE>;
-@group(0) @binding(2) var<storage, read> b: array<B_TYPE>;
-@group(0) @binding(3) var<storage, read> bias: array<f32>;
-@group(0) @binding(4) var<storage, read_write> c: array<C_TYPE>;
-@group(0) @binding(5) var<storage, read_write> pre: array<C_TYPE>;
 
 const THREADS_X: u32 = BN / TN;
 const THREADS: u32 = (BM / TM) * (BN / TN);
@@ -141,15 +119,7 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
             for (var j = 0u; j < 4u; j++) {
                 let col = col0 + 4u * (lid.x + v * THREADS_X) + j;
                 if (col >= p.n) { continue; }
-                let index = base_c + row * p.ldc + col;
-                var value = acc[i][v][j];
-                if (EPILOGUE == 1u || EPILOGUE == 2u) { value += bias[col]; }
-                if (EPILOGUE == 2u) {
-                    pre[index] = C_TYPE(value);
-                    value = gelu(value);
-                }
-                if (EPILOGUE == 3u) { value += f32(c[index]); }
-                c[index] = C_TYPE(value);
+                write_c(base_c + row * p.ldc + col, col, acc[i][v][j]);
             }
         }
     }

@@ -7,36 +7,15 @@
 // and a fixed subgroup size; the host prepends `enable f16; enable wgpu_cooperative_matrix;`
 // and the constants below.
 //
-// Entry point `matmul_coop`; bindings as matmul.wgsl: 0 params, 1 A (read), 2 B (read),
-// 3 bias [N] (read), 4 C (write), 5 pre-activation [M, N] (write; GELU epilogue only).
+// Entry point `matmul_coop`; parameters, bindings and epilogue in matmul_io.wgsl (the host
+// names all three storage types f32).
 // Dispatch: (ceil(N / 32), ceil(M / 32), batch); workgroup = one subgroup of SUBGROUP
 // invocations, which owns a 32 × 32 block of C as 2 × 2 accumulator matrices.
 //
-// Compile-time constants: SUBGROUP (the adapter's subgroup size), TRANS_A, TRANS_B,
-// EPILOGUE (0 plain, 1 bias, 2 bias + GELU, 3 accumulate into C).
+// Compile-time constants: SUBGROUP (the adapter's subgroup size), TRANS_A, TRANS_B.
 // Every K-tile of A [32 × 32] and B [32 × 32] is staged row-major in workgroup memory with
 // zeros past the edges, so any shape works; the accumulators go back through workgroup
 // memory to the bounds-checked epilogue. Accumulation order is fixed: deterministic.
-
-struct Params {
-    m: u32, n: u32, k: u32, batch: u32,
-    lda: u32, ldb: u32, ldc: u32, inner: u32,
-    offset_a: u32, offset_b: u32, offset_c: u32, pad1: u32,
-    stride_a: u32, stride_b: u32, stride_c: u32, pad2: u32,
-    inner_stride_a: u32, inner_stride_b: u32, inner_stride_c: u32, pad3: u32,
-}
-
-// Batch z is (outer, inner) = (z / inner, z % inner): each operand's start.
-fn batch_base(z: u32, offset: u32, stride: u32, inner_stride: u32) -> u32 {
-    return offset + (z / p.inner) * stride + (z % p.inner) * inner_stride;
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> a: array<f32>;
-@group(0) @binding(2) var<storage, read> b: array<f32>;
-@group(0) @binding(3) var<storage, read> bias: array<f32>;
-@group(0) @binding(4) var<storage, read_write> c: array<f32>;
-@group(0) @binding(5) var<storage, read_write> pre: array<f32>;
 
 const BM: u32 = 32u;
 const BN: u32 = 32u;
@@ -97,14 +76,6 @@ fn matmul_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
         let row = row0 + e / BN;
         let col = col0 + e % BN;
         if (row >= p.m || col >= p.n) { continue; }
-        let index = base_c + row * p.ldc + col;
-        var value = tile_c[e];
-        if (EPILOGUE == 1u || EPILOGUE == 2u) { value += bias[col]; }
-        if (EPILOGUE == 2u) {
-            pre[index] = value;
-            value = gelu(value);
-        }
-        if (EPILOGUE == 3u) { value += c[index]; }
-        c[index] = value;
+        write_c(base_c + row * p.ldc + col, col, tile_c[e]);
     }
 }

@@ -5,7 +5,7 @@ mod common;
 
 use common::{assert_close, gpu};
 use pals::gpu::{ElementType, Gpu, GpuError, Tensor};
-use pals::kernels::matmul::{self, Epilogue, InnerBatch, Matmul, runnable_tiles, usable_tiles};
+use pals::kernels::matmul::{self, Epilogue, InnerBatch, Kernel, Matmul, runnable_tiles, usable_tiles};
 use pals::reference::{self, random_vec, round_f16};
 
 // f32 sums over K against f64: relative error grows like sqrt(K)·eps.
@@ -87,6 +87,29 @@ fn epilogues_bias_gelu_and_accumulate() {
         let twice: Vec<f32> = linear.iter().zip(&no_bias).map(|(a, b)| a + b).collect();
         assert_close("accumulate", &gpu.read::<f32>(&acc).unwrap(), &twice, RTOL, ATOL);
     }
+}
+
+/// CPU adapters take their tile by a fixed rule, without measuring (each candidate would be
+/// seconds of pipeline compile there): the wide CPU tile for the encoder's products, the
+/// narrow one as wide as a 32- or 64-wide product. On a GPU the rule says nothing.
+#[test]
+fn cpu_adapters_take_a_fixed_tile() {
+    let gpu = gpu();
+    let wide = Matmul::new(1024, 384, 1536);
+    if gpu.info.device_type != wgpu::DeviceType::Cpu {
+        assert_eq!(matmul::cpu_rule(gpu, &wide), None);
+        eprintln!("'{}' is not a CPU adapter: its tiles are measured, not ruled", gpu.info.name);
+        return;
+    }
+    let ruled = |op: Matmul| matmul::cpu_rule(gpu, &op).expect("a CPU tile fits lavapipe's limits");
+    let wide_tile = ruled(wide);
+    assert_eq!((wide_tile.bm, wide_tile.bn, wide_tile.tm, wide_tile.tn), (256, 128, 16, 16));
+    for (n, width) in [(2, 32), (32, 32), (33, 64), (64, 64), (65, 128), (1536, 128)] {
+        let op = Matmul::new(128, n, 128).trans_a();
+        assert_eq!(ruled(op).bn, width, "product {n} wide");
+        assert_eq!(matmul::choose_kernel(gpu, &op).unwrap(), Kernel::Tiled(ruled(op)), "{n} wide");
+    }
+    assert!(usable_tiles(gpu).contains(&wide_tile));
 }
 
 /// A Linear layer's backward is two transposed products: dX = dY·W, dW = dYᵀ·X.
@@ -267,30 +290,28 @@ fn tuner_picks_a_usable_tile_and_remembers_it() {
     assert_close("tuned", &gpu.read::<f32>(&c).unwrap(), &want, RTOL, ATOL);
 }
 
-/// The cooperative-matrix kernel's WGSL, for every transpose and epilogue, parses and
+/// The cooperative-matrix kernel's WGSL, for every transpose (the epilogue is a parameter), parses and
 /// validates with the naga wgpu uses and translates to SPIR-V 1.6: checked on every
 /// machine, including those (lavapipe) whose adapter cannot run it.
 #[test]
 fn coop_kernel_validates_with_naga() {
     use wgpu::naga;
     for (trans_a, trans_b) in [(false, false), (true, false), (false, true), (true, true)] {
-        for epilogue in 0..4 {
-            let op = Matmul { trans_a, trans_b, ..Matmul::new(64, 64, 64) };
-            let source = matmul::coop_source(32, &op, epilogue);
-            let what = format!("ta={trans_a} tb={trans_b} epilogue={epilogue}");
-            let module = naga::front::wgsl::parse_str(&source)
-                .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&source)));
-            let info = naga::valid::Validator::new(
-                naga::valid::ValidationFlags::all(),
-                naga::valid::Capabilities::all(),
-            )
-            .validate(&module)
+        let op = Matmul { trans_a, trans_b, ..Matmul::new(64, 64, 64) };
+        let source = matmul::coop_source(32, &op);
+        let what = format!("ta={trans_a} tb={trans_b}");
+        let module = naga::front::wgsl::parse_str(&source)
             .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&source)));
-            let options = naga::back::spv::Options { lang_version: (1, 6), ..Default::default() };
-            let words = naga::back::spv::write_vec(&module, &info, &options, None)
-                .unwrap_or_else(|e| panic!("{what}: SPIR-V: {e}"));
-            assert!(words.len() > 100, "{what}: {} SPIR-V words", words.len());
-        }
+        let info = naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::all(),
+        )
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&source)));
+        let options = naga::back::spv::Options { lang_version: (1, 6), ..Default::default() };
+        let words = naga::back::spv::write_vec(&module, &info, &options, None)
+            .unwrap_or_else(|e| panic!("{what}: SPIR-V: {e}"));
+        assert!(words.len() > 100, "{what}: {} SPIR-V words", words.len());
     }
 }
 

@@ -1,7 +1,8 @@
 //! Batched matmul with transposes and fused epilogues: shaders/matmul.wgsl.
 //!
-//! The tile configuration is chosen per adapter by measuring the candidates once per
-//! shape class on a proxy of the shape (same N and K, fewer rows), and cached on disk.
+//! On GPUs the tile configuration is chosen by measuring the candidates once per shape
+//! class on a proxy of the shape (same N and K, fewer rows), and cached on disk. CPU
+//! adapters, where every candidate costs seconds of pipeline compile, use a fixed rule.
 
 use std::time::Instant;
 
@@ -10,14 +11,22 @@ use crate::gpu::{Binding, ElementType, Gpu, GpuError, KernelSpec, Recorder, Tens
 
 const MATMUL: KernelSpec = KernelSpec {
     name: "matmul",
-    source: concat!(include_str!("../../shaders/gelu.wgsl"), include_str!("../../shaders/matmul.wgsl")),
+    source: concat!(
+        include_str!("../../shaders/gelu.wgsl"),
+        include_str!("../../shaders/matmul_io.wgsl"),
+        include_str!("../../shaders/matmul.wgsl")
+    ),
     entry: "matmul",
     bindings: &[Binding::Read, Binding::Read, Binding::Read, Binding::Write, Binding::Write],
 };
 
 const MATMUL_COOP: KernelSpec = KernelSpec {
     name: "matmul_coop",
-    source: concat!(include_str!("../../shaders/gelu.wgsl"), include_str!("../../shaders/matmul_coop.wgsl")),
+    source: concat!(
+        include_str!("../../shaders/gelu.wgsl"),
+        include_str!("../../shaders/matmul_io.wgsl"),
+        include_str!("../../shaders/matmul_coop.wgsl")
+    ),
     entry: "matmul_coop",
     bindings: MATMUL.bindings,
 };
@@ -69,18 +78,11 @@ impl Tile {
     }
 }
 
-/// What the tuner chooses from; the first is the default when tuning is off. GPUs get
-/// register tiles of up to 64 outputs per invocation (more spills their registers): the
-/// discrete-GPU tiles are 64–128 × 128 blocks of 8×8 per invocation with K-tiles of 16–32,
-/// single or double-buffered (siboehm's kernel 9 reaches ~70% of peak this way). CPU
-/// adapters (lavapipe), where an invocation is a SIMD lane with a large register file
-/// behind it, run fastest with 128 or 256 outputs per invocation (16 GFLOP/s against 7
-/// for 8×4 on Mesa 25, 2 cores); the 128 × 128 one gives small products (M = 1024,
-/// N = 384: MiniLM) more workgroups. The measurement decides among them. CPU adapters
-/// measure only their three, since every candidate is a pipeline compile (seconds on
-/// lavapipe) per transpose form, and first-run tuning must stay short. Products only 32 or
-/// 64 wide (attention's P·V and its gradients, per head) leave 3/4 of a 128-wide tile idle:
-/// CPU adapters also measure the one narrow tile whose width fits them, and only there.
+/// What the tuner chooses from on GPUs; the first is the default when tuning is off. GPUs
+/// get register tiles of up to 64 outputs per invocation (more spills their registers):
+/// the discrete-GPU tiles are 64–128 × 128 blocks of 8×8 per invocation with K-tiles of
+/// 16–32, single or double-buffered (siboehm's kernel 9 reaches ~70% of peak this way).
+/// CPU adapters take theirs by a fixed rule (`cpu_rule`), not by measuring.
 pub const CANDIDATES: &[(Tile, Adapters)] = &[
     (Tile::new(64, 64, 16, 8, 4), Adapters::Gpu),
     (Tile::new(32, 32, 16, 4, 4), Adapters::Gpu),
@@ -90,21 +92,26 @@ pub const CANDIDATES: &[(Tile, Adapters)] = &[
     (Tile::new(64, 128, 16, 8, 8).double_buffered(), Adapters::Gpu),
     (Tile::new(128, 128, 32, 8, 8), Adapters::Gpu),
     (Tile::new(64, 128, 32, 8, 8).double_buffered(), Adapters::Gpu),
-    (Tile::new(256, 128, 8, 16, 16), Adapters::Cpu),
-    (Tile::new(256, 128, 8, 16, 8), Adapters::Cpu),
-    (Tile::new(128, 128, 16, 16, 16), Adapters::Cpu),
-    (Tile::new(128, 32, 8, 8, 16), Adapters::CpuNarrow),
-    (Tile::new(128, 64, 8, 8, 16), Adapters::CpuNarrow),
+    (CPU_NARROW[0], Adapters::Cpu),
+    (CPU_NARROW[1], Adapters::Cpu),
+    (CPU_WIDE, Adapters::Cpu),
 ];
 
-/// Which adapters a candidate tile is measured on.
+/// CPU adapters (lavapipe), where an invocation is a SIMD lane with a large register file
+/// behind it, run fastest with 256 outputs per invocation: 15.9–20.2 GFLOP/s on MiniLM's
+/// products against 12.9–14.8 for 16×8 and 14.4–16.0 for 128×128×16/16×16 (Mesa 25, 2
+/// cores, `pals bench --tiles`). Its K-tile of 8 also compiles in a third of the time of
+/// a K-tile of 16 (1.5 s against 4.3 s), since llvmpipe unrolls the whole K-tile.
+const CPU_WIDE: Tile = Tile::new(256, 128, 8, 16, 16);
+/// Products only 32 or 64 wide (attention's P·V and its gradients, per head) would leave
+/// 3/4 or 1/2 of CPU_WIDE idle: they take the first of these as wide as they are.
+const CPU_NARROW: [Tile; 2] = [Tile::new(128, 32, 8, 8, 16), Tile::new(128, 64, 8, 8, 16)];
+
+/// Which kind of adapter a candidate tile is meant for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Adapters {
-    All,
     Gpu,
     Cpu,
-    /// CPU adapters, on products at most BN and over BN / 2 wide.
-    CpuNarrow,
 }
 
 /// What happens to each output element after the product.
@@ -184,7 +191,8 @@ struct Params {
     offset_a: u32,
     offset_b: u32,
     offset_c: u32,
-    pad1: u32,
+    /// Epilogue::code: a parameter, so that one pipeline serves every epilogue.
+    epilogue: u32,
     stride_a: u32,
     stride_b: u32,
     stride_c: u32,
@@ -260,7 +268,7 @@ impl Matmul {
         needed
     }
 
-    fn params(&self) -> Result<Params, GpuError> {
+    fn params(&self, epilogue: &Epilogue) -> Result<Params, GpuError> {
         let u = |what: &str, v: usize| to_u32("matmul", what, v);
         let [(a_rows, lda, _), (b_rows, ldb, _), (_, ldc, _)] = self.extents();
         let inner = self.inner.unwrap_or_default();
@@ -282,7 +290,7 @@ impl Matmul {
             inner_stride_a: u("inner stride_a", inner.stride_a)?,
             inner_stride_b: u("inner stride_b", inner.stride_b)?,
             inner_stride_c: u("inner stride_c", inner.stride_c)?,
-            pad1: 0,
+            epilogue: epilogue.code(),
             pad2: 0,
             pad3: 0,
         })
@@ -388,31 +396,38 @@ fn storage_types(a: &Tensor, b: &Tensor, c: &Tensor) -> String {
     )
 }
 
-fn defines(tile: Tile, op: &Matmul, epilogue: u32, types: &str) -> String {
+fn defines(tile: Tile, op: &Matmul, types: &str) -> String {
     types.to_string()
         + &multiply_function(tile)
         + &format!(
             "const BM: u32 = {}u;\nconst BN: u32 = {}u;\nconst BK: u32 = {}u;\nconst TM: u32 = {}u;\n\
-         const TN: u32 = {}u;\nconst STAGES: u32 = {}u;\nconst TRANS_A: bool = {};\nconst TRANS_B: bool = {};\n\
-         const EPILOGUE: u32 = {}u;\n",
-            tile.bm, tile.bn, tile.bk, tile.tm, tile.tn, tile.stages, op.trans_a, op.trans_b, epilogue
+         const TN: u32 = {}u;\nconst STAGES: u32 = {}u;\nconst TRANS_A: bool = {};\nconst TRANS_B: bool = {};\n",
+            tile.bm, tile.bn, tile.bk, tile.tm, tile.tn, tile.stages, op.trans_a, op.trans_b
         )
 }
 
-/// Tiles the tuner measures on this adapter: those meant for its kind (GPU or CPU) that
-/// fit its limits.
+/// Tiles meant for this adapter's kind (GPU or CPU) that fit its limits.
 pub fn usable_tiles(gpu: &Gpu) -> Vec<Tile> {
-    let cpu = gpu.info.device_type == wgpu::DeviceType::Cpu;
-    let meant: Vec<Tile> = CANDIDATES
-        .iter()
-        .filter(|(_, on)| match on {
-            Adapters::All => true,
-            Adapters::Gpu => !cpu,
-            Adapters::Cpu | Adapters::CpuNarrow => cpu,
-        })
-        .map(|(tile, _)| *tile)
-        .collect();
+    let kind = if is_cpu(gpu) { Adapters::Cpu } else { Adapters::Gpu };
+    let meant = CANDIDATES.iter().filter(|(_, on)| *on == kind).map(|(tile, _)| *tile).collect();
     fitting(gpu, meant)
+}
+
+fn is_cpu(gpu: &Gpu) -> bool {
+    gpu.info.device_type == wgpu::DeviceType::Cpu
+}
+
+/// The tile a CPU adapter uses for `op`, without measuring: there every candidate is a
+/// pipeline compile of seconds per transpose form (llvmpipe compiles at first dispatch,
+/// one pipeline at a time), which made tuning alone 21 s of a MiniLM run's first step,
+/// while CPU_WIDE measured fastest on every encoder shape. `None` on GPUs, or where the
+/// adapter's limits rule the tile out (then the tuner measures what fits).
+pub fn cpu_rule(gpu: &Gpu, op: &Matmul) -> Option<Tile> {
+    if !is_cpu(gpu) {
+        return None;
+    }
+    let tile = CPU_NARROW.into_iter().find(|t| op.n <= t.bn as usize).unwrap_or(CPU_WIDE);
+    usable_tiles(gpu).contains(&tile).then_some(tile)
 }
 
 /// Every candidate this adapter can run, whatever kind it is meant for: what the tests
@@ -511,14 +526,15 @@ pub fn coop_unavailable(gpu: &Gpu) -> Option<String> {
 /// The cooperative-matrix kernel's whole source as the device compiles it: the enables
 /// (which must open the module), the constants, then the shader. Public so that a test can
 /// validate it with naga on adapters that cannot run it.
-pub fn coop_source(subgroup: u32, op: &Matmul, epilogue: u32) -> String {
-    coop_defines(subgroup, op, epilogue) + "\n" + MATMUL_COOP.source
+pub fn coop_source(subgroup: u32, op: &Matmul) -> String {
+    coop_defines(subgroup, op) + "\n" + MATMUL_COOP.source
 }
 
-fn coop_defines(subgroup: u32, op: &Matmul, epilogue: u32) -> String {
+fn coop_defines(subgroup: u32, op: &Matmul) -> String {
     format!(
-        "enable f16;\nenable wgpu_cooperative_matrix;\nconst SUBGROUP: u32 = {subgroup}u;\n\
-         const TRANS_A: bool = {};\nconst TRANS_B: bool = {};\nconst EPILOGUE: u32 = {epilogue}u;\n",
+        "enable f16;\nenable wgpu_cooperative_matrix;\nalias A_TYPE = f32;\nalias B_TYPE = f32;\n\
+         alias C_TYPE = f32;\nconst SUBGROUP: u32 = {subgroup}u;\nconst TRANS_A: bool = {};\n\
+         const TRANS_B: bool = {};\n",
         op.trans_a, op.trans_b
     )
 }
@@ -541,14 +557,14 @@ pub fn matmul_coop(
     if let Some(reason) = coop_unavailable(rec.gpu) {
         return Err(GpuError::Device { op: "matmul_coop".into(), message: reason });
     }
-    let params = op.params()?;
+    let params = op.params(&epilogue)?;
     let (bias, pre) = epilogue_buffers(a, c, &epilogue);
     let groups = [
         to_u32("matmul_coop", "column blocks", op.n.div_ceil(COOP_BLOCK))?,
         to_u32("matmul_coop", "row blocks", op.m.div_ceil(COOP_BLOCK))?,
         params.batch,
     ];
-    let defines = coop_defines(rec.gpu.info.subgroup_min_size, op, epilogue.code());
+    let defines = coop_defines(rec.gpu.info.subgroup_min_size, op);
     rec.dispatch(&MATMUL_COOP, &defines, &params, &[a, b, bias, c, pre], groups)
 }
 
@@ -576,14 +592,14 @@ pub fn matmul_with_tile(
     if [a, b, c].iter().any(|t| t.dtype == ElementType::F16) {
         expect_shader_f16("matmul", rec.gpu)?;
     }
-    let params = op.params()?;
+    let params = op.params(&epilogue)?;
     let (bias, pre) = epilogue_buffers(a, c, &epilogue);
     let groups = [
         to_u32("matmul", "column tiles", op.n.div_ceil(tile.bn as usize))?,
         to_u32("matmul", "row tiles", op.m.div_ceil(tile.bm as usize))?,
         params.batch,
     ];
-    let defines = defines(tile, op, epilogue.code(), &storage_types(a, b, c));
+    let defines = defines(tile, op, &storage_types(a, b, c));
     rec.dispatch(&MATMUL, &defines, &params, &[a, b, bias, c, pre], groups)
 }
 
@@ -602,24 +618,21 @@ fn shape_class(op: &Matmul) -> String {
     )
 }
 
-/// Whether a usable tile is worth measuring on `op`: narrow tiles only where they fit it.
-fn suits(tile: &Tile, op: &Matmul) -> bool {
-    let narrow = CANDIDATES.iter().any(|(t, on)| t == tile && *on == Adapters::CpuNarrow);
-    let bn = tile.bn as usize;
-    !narrow || (op.n <= bn && 2 * op.n > bn)
-}
-
 /// The kernels the tuner measures for `op` on this adapter, the default first.
 fn candidates(gpu: &Gpu, op: &Matmul) -> Vec<Kernel> {
-    let tiles = usable_tiles(gpu).into_iter().filter(|t| suits(t, op));
-    let mut kernels: Vec<Kernel> = tiles.map(Kernel::Tiled).collect();
+    let mut kernels: Vec<Kernel> = usable_tiles(gpu).into_iter().map(Kernel::Tiled).collect();
     if op.f16_operands && coop_unavailable(gpu).is_none() {
         kernels.push(Kernel::Coop);
     }
     kernels
 }
 
-fn choose_kernel(gpu: &Gpu, op: &Matmul) -> Result<Kernel, GpuError> {
+/// The kernel `matmul` runs `op` on: the CPU rule's tile, or on GPUs the one measured best
+/// for its shape class (measured now, the first time a class is seen).
+pub fn choose_kernel(gpu: &Gpu, op: &Matmul) -> Result<Kernel, GpuError> {
+    if let Some(tile) = cpu_rule(gpu, op) {
+        return Ok(Kernel::Tiled(tile));
+    }
     let kernels = candidates(gpu, op);
     let Some(&default) = kernels.first() else {
         return Err(GpuError::Device { op: "matmul".into(), message: "no tile fits this adapter".into() });
