@@ -14,6 +14,11 @@
 //   bindings: 0 params, 1 x (read), 2 addend (read), 3 total (write)
 // Dispatch: ceil(n / 256) workgroups of 256, spread over x and y (see gpu::spread).
 // GELU is the exact erf form; erf is Abramowitz-Stegun 7.1.26 refined to f32 precision.
+//
+// Element types: B1_TYPE, B2_TYPE, B3_TYPE name the storage of bindings 1, 2 and 3 (f32 or
+// f16; aliases prepended by the host, with `enable f16;` where one is f16). Every load
+// widens to f32 and the arithmetic is f32: mixed precision keeps the FFN's intermediate
+// activations (GELU's input and output, their gradients) in f16.
 
 struct Params {
     n: u32,
@@ -25,12 +30,12 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read_write> y: array<f32>;
-@group(0) @binding(2) var<storage, read> dy: array<f32>;
-@group(0) @binding(3) var<storage, read_write> dx: array<f32>;
-@group(0) @binding(2) var<storage, read> addend: array<f32>;
-@group(0) @binding(3) var<storage, read_write> total: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<B1_TYPE>;
+@group(0) @binding(2) var<storage, read_write> y: array<B2_TYPE>;
+@group(0) @binding(2) var<storage, read> dy: array<B2_TYPE>;
+@group(0) @binding(3) var<storage, read_write> dx: array<B3_TYPE>;
+@group(0) @binding(2) var<storage, read> addend: array<B2_TYPE>;
+@group(0) @binding(3) var<storage, read_write> total: array<B3_TYPE>;
 
 fn linear_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.x + wid.y * nwg.x) * 256u + lid;
@@ -46,21 +51,21 @@ fn safe_tanh(v: f32) -> f32 {
 fn gelu_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) lid: u32) {
     let i = linear_index(wid, nwg, lid);
-    if (i < params.n) { y[i] = gelu(x[i]); }
+    if (i < params.n) { y[i] = B2_TYPE(gelu(f32(x[i]))); }
 }
 
 @compute @workgroup_size(256)
 fn gelu_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) lid: u32) {
     let i = linear_index(wid, nwg, lid);
-    if (i < params.n) { dx[i] = dy[i] * gelu_grad(x[i]); }
+    if (i < params.n) { dx[i] = B3_TYPE(f32(dy[i]) * gelu_grad(f32(x[i]))); }
 }
 
 @compute @workgroup_size(256)
 fn tanh_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) lid: u32) {
     let i = linear_index(wid, nwg, lid);
-    if (i < params.n) { y[i] = safe_tanh(x[i]); }
+    if (i < params.n) { y[i] = B2_TYPE(safe_tanh(f32(x[i]))); }
 }
 
 // Takes the forward OUTPUT in x: d tanh = 1 - tanh^2.
@@ -68,7 +73,10 @@ fn tanh_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 fn tanh_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) lid: u32) {
     let i = linear_index(wid, nwg, lid);
-    if (i < params.n) { dx[i] = dy[i] * (1.0 - x[i] * x[i]); }
+    if (i < params.n) {
+        let t = f32(x[i]);
+        dx[i] = B3_TYPE(f32(dy[i]) * (1.0 - t * t));
+    }
 }
 
 @compute @workgroup_size(256)
@@ -77,7 +85,7 @@ fn dropout(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
     let i = linear_index(wid, nwg, lid);
     if (i < params.n) {
         let keep = rng_keep(params.seed, params.stream, params.first_index + i, params.threshold);
-        y[i] = select(0.0, x[i] * params.scale, keep);
+        y[i] = B2_TYPE(select(0.0, f32(x[i]) * params.scale, keep));
     }
 }
 
@@ -85,7 +93,7 @@ fn dropout(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
 fn copy(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
     let i = linear_index(wid, nwg, lid);
-    if (i < params.n) { y[i] = x[i]; }
+    if (i < params.n) { y[i] = B2_TYPE(f32(x[i])); }
 }
 
 // One f32 add per element: the result is exactly the rounded sum, on any device.
@@ -93,12 +101,12 @@ fn copy(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 fn add_assign(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) lid: u32) {
     let i = linear_index(wid, nwg, lid);
-    if (i < params.n) { y[i] = y[i] + x[i]; }
+    if (i < params.n) { y[i] = B2_TYPE(f32(y[i]) + f32(x[i])); }
 }
 
 @compute @workgroup_size(256)
 fn add(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
        @builtin(local_invocation_index) lid: u32) {
     let i = linear_index(wid, nwg, lid);
-    if (i < params.n) { total[i] = x[i] + addend[i]; }
+    if (i < params.n) { total[i] = B3_TYPE(f32(x[i]) + f32(addend[i])); }
 }

@@ -8,6 +8,8 @@
 // The host calls it again on the [chunks, N] partials until one row is left, so the
 // summation order depends only on (M, N): same inputs give bit-identical sums.
 // Each row of 64 columns is one 256-byte coalesced load per lane.
+// X_TYPE (alias prepended by the host) is x's storage, f32 or f16 (mixed precision's FFN
+// gradients); the sums and `out` are f32.
 
 const CHUNK_ROWS: u32 = 256u;
 
@@ -19,7 +21,7 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<X_TYPE>;
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
 
 var<workgroup> lane_sums: array<f32, 256>;
@@ -31,7 +33,7 @@ fn colsum(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
     var sum = 0.0;
     if (col < params.n) {
         for (var row = wid.y * CHUNK_ROWS + lid.y; row < row_end; row += 4u) {
-            sum += x[params.offset + row * params.n + col];
+            sum += f32(x[params.offset + row * params.n + col]);
         }
     }
     lane_sums[lid.y * 64u + lid.x] = sum;

@@ -448,16 +448,9 @@ fn run(cli: Cli, given: Vec<String>) -> Result<()> {
         }
         Command::Bench { memory: Some(model), batch, seq, precision, .. } => {
             let config = model_config(&model)?;
-            for line in pals::model::memory::memory_report(&config, batch, seq) {
+            let mixed = precision.precision() == Precision::Mixed;
+            for line in pals::model::memory::memory_report(&config, batch, seq, mixed) {
                 println!("{line}");
-            }
-            if precision.precision() == Precision::Mixed {
-                // Said rather than left out: the flag must not look as if it changed the figures.
-                let copies = pals::model::memory::f16_weight_copy_bytes(&config) as f64 / (1024.0 * 1024.0);
-                println!(
-                    "precision mixed: the buffers above (activations are still f32) plus {copies:.1} MiB of \
-                     f16 copies of the encoder's Linear weights"
-                );
             }
             Ok(())
         }

@@ -140,7 +140,8 @@ fn mismatched_lengths_are_errors() {
 }
 
 /// A tensor's element type travels with it: f16 data of odd length round-trips, reading
-/// it as f32 is an error, and an f32 kernel refuses it by name.
+/// it as f32 is an error, and a kernel that writes only f32 (the column sum's output)
+/// refuses it by name.
 #[test]
 fn element_types_are_checked() {
     let gpu = gpu();
@@ -152,7 +153,7 @@ fn element_types_are_checked() {
     assert!(gpu.write(&half, &[1.0f32, 2.0, 3.0]).is_err());
     let y = gpu.zeros("y", &[3]).unwrap();
     let mut rec = gpu.recorder();
-    let error = elementwise::gelu(&mut rec, &y, &half).unwrap_err().to_string();
+    let error = pals::kernels::reduce::colsum(&mut rec, &y, &half, false).unwrap_err().to_string();
     assert!(error.contains("'half'") && error.contains("F16"), "{error}");
 }
 
@@ -172,4 +173,48 @@ fn bad_adds_are_shape_errors() {
     let error = elementwise::add(&mut rec, &x, &y, &y).unwrap_err();
     assert!(error.to_string().contains("one buffer"), "{error}");
     assert!(rec.is_empty());
+}
+
+/// Values rounded to f16, as an f16 tensor holds them.
+fn round_f16(values: &[f32]) -> Vec<f32> {
+    values.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect()
+}
+
+/// Mixed precision keeps GELU's input and output and their gradients in f16 storage: the
+/// kernels widen each load to f32, compute in f32 and round once on the store. So the
+/// sum is an f16 neighbour of the exact one, and GELU and tanh are within the f32 tests'
+/// tolerance plus one f16 rounding (2^-11 relative; the atol covers results near zero,
+/// where erf's absolute error of ~1e-7 decides which f16 subnormal is nearest). Also an
+/// f32 gradient into an f16 result, and tanh and add, which share the bindings' types.
+#[test]
+fn f16_storage_matches_reference() {
+    use common::assert_rounded_f16;
+    let gpu = gpu();
+    for &n in &[7usize, 1000, 70_001] {
+        let x_host = round_f16(&random_vec(n, 11, 6.0));
+        let dy_host = round_f16(&random_vec(n, 12, 1.0));
+        let x = gpu.upload_f16("x", &[n], &x_host).unwrap();
+        let dy = gpu.upload_f16("dy", &[n], &dy_host).unwrap();
+        let dy32 = gpu.upload("dy32", &[n], &dy_host).unwrap();
+        let half = |name: &str| gpu.zeros_of(name, &[n], ElementType::F16).unwrap();
+        let (y, dx, dx_from32, t, sum) = (half("y"), half("dx"), half("dx from f32"), half("t"), half("sum"));
+        let mut rec = gpu.recorder();
+        elementwise::gelu(&mut rec, &x, &y).unwrap();
+        elementwise::gelu_backward(&mut rec, &x, &dy, &dx).unwrap();
+        elementwise::gelu_backward(&mut rec, &x, &dy32, &dx_from32).unwrap();
+        elementwise::tanh(&mut rec, &x, &t).unwrap();
+        elementwise::add(&mut rec, &x, &dy, &sum).unwrap();
+        rec.submit().unwrap();
+        let read = |t| gpu.read_f16(t).unwrap();
+        let want_dx = reference::elementwise::gelu_backward(&x_host, &dy_host);
+        let (rtol, atol) = (1e-5 + 2f32.powi(-11), 1e-6);
+        let want_y = reference::elementwise::gelu_forward(&x_host);
+        assert_close(&format!("f16 gelu n={n}"), &read(&y), &want_y, rtol, atol);
+        assert_close(&format!("f16 gelu' n={n}"), &read(&dx), &want_dx, rtol, atol);
+        assert_close(&format!("f32 dy, f16 gelu' n={n}"), &read(&dx_from32), &want_dx, rtol, atol);
+        let want_t = reference::elementwise::tanh_forward(&x_host);
+        assert_close(&format!("f16 tanh n={n}"), &read(&t), &want_t, rtol, atol);
+        let want_sum: Vec<f32> = x_host.iter().zip(&dy_host).map(|(a, b)| a + b).collect();
+        assert_rounded_f16(&format!("f16 add n={n}"), &read(&sum), &want_sum);
+    }
 }

@@ -85,3 +85,21 @@ fn colsum_timing() {
         }
     }
 }
+
+/// Mixed precision sums f16 gradients (the FFN's d pre) into f32 bias gradients: the same
+/// sums as the reference on the f16 values, in f32.
+#[test]
+fn colsum_reads_f16_storage() {
+    let gpu = gpu();
+    for &(m, n) in SHAPES {
+        let x: Vec<f32> =
+            random_vec(m * n, 5, 1.0).iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+        let x_gpu = gpu.upload_f16("x", &[m, n], &x).unwrap();
+        let out = gpu.zeros("out", &[n]).unwrap();
+        let mut rec = gpu.recorder();
+        reduce::colsum(&mut rec, &x_gpu, &out, false).unwrap();
+        rec.submit().unwrap();
+        let want = reference::reduce::colsum(&x, n);
+        assert_close(&format!("f16 colsum {m}x{n}"), &gpu.read::<f32>(&out).unwrap(), &want, 1e-5, atol(m));
+    }
+}

@@ -345,7 +345,7 @@ fn plans_match_allocation() {
         let plan = TaskActivations::plan(&s.config, &method, 2, 3, 7);
         assert_eq!(plan.len(), acts.all.len(), "{}", method.name());
         let planned: u64 =
-            plan.iter().map(|(_, shape)| 4 * shape.iter().product::<usize>().max(1) as u64).sum::<u64>()
+            plan.iter().map(|(_, shape, dtype)| pals::model::memory::typed_bytes(shape, *dtype)).sum::<u64>()
                 + acts.encoder.bytes();
         assert_eq!(planned, acts.bytes(), "{}", method.name());
         assert_eq!(Activations::plan(&s.config, 3, 7).len(), acts.encoder.all.len());

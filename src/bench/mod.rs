@@ -554,7 +554,8 @@ pub fn train_bench(gpu: &Gpu, bench: &TrainBench) -> anyhow::Result<TrainReport>
 
     let tasks: Vec<TaskSpec> = session.trainer.data.iter().map(|t| t.spec.clone()).collect();
     let method = session.method;
-    let mut memory = crate::model::memory::memory_report(c, bench.batch, padded_seq);
+    let mixed = bench.precision == Precision::Mixed;
+    let mut memory = crate::model::memory::memory_report(c, bench.batch, padded_seq, mixed);
     memory.extend(crate::model::memory::task_memory_report(c, &method, &tasks, bench.batch, padded_seq));
     Ok(TrainReport {
         adapter: gpu.describe(),

@@ -21,6 +21,14 @@ impl ElementType {
             ElementType::F16 => 2,
         }
     }
+
+    /// The WGSL scalar type of the storage.
+    pub fn wgsl(self) -> &'static str {
+        match self {
+            ElementType::F32 => "f32",
+            ElementType::F16 => "f16",
+        }
+    }
 }
 
 #[derive(Clone)]

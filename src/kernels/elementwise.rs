@@ -1,7 +1,7 @@
 //! GELU (exact erf), tanh, dropout and adds: shaders/elementwise.wgsl.
 
-use super::{expect_len, to_u32};
-use crate::gpu::{Binding, GpuError, KernelSpec, Recorder, Tensor, spread};
+use super::{expect_count, storage_aliases, to_u32};
+use crate::gpu::{Binding, ElementType, GpuError, KernelSpec, Recorder, Tensor, spread};
 use std::sync::Arc;
 
 const SOURCE: &str = concat!(
@@ -39,6 +39,13 @@ struct Params {
 
 pub use crate::contract::DropoutSpec;
 
+/// The storage aliases of bindings 1–3 (elementwise.wgsl's header): each tensor's type,
+/// f32 for a binding the entry point does not use.
+fn storage_types(rec: &Recorder, op: &str, tensors: &[&Tensor]) -> Result<String, GpuError> {
+    let of = |i: usize| tensors.get(i).map_or(ElementType::F32, |t| t.dtype);
+    storage_aliases(op, rec.gpu, &[("B1_TYPE", of(0)), ("B2_TYPE", of(1)), ("B3_TYPE", of(2))])
+}
+
 fn unary(
     rec: &mut Recorder,
     spec: &KernelSpec,
@@ -46,9 +53,10 @@ fn unary(
     y: &Tensor,
     params: Params,
 ) -> Result<(), GpuError> {
-    expect_len(spec.name, y, x.len())?;
+    expect_count(spec.name, y, x.len())?;
     let groups = spread(rec.gpu, to_u32(spec.name, "workgroups", x.len().div_ceil(256))?);
-    rec.dispatch(spec, "", &params, &[x, y], groups)
+    let defines = storage_types(rec, spec.name, &[x, y])?;
+    rec.dispatch(spec, &defines, &params, &[x, y], groups)
 }
 
 /// Two inputs of one length, one output: a backward (x, dy → dx) or an add.
@@ -59,12 +67,13 @@ fn binary(
     dy: &Tensor,
     dx: &Tensor,
 ) -> Result<(), GpuError> {
-    expect_len(spec.name, dy, x.len())?;
-    expect_len(spec.name, dx, x.len())?;
+    expect_count(spec.name, dy, x.len())?;
+    expect_count(spec.name, dx, x.len())?;
     let n = to_u32(spec.name, "n", x.len())?;
     let groups = spread(rec.gpu, n.div_ceil(256));
     let params = Params { n, seed: 0, stream: 0, threshold: 0, scale: 0.0, first_index: 0 };
-    rec.dispatch(spec, "", &params, &[x, dy, dx], groups)
+    let defines = storage_types(rec, spec.name, &[x, dy, dx])?;
+    rec.dispatch(spec, &defines, &params, &[x, dy, dx], groups)
 }
 
 fn plain(op: &str, n: usize) -> Result<Params, GpuError> {

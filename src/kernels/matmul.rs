@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use super::{expect_shader_f16, to_u32};
+use super::{storage_aliases, to_u32};
 use crate::gpu::{Binding, ElementType, Gpu, GpuError, KernelSpec, Recorder, Tensor, tuning_enabled};
 
 const MATMUL: KernelSpec = KernelSpec {
@@ -379,23 +379,6 @@ fn multiply_function(tile: Tile) -> String {
     )
 }
 
-/// The storage aliases of A, B and C (shaders/matmul.wgsl's header), opening with the
-/// `enable f16;` a module must start with when one of them is f16.
-fn storage_types(a: &Tensor, b: &Tensor, c: &Tensor) -> String {
-    let name = |t: &Tensor| match t.dtype {
-        ElementType::F32 => "f32",
-        ElementType::F16 => "f16",
-    };
-    let any_f16 = [a, b, c].iter().any(|t| t.dtype == ElementType::F16);
-    format!(
-        "{}alias A_TYPE = {};\nalias B_TYPE = {};\nalias C_TYPE = {};\n",
-        if any_f16 { "enable f16;\n" } else { "" },
-        name(a),
-        name(b),
-        name(c)
-    )
-}
-
 fn defines(tile: Tile, op: &Matmul, types: &str) -> String {
     types.to_string()
         + &multiply_function(tile)
@@ -589,9 +572,8 @@ pub fn matmul_with_tile(
     tile: Tile,
 ) -> Result<(), GpuError> {
     op.check(a, b, c, &epilogue)?;
-    if [a, b, c].iter().any(|t| t.dtype == ElementType::F16) {
-        expect_shader_f16("matmul", rec.gpu)?;
-    }
+    let types = [("A_TYPE", a.dtype), ("B_TYPE", b.dtype), ("C_TYPE", c.dtype)];
+    let storage = storage_aliases("matmul", rec.gpu, &types)?;
     let params = op.params(&epilogue)?;
     let (bias, pre) = epilogue_buffers(a, c, &epilogue);
     let groups = [
@@ -599,7 +581,7 @@ pub fn matmul_with_tile(
         to_u32("matmul", "row tiles", op.m.div_ceil(tile.bm as usize))?,
         params.batch,
     ];
-    let defines = defines(tile, op, &storage_types(a, b, c));
+    let defines = defines(tile, op, &storage);
     rec.dispatch(&MATMUL, &defines, &params, &[a, b, bias, c, pre], groups)
 }
 

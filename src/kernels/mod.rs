@@ -10,7 +10,7 @@ pub mod matmul;
 pub mod optimizer;
 pub mod reduce;
 
-use crate::gpu::{Gpu, GpuError, Tensor};
+use crate::gpu::{ElementType, Gpu, GpuError, Tensor};
 
 /// An error naming the adapter unless its shaders can hold f16 (the shader-f16 feature).
 pub(crate) fn expect_shader_f16(op: &str, gpu: &Gpu) -> Result<(), GpuError> {
@@ -21,10 +21,28 @@ pub(crate) fn expect_shader_f16(op: &str, gpu: &Gpu) -> Result<(), GpuError> {
     Err(GpuError::Device { op: op.into(), message })
 }
 
-/// An error unless `tensor` holds exactly `expected` elements.
-pub(crate) fn expect_len(op: &str, tensor: &Tensor, expected: usize) -> Result<(), GpuError> {
-    // Every kernel here reads and writes 4-byte elements.
-    tensor.expect_type(op, crate::gpu::ElementType::F32)?;
+/// The WGSL header naming each aliased binding's storage type (`alias X_TYPE = f16;`),
+/// opening with the `enable f16;` a module must start with where one is f16 (an error
+/// naming `op` where the adapter lacks shader-f16). Kernels widen every load to f32 and
+/// narrow every store: only the storage differs between the variants.
+pub(crate) fn storage_aliases(
+    op: &str,
+    gpu: &Gpu,
+    aliases: &[(&str, ElementType)],
+) -> Result<String, GpuError> {
+    let any_f16 = aliases.iter().any(|(_, t)| *t == ElementType::F16);
+    if any_f16 {
+        expect_shader_f16(op, gpu)?;
+    }
+    let mut header = String::from(if any_f16 { "enable f16;\n" } else { "" });
+    for (alias, dtype) in aliases {
+        header += &format!("alias {alias} = {};\n", dtype.wgsl());
+    }
+    Ok(header)
+}
+
+/// An error unless `tensor` holds exactly `expected` elements, of either element type.
+pub(crate) fn expect_count(op: &str, tensor: &Tensor, expected: usize) -> Result<(), GpuError> {
     if tensor.len() == expected {
         return Ok(());
     }
@@ -37,6 +55,13 @@ pub(crate) fn expect_len(op: &str, tensor: &Tensor, expected: usize) -> Result<(
             tensor.len()
         ),
     })
+}
+
+/// An error unless `tensor` holds exactly `expected` f32 elements.
+pub(crate) fn expect_len(op: &str, tensor: &Tensor, expected: usize) -> Result<(), GpuError> {
+    // Most kernels read and write only 4-byte elements.
+    tensor.expect_type(op, ElementType::F32)?;
+    expect_count(op, tensor, expected)
 }
 
 /// An error unless `tensor` has exactly `shape`.

@@ -1,7 +1,7 @@
 //! Deterministic column sums (bias and LayerNorm parameter gradients): shaders/reduce.wgsl.
 
-use super::to_u32;
-use crate::gpu::{Binding, GpuError, KernelSpec, Recorder, Tensor};
+use super::{storage_aliases, to_u32};
+use crate::gpu::{Binding, ElementType, GpuError, KernelSpec, Recorder, Tensor};
 
 /// Rows one workgroup sums; must match CHUNK_ROWS in reduce.wgsl.
 const CHUNK_ROWS: usize = 256;
@@ -131,5 +131,7 @@ fn colsum_pass(
         accumulate: accumulate as u32,
     };
     let groups = [to_u32(op, "column strips", n.div_ceil(64))?, to_u32(op, "row chunks", chunks)?, 1];
-    rec.dispatch(&COLSUM, "", &params, &[x, out], groups)
+    out.expect_type(op, ElementType::F32)?;
+    let defines = storage_aliases(op, rec.gpu, &[("X_TYPE", x.dtype)])?;
+    rec.dispatch(&COLSUM, &defines, &params, &[x, out], groups)
 }

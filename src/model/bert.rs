@@ -20,14 +20,16 @@
 use std::collections::BTreeMap;
 
 use super::blocks::{
-    Alloc, AttentionActs, AttentionBlock, AttentionScratch, AttentionStep, GradMode, Linear, Norm, allocate,
-    copy, dropout_backward, dropout_finish, dropout_target, in_turn, per_layer, plan_of, shape_error, stats,
+    Alloc, AttentionActs, AttentionBlock, AttentionScratch, AttentionStep, GradMode, Linear, Norm, Planned,
+    allocate, copy, dropout_backward, dropout_finish, dropout_target, in_turn, per_layer, plan_of,
+    shape_error, stats,
 };
 use super::hook::{HookStep, LayerHook, NoHook};
 use super::{BertConfig, DropoutKey, HostTensor, SITE_EMBEDDINGS, Site, Weights, param_shapes, site};
 use crate::contract::{AttentionShape, DropoutSpec};
 use crate::error::ModelError;
-use crate::gpu::{ElementType, Gpu, GpuError, Recorder, Tensor};
+use crate::gpu::ElementType::{self, F32};
+use crate::gpu::{Gpu, GpuError, Recorder, Tensor};
 use crate::kernels::cast;
 use crate::kernels::elementwise;
 use crate::kernels::embedding::{self, Embeddings};
@@ -234,23 +236,28 @@ impl<T: Clone> ActivationSet<T> {
         batch: usize,
         seq: usize,
         training: bool,
+        ffn: ElementType,
         alloc: Alloc<T>,
     ) -> Result<Self, GpuError> {
         let (h, i, heads, rows) = (c.hidden_size, c.intermediate_size, c.num_attention_heads, batch * seq);
         // Backward-only buffers are empty for inference.
         let (brows, bbatch) = if training { (rows, batch) } else { (0, 0) };
-        let mut a = |name: &str, shape: &[usize]| alloc(name.to_string(), shape);
-        let emb_sum = a("emb_sum", &[rows, h])?;
-        let emb_mean = a("emb_mean", &[rows])?;
-        let emb_rstd = a("emb_rstd", &[rows])?;
-        let hidden = in_turn(c.num_hidden_layers + 1, training, |l| a(&format!("hidden.{l}"), &[rows, h]))?;
+        // `ffn` is the storage of the FFN's [B·S, I] intermediates (f16 in mixed precision:
+        // the largest activations); everything else is f32.
+        let mut a = |name: &str, shape: &[usize], dtype| alloc(name.to_string(), shape, dtype);
+        let emb_sum = a("emb_sum", &[rows, h], F32)?;
+        let emb_mean = a("emb_mean", &[rows], F32)?;
+        let emb_rstd = a("emb_rstd", &[rows], F32)?;
+        let hidden =
+            in_turn(c.num_hidden_layers + 1, training, |l| a(&format!("hidden.{l}"), &[rows, h], F32))?;
         let shape = attention_shape(c, batch, seq);
         let layers = per_layer(c.num_hidden_layers, training, |l| {
-            let mut a = |name: &str, shape: &[usize]| a(&format!("layer.{l}.{name}"), shape);
+            let pre = a(&format!("layer.{l}.pre"), &[rows, i], ffn)?;
+            let mut a = |name: &str, shape: &[usize]| a(&format!("layer.{l}.{name}"), shape, F32);
             Ok(LayerActs {
                 attention: AttentionActs::build(shape, ["attn_drop", "ln1_mean", "ln1_rstd"], &mut a)?,
                 a: a("a", &[rows, h])?,
-                pre: a("pre", &[rows, i])?,
+                pre,
                 ffn_drop: a("ffn_drop", &[rows, h])?,
                 ln2_mean: a("ln2_mean", &[rows])?,
                 ln2_rstd: a("ln2_rstd", &[rows])?,
@@ -271,19 +278,19 @@ impl<T: Clone> ActivationSet<T> {
             emb_rstd,
             hidden,
             layers,
-            pooled: a("pooled", &[batch, h])?,
-            pooler: a("scratch.pooler", &[batch, h])?,
-            sub: a("scratch.sub", &[rows, h])?,
-            ffn_a: a("scratch.ffn_a", &[rows, i])?,
-            ffn_b: a("scratch.ffn_b", &[brows, i])?,
-            grad_x: a("scratch.grad_x", &[brows, h])?,
-            grad_y: a("scratch.grad_y", &[brows, h])?,
-            d_ctx: a("scratch.d_ctx", &[brows, h])?,
-            dk: a("scratch.dk", &[brows, h])?,
-            dv: a("scratch.dv", &[brows, h])?,
-            delta: a("scratch.delta", &[bbatch, heads, seq])?,
-            ln_partials: a("scratch.ln_partials", &[layernorm::backward_scratch_len(brows, h).0])?,
-            colsum: a("scratch.colsum", &[colsum_len.into_iter().max().unwrap_or(0)])?,
+            pooled: a("pooled", &[batch, h], F32)?,
+            pooler: a("scratch.pooler", &[batch, h], F32)?,
+            sub: a("scratch.sub", &[rows, h], F32)?,
+            ffn_a: a("scratch.ffn_a", &[rows, i], ffn)?,
+            ffn_b: a("scratch.ffn_b", &[brows, i], ffn)?,
+            grad_x: a("scratch.grad_x", &[brows, h], F32)?,
+            grad_y: a("scratch.grad_y", &[brows, h], F32)?,
+            d_ctx: a("scratch.d_ctx", &[brows, h], F32)?,
+            dk: a("scratch.dk", &[brows, h], F32)?,
+            dv: a("scratch.dv", &[brows, h], F32)?,
+            delta: a("scratch.delta", &[bbatch, heads, seq], F32)?,
+            ln_partials: a("scratch.ln_partials", &[layernorm::backward_scratch_len(brows, h).0], F32)?,
+            colsum: a("scratch.colsum", &[colsum_len.into_iter().max().unwrap_or(0)], F32)?,
             all: Vec::new(),
         })
     }
@@ -303,20 +310,28 @@ impl Activations {
         batch: usize,
         seq: usize,
         training: bool,
+        ffn: ElementType,
     ) -> Result<Activations, GpuError> {
-        let (mut acts, all) = allocate(gpu, |alloc| ActivationSet::build(c, batch, seq, training, alloc))?;
+        let (mut acts, all) =
+            allocate(gpu, |alloc| ActivationSet::build(c, batch, seq, training, ffn, alloc))?;
         acts.all = all;
         Ok(acts)
     }
 
-    /// (name, shape) of every buffer `new` allocates for training.
-    pub fn plan(c: &BertConfig, batch: usize, seq: usize) -> Vec<(String, Vec<usize>)> {
-        Activations::plan_for(c, batch, seq, true)
+    /// (name, shape, type) of every buffer `new` allocates for f32 training.
+    pub fn plan(c: &BertConfig, batch: usize, seq: usize) -> Vec<Planned> {
+        Activations::plan_for(c, batch, seq, true, ElementType::F32)
     }
 
-    /// (name, shape) of every buffer `new` allocates.
-    pub fn plan_for(c: &BertConfig, batch: usize, seq: usize, training: bool) -> Vec<(String, Vec<usize>)> {
-        plan_of(|alloc| ActivationSet::build(c, batch, seq, training, alloc))
+    /// (name, shape, type) of every buffer `new` allocates.
+    pub fn plan_for(
+        c: &BertConfig,
+        batch: usize,
+        seq: usize,
+        training: bool,
+        ffn: ElementType,
+    ) -> Vec<Planned> {
+        plan_of(|alloc| ActivationSet::build(c, batch, seq, training, ffn, alloc))
     }
 
     /// Bytes of GPU memory the buffers hold.
@@ -439,7 +454,15 @@ impl Bert {
 
     /// The buffers of one (batch, seq) bucket: for training when the model has gradients.
     pub fn activations(&self, gpu: &Gpu, batch: usize, seq: usize) -> Result<Activations, GpuError> {
-        Activations::new(gpu, &self.config, batch, seq, self.training())
+        Activations::new(gpu, &self.config, batch, seq, self.training(), self.ffn_storage())
+    }
+
+    /// The storage of the FFN's intermediate activations: f16 once the encoder reads f16
+    /// weight copies (mixed precision, `use_f16_weights`), where they are the largest
+    /// activations and only matmul, GELU and column-sum kernels touch them; else f32.
+    pub fn ffn_storage(&self) -> ElementType {
+        let mixed = self.params.layers.iter().any(|layer| layer.ffn_in.w16.is_some());
+        if mixed { ElementType::F16 } else { ElementType::F32 }
     }
 
     fn check_bucket(&self, op: &str, acts: &Activations, inputs: &BatchInputs) -> Result<(), GpuError> {

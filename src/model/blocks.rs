@@ -5,7 +5,7 @@
 //! method (tasks/) are written with these.
 
 use crate::contract::{AttentionShape, DropoutSpec};
-use crate::gpu::{Gpu, GpuError, Recorder, Tensor};
+use crate::gpu::{ElementType, Gpu, GpuError, Recorder, Tensor};
 use crate::kernels::attention;
 use crate::kernels::elementwise;
 use crate::kernels::layernorm::{self, LayerNorm, LayerNormGrads, LayerNormScratch, LayerNormStats};
@@ -21,16 +21,20 @@ pub(crate) fn shape_error(op: &str, detail: String) -> GpuError {
 
 /// What a builder calls for every buffer it needs: (name, shape) to a tensor, or to
 /// nothing when only the list is wanted (the memory report).
-pub type Alloc<'a, T> = &'a mut dyn FnMut(String, &[usize]) -> Result<T, GpuError>;
+/// (name, shape, element type) → a buffer.
+pub type Alloc<'a, T> = &'a mut dyn FnMut(String, &[usize], ElementType) -> Result<T, GpuError>;
 
 /// An allocator of buffers by a name within its caller's namespace.
 pub type NamedAlloc<'a, T> = &'a mut dyn FnMut(&str, &[usize]) -> Result<T, GpuError>;
 
+/// One buffer a `build` asks for: (name, shape, element type).
+pub type Planned = (String, Vec<usize>, ElementType);
+
 /// The (name, shape) list of what `build` allocates, without a GPU.
-pub(crate) fn plan_of<S>(build: impl FnOnce(Alloc<()>) -> Result<S, GpuError>) -> Vec<(String, Vec<usize>)> {
+pub(crate) fn plan_of<S>(build: impl FnOnce(Alloc<()>) -> Result<S, GpuError>) -> Vec<Planned> {
     let mut list = Vec::new();
-    build(&mut |name, shape| {
-        list.push((name, shape.to_vec()));
+    build(&mut |name, shape, dtype| {
+        list.push((name, shape.to_vec(), dtype));
         Ok(())
     })
     .expect("planning allocates nothing and cannot fail");
@@ -43,8 +47,8 @@ pub(crate) fn allocate<S>(
     build: impl FnOnce(Alloc<Tensor>) -> Result<S, GpuError>,
 ) -> Result<(S, Vec<Tensor>), GpuError> {
     let mut all = Vec::new();
-    let built = build(&mut |name, shape| {
-        let tensor = gpu.zeros(&name, shape)?;
+    let built = build(&mut |name, shape, dtype| {
+        let tensor = gpu.zeros_of(&name, shape, dtype)?;
         all.push(tensor.clone());
         Ok(tensor)
     })?;

@@ -1,8 +1,8 @@
 //! The encoder's input buffers of one (batch, seq) bucket, rewritten every step.
 
-use super::blocks::{Alloc, allocate, plan_of, shape_error};
+use super::blocks::{Alloc, Planned, allocate, plan_of, shape_error};
 use super::{BertConfig, EncoderBatch};
-use crate::gpu::{Gpu, GpuError, Tensor};
+use crate::gpu::{ElementType, Gpu, GpuError, Tensor};
 use crate::kernels::embedding::{EmbeddingPlan, GpuSegmentPlan, SegmentPlan};
 
 /// The segment plan buffers of one embedding table, sized for any batch of the bucket.
@@ -18,9 +18,9 @@ impl<T> PlanBuffers<T> {
     fn build(name: &str, rows: usize, table: usize, alloc: Alloc<T>) -> Result<Self, GpuError> {
         let segments = rows.min(table);
         Ok(PlanBuffers {
-            ids: alloc(format!("{name}_plan.ids"), &[segments])?,
-            offsets: alloc(format!("{name}_plan.offsets"), &[segments + 1])?,
-            rows: alloc(format!("{name}_plan.rows"), &[rows])?,
+            ids: alloc(format!("{name}_plan.ids"), &[segments], ElementType::F32)?,
+            offsets: alloc(format!("{name}_plan.offsets"), &[segments + 1], ElementType::F32)?,
+            rows: alloc(format!("{name}_plan.rows"), &[rows], ElementType::F32)?,
         })
     }
 }
@@ -42,9 +42,9 @@ impl<T> InputSet<T> {
     fn build(c: &BertConfig, batch: usize, seq: usize, alloc: Alloc<T>) -> Result<Self, GpuError> {
         let rows = batch * seq;
         Ok(InputSet {
-            ids: alloc("input.ids".into(), &[batch, seq])?,
-            type_ids: alloc("input.type_ids".into(), &[batch, seq])?,
-            mask: alloc("input.mask".into(), &[batch, seq])?,
+            ids: alloc("input.ids".into(), &[batch, seq], ElementType::F32)?,
+            type_ids: alloc("input.type_ids".into(), &[batch, seq], ElementType::F32)?,
+            mask: alloc("input.mask".into(), &[batch, seq], ElementType::F32)?,
             word: PlanBuffers::build("word", rows, c.vocab_size, alloc)?,
             types: PlanBuffers::build("type", rows, c.type_vocab_size, alloc)?,
             pos: PlanBuffers::build("position", rows, seq, alloc)?,
@@ -113,7 +113,7 @@ impl BatchInputs {
     }
 
     /// (name, shape) of every buffer `new` allocates.
-    pub fn plan(c: &BertConfig, batch: usize, seq: usize) -> Vec<(String, Vec<usize>)> {
+    pub fn plan(c: &BertConfig, batch: usize, seq: usize) -> Vec<Planned> {
         plan_of(|alloc| InputSet::build(c, batch, seq, alloc))
     }
 

@@ -5,19 +5,36 @@
 //! training `task_param_shapes` and `TaskActivations::plan`).
 
 use super::bert::{Activations, BatchInputs};
+use super::blocks::Planned;
 use super::tasks::{Bucket, Method, TaskActivations, TaskSpec, task_param_shapes};
 use super::{BertConfig, param_shapes};
 use crate::contract::AttentionShape;
+use crate::gpu::ElementType;
 use crate::kernels::attention;
 
-/// Bytes a tensor of `shape` occupies: 4-byte elements, and never less than one element
-/// (`Gpu::zeros` gives an empty tensor one element so that it can be bound).
+/// Bytes an f32 tensor of `shape` occupies.
 pub fn tensor_bytes(shape: &[usize]) -> u64 {
-    4 * shape.iter().product::<usize>().max(1) as u64
+    typed_bytes(shape, ElementType::F32)
+}
+
+/// Bytes a tensor of `shape` and `dtype` occupies, as `Gpu::zeros_of` sizes it: rounded up
+/// to whole 4-byte words, and never less than one word (an empty tensor still owns one
+/// element so that it can be bound).
+pub fn typed_bytes(shape: &[usize], dtype: ElementType) -> u64 {
+    ((dtype.size() * shape.iter().product::<usize>()).next_multiple_of(4) as u64).max(4)
 }
 
 fn total(list: &[(String, Vec<usize>)]) -> u64 {
     list.iter().map(|(_, shape)| tensor_bytes(shape)).sum()
+}
+
+fn planned_total(list: &[Planned]) -> u64 {
+    list.iter().map(|(_, shape, dtype)| typed_bytes(shape, *dtype)).sum()
+}
+
+/// The storage of the FFN's intermediate activations (`Bert::ffn_storage`).
+fn ffn_storage(mixed: bool) -> ElementType {
+    if mixed { ElementType::F16 } else { ElementType::F32 }
 }
 
 /// The byte counts of one training configuration.
@@ -31,32 +48,42 @@ pub struct MemoryPlan {
     pub activations: u64,
     /// Everything in `BatchInputs`: ids, types, mask and segment plans.
     pub inputs: u64,
+    /// Mixed precision's f16 copies of the encoder's big Linear weights (0 in f32).
+    pub f16_weights: u64,
 }
 
 impl MemoryPlan {
+    /// f32 training.
     pub fn new(config: &BertConfig, batch: usize, seq: usize) -> MemoryPlan {
+        MemoryPlan::training(config, batch, seq, false)
+    }
+
+    /// Training in f32, or in mixed precision (`mixed`): f32 master weights, gradients and
+    /// Adam state, plus f16 weight copies, with the FFN's intermediate activations in f16.
+    pub fn training(config: &BertConfig, batch: usize, seq: usize, mixed: bool) -> MemoryPlan {
         let parameters = total(&param_shapes(config));
         MemoryPlan {
             parameters,
             gradients: parameters,
             adam: 2 * parameters,
-            activations: total(&Activations::plan(config, batch, seq)),
-            inputs: total(&BatchInputs::plan(config, batch, seq)),
+            activations: planned_total(&Activations::plan_for(config, batch, seq, true, ffn_storage(mixed))),
+            inputs: planned_total(&BatchInputs::plan(config, batch, seq)),
+            f16_weights: if mixed { f16_weight_copy_bytes(config) } else { 0 },
         }
     }
 
-    /// The same bucket for inference: parameters, forward-only buffers and inputs.
+    /// The same bucket for inference (f32): parameters, forward-only buffers and inputs.
     pub fn inference(config: &BertConfig, batch: usize, seq: usize) -> MemoryPlan {
         MemoryPlan {
             gradients: 0,
             adam: 0,
-            activations: total(&Activations::plan_for(config, batch, seq, false)),
+            activations: planned_total(&Activations::plan_for(config, batch, seq, false, ElementType::F32)),
             ..MemoryPlan::new(config, batch, seq)
         }
     }
 
     pub fn total(&self) -> u64 {
-        self.parameters + self.gradients + self.adam + self.activations + self.inputs
+        self.parameters + self.gradients + self.adam + self.activations + self.inputs + self.f16_weights
     }
 }
 
@@ -66,9 +93,15 @@ fn mib(bytes: u64) -> String {
 
 /// Activation buffers grouped by name with the layer index taken out, largest first:
 /// (name, count, bytes of all of them).
-fn activation_groups(config: &BertConfig, batch: usize, seq: usize) -> Vec<(String, usize, u64)> {
+fn activation_groups(
+    config: &BertConfig,
+    batch: usize,
+    seq: usize,
+    mixed: bool,
+) -> Vec<(String, usize, u64)> {
     let mut groups: Vec<(String, usize, u64)> = Vec::new();
-    for (name, shape) in Activations::plan(config, batch, seq) {
+    for (name, shape, dtype) in Activations::plan_for(config, batch, seq, true, ffn_storage(mixed)) {
+        let bytes = typed_bytes(&shape, dtype);
         let key: String = name
             .split('.')
             .map(|part| if part.chars().all(|c| c.is_ascii_digit()) { "*" } else { part })
@@ -77,9 +110,9 @@ fn activation_groups(config: &BertConfig, batch: usize, seq: usize) -> Vec<(Stri
         match groups.iter_mut().find(|(k, _, _)| *k == key) {
             Some(group) => {
                 group.1 += 1;
-                group.2 += tensor_bytes(&shape);
+                group.2 += bytes;
             }
-            None => groups.push((key, 1, tensor_bytes(&shape))),
+            None => groups.push((key, 1, bytes)),
         }
     }
     groups.sort_by(|a, b| b.2.cmp(&a.2).then(a.0.cmp(&b.0)));
@@ -94,12 +127,15 @@ pub fn f16_weight_copy_bytes(c: &BertConfig) -> u64 {
     c.num_hidden_layers as u64 * (4 * h * h + 2 * h * i) * 2
 }
 
-pub fn memory_report(config: &BertConfig, batch: usize, seq: usize) -> Vec<String> {
-    let (plan, eval) = (MemoryPlan::new(config, batch, seq), MemoryPlan::inference(config, batch, seq));
+/// `mixed`: training in mixed precision (the eval column is f32 inference either way).
+pub fn memory_report(config: &BertConfig, batch: usize, seq: usize, mixed: bool) -> Vec<String> {
+    let (plan, eval) =
+        (MemoryPlan::training(config, batch, seq, mixed), MemoryPlan::inference(config, batch, seq));
     let row = |name: &str, train: u64, eval: u64| format!("  {name:12} {} {}", mib(train), mib(eval));
+    let precision = if mixed { "mixed precision" } else { "f32" };
     let mut lines = vec![
         format!(
-            "GPU memory: {} layers x {} hidden, batch {batch} x seq {seq}     training           eval",
+            "GPU memory: {} layers x {} hidden, batch {batch} x seq {seq}, {precision}     training           eval",
             config.num_hidden_layers, config.hidden_size
         ),
         row("parameters", plan.parameters, eval.parameters),
@@ -107,8 +143,11 @@ pub fn memory_report(config: &BertConfig, batch: usize, seq: usize) -> Vec<Strin
         row("Adam m and v", plan.adam, eval.adam),
         row("activations", plan.activations, eval.activations),
         row("inputs", plan.inputs, eval.inputs),
-        row("total", plan.total(), eval.total()),
     ];
+    if mixed {
+        lines.push(row("f16 weights", plan.f16_weights, eval.f16_weights));
+    }
+    lines.push(row("total", plan.total(), eval.total()));
     // The unfused attention path's score matrices (CPU adapters), shared by every layer
     // and kept by the device, not the model: on top of the total where that path runs.
     let shape = AttentionShape { batch, seq, heads: config.num_attention_heads, head_dim: config.head_dim() };
@@ -118,7 +157,7 @@ pub fn memory_report(config: &BertConfig, batch: usize, seq: usize) -> Vec<Strin
         row("+ attention", train, eval)
     ));
     lines.push("  training activations by buffer (count x shape class):".to_string());
-    for (name, count, bytes) in activation_groups(config, batch, seq) {
+    for (name, count, bytes) in activation_groups(config, batch, seq, mixed) {
         lines.push(format!("    {name:24} x{count:<3} {}", mib(bytes)));
     }
     lines
@@ -148,7 +187,7 @@ impl TaskMemoryPlan {
             parameters,
             gradients: parameters,
             adam: 2 * parameters,
-            activations: total(&TaskActivations::plan(c, method, max_labels, batch, seq)),
+            activations: planned_total(&TaskActivations::plan(c, method, max_labels, batch, seq)),
         }
     }
 
@@ -165,7 +204,7 @@ impl TaskMemoryPlan {
         TaskMemoryPlan {
             gradients: 0,
             adam: 0,
-            activations: total(&TaskActivations::plan_for(c, method, max_labels, bucket)),
+            activations: planned_total(&TaskActivations::plan_for(c, method, max_labels, bucket)),
             ..TaskMemoryPlan::new(c, method, tasks, batch, seq)
         }
     }

@@ -7,6 +7,7 @@ use super::TaskActivations;
 use super::method::{
     Bucket, MethodBuffers, MethodName, TaskMethod, TaskTerms, acts_of, grads_of, linear_shapes,
 };
+use crate::gpu::ElementType::F32;
 use crate::gpu::{GpuError, Recorder, Tensor};
 use crate::kernels::elementwise;
 use crate::model::BertConfig;
@@ -51,7 +52,7 @@ impl MethodBuffers for Adapters {
         alloc: Alloc<T>,
     ) -> Result<AdapterActs<T>, GpuError> {
         let (h, rows, brows, r) = (c.hidden_size, b.rows(), b.backward_rows(), self.size);
-        let mut a = |name: &str, shape: &[usize]| alloc(format!("tasks.{name}"), shape);
+        let mut a = |name: &str, shape: &[usize]| alloc(format!("tasks.{name}"), shape, F32);
         let layers = per_layer(c.num_hidden_layers, b.training, |l| {
             Ok(AdapterLayerActs {
                 pre: [

@@ -6,6 +6,7 @@ use super::TaskActivations;
 use super::method::{
     Bucket, MethodBuffers, MethodName, TaskMethod, TaskTerms, acts_of, grads_of, linear_shapes,
 };
+use crate::gpu::ElementType::F32;
 use crate::gpu::{GpuError, Recorder, Tensor};
 use crate::kernels::elementwise;
 use crate::model::BertConfig;
@@ -33,7 +34,7 @@ impl MethodBuffers for LowRank {
         alloc: Alloc<T>,
     ) -> Result<LowRankActs<T>, GpuError> {
         let (rows, r) = (b.rows(), self.rank);
-        let mut a = |name: &str, shape: &[usize]| alloc(format!("tasks.{name}"), shape);
+        let mut a = |name: &str, shape: &[usize]| alloc(format!("tasks.{name}"), shape, F32);
         let pre =
             per_layer(c.num_hidden_layers, b.training, |l| a(&format!("bottleneck.{l}.0.pre"), &[rows, r]))?;
         let scratch = BottleneckBuffers::build((rows, b.backward_rows(), r), &mut a)?;

@@ -12,7 +12,7 @@ use crate::gpu::{GpuError, Tensor};
 use crate::kernels::attention::MAX_HEAD_DIM;
 use crate::model::BertConfig;
 use crate::model::bert::ByName;
-use crate::model::blocks::{Alloc, plan_of, shape_error};
+use crate::model::blocks::{Alloc, Planned, plan_of, shape_error};
 use crate::model::hook::LayerHook;
 
 /// The paper's sizes for BERT-base (hidden 768); other widths scale them.
@@ -186,7 +186,7 @@ pub trait Buffers {
     ) -> Result<MethodActs, GpuError>;
 
     /// (name, shape) of what `activations` allocates.
-    fn plan(&self, c: &BertConfig, bucket: Bucket) -> Vec<(String, Vec<usize>)>;
+    fn plan(&self, c: &BertConfig, bucket: Bucket) -> Vec<Planned>;
 }
 
 impl<M: MethodBuffers> Buffers for M
@@ -202,7 +202,7 @@ where
         Ok(Box::new(self.build(c, bucket, alloc)?))
     }
 
-    fn plan(&self, c: &BertConfig, bucket: Bucket) -> Vec<(String, Vec<usize>)> {
+    fn plan(&self, c: &BertConfig, bucket: Bucket) -> Vec<Planned> {
         plan_of(|alloc| self.build(c, bucket, alloc))
     }
 }

@@ -71,11 +71,13 @@ pub use method::{
 
 use super::bert::{Activations, BatchInputs, Bert, ByName, download_named, make_named, upload_named};
 use super::blocks::{
-    Alloc, GradMode, Linear, allocate, dropout_backward, dropout_finish, dropout_target, plan_of, shape_error,
+    Alloc, GradMode, Linear, Planned, allocate, dropout_backward, dropout_finish, dropout_target, plan_of,
+    shape_error,
 };
 use super::{BertConfig, DropoutKey, HostTensor, SITE_HEAD, Weights, param_count as bert_param_count};
 use crate::contract::DropoutSpec;
 use crate::error::ModelError;
+use crate::gpu::ElementType::F32;
 use crate::gpu::{Gpu, GpuError, Recorder, Tensor};
 use crate::kernels::loss;
 use crate::kernels::matmul::Epilogue;
@@ -284,7 +286,7 @@ fn build_head<T>(
     alloc: Alloc<T>,
 ) -> Result<HeadActs<T>, GpuError> {
     let (h, bb) = (c.hidden_size, if b.training { b.batch } else { 0 });
-    let mut a = |name: &str, shape: &[usize]| alloc(format!("tasks.{name}"), shape);
+    let mut a = |name: &str, shape: &[usize]| alloc(format!("tasks.{name}"), shape, F32);
     Ok(HeadActs {
         term: a("scratch.term", &[b.rows(), h])?,
         input: a("head.input", &[bb, h])?,
@@ -305,17 +307,12 @@ impl TaskActivations {
         max_labels: usize,
         batch: usize,
         seq: usize,
-    ) -> Vec<(String, Vec<usize>)> {
+    ) -> Vec<Planned> {
         TaskActivations::plan_for(c, method, max_labels, Bucket { batch, seq, training: true })
     }
 
     /// `plan` for training or inference.
-    pub fn plan_for(
-        c: &BertConfig,
-        method: &Method,
-        max_labels: usize,
-        bucket: Bucket,
-    ) -> Vec<(String, Vec<usize>)> {
+    pub fn plan_for(c: &BertConfig, method: &Method, max_labels: usize, bucket: Bucket) -> Vec<Planned> {
         let mut list = method.imp().plan(c, bucket);
         list.extend(plan_of(|alloc| build_head(c, max_labels, bucket, alloc)));
         list

@@ -10,6 +10,7 @@ use super::method::{
     Bucket, MethodBuffers, MethodName, TaskMethod, TaskTerms, acts_of, check_heads, grads_of, linear_shapes,
 };
 use crate::contract::{AttentionShape, DropoutSpec, Site, site};
+use crate::gpu::ElementType::F32;
 use crate::gpu::{GpuError, Recorder, Tensor};
 use crate::kernels::attention;
 use crate::kernels::elementwise;
@@ -69,7 +70,7 @@ impl MethodBuffers for Pals {
     fn build<T: Clone>(&self, c: &BertConfig, b: Bucket, alloc: Alloc<T>) -> Result<PalActs<T>, GpuError> {
         let (h, rows, brows, (p, heads)) =
             (c.hidden_size, b.rows(), b.backward_rows(), (self.dim, self.heads));
-        let mut a = |name: &str, shape: &[usize]| alloc(format!("tasks.{name}"), shape);
+        let mut a = |name: &str, shape: &[usize]| alloc(format!("tasks.{name}"), shape, F32);
         let layers = per_layer(c.num_hidden_layers, b.training, |l| {
             let mut a = |name: &str, shape: &[usize]| a(&format!("pal.{l}.{name}"), shape);
             Ok(PalLayerActs {

@@ -20,6 +20,7 @@ use super::method::{
     top_sites_fit,
 };
 use crate::contract::{AttentionShape, DropoutSpec, top_dropout_sites};
+use crate::gpu::ElementType::F32;
 use crate::gpu::{GpuError, Recorder, Tensor};
 use crate::kernels::layernorm::{self, LayerNormScratch};
 use crate::kernels::matmul::Epilogue;
@@ -84,7 +85,7 @@ impl MethodBuffers for TopAttn {
 
     fn build<T: Clone>(&self, c: &BertConfig, b: Bucket, alloc: Alloc<T>) -> Result<TopActs<T>, GpuError> {
         let (h, rows, brows, dim) = (c.hidden_size, b.rows(), b.backward_rows(), self.dim);
-        let mut a = |name: &str, shape: &[usize]| alloc(format!("tasks.{name}"), shape);
+        let mut a = |name: &str, shape: &[usize]| alloc(format!("tasks.{name}"), shape, F32);
         let input = a("top.input", &[rows, h])?;
         let xs = in_turn(self.blocks + 1, b.training, |i| a(&format!("top.x.{i}"), &[rows, dim]))?;
         let shape = self.shape(b.batch, b.seq);
