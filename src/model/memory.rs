@@ -257,14 +257,17 @@ mod tests {
     #[test]
     fn report_lists_every_activation_byte() {
         let c = BertConfig::tiny(2, 32, 4);
-        let plan = MemoryPlan::new(&c, 3, 7);
-        let grouped: u64 = activation_groups(&c, 3, 7).iter().map(|g| g.2).sum();
-        assert_eq!(grouped, plan.activations);
-        let report = memory_report(&c, 3, 7);
-        assert!(report.iter().any(|line| line.contains("layer.*.pre")), "{report:?}");
+        for mixed in [false, true] {
+            let plan = MemoryPlan::training(&c, 3, 7, mixed);
+            let grouped: u64 = activation_groups(&c, 3, 7, mixed).iter().map(|g| g.2).sum();
+            assert_eq!(grouped, plan.activations);
+            let report = memory_report(&c, 3, 7, mixed);
+            assert!(report.iter().any(|line| line.contains("layer.*.pre")), "{report:?}");
+            assert_eq!(report.iter().any(|line| line.contains("f16 weights")), mixed, "{report:?}");
+        }
         // Chunks of 4 sequences x 4 heads x 128 x 128 f32 scores: 1 MiB, twice for the
         // backward.
-        let report = memory_report(&c, 32, 128);
+        let report = memory_report(&c, 32, 128, false);
         let workspace = report.iter().find(|line| line.contains("+ attention")).unwrap();
         assert!(workspace.contains("2.0 MiB") && workspace.contains("1.0 MiB"), "{workspace}");
     }
