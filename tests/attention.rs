@@ -247,8 +247,9 @@ fn f16_qkv_both_paths() {
     check_inputs(&PATHS, short, &Inputs::new(short, 5).rounded_f16(), 5, drop(0.0), ElementType::F16);
 }
 
-/// q, k and v of different types are refused naming two of them, both directions; f16 on
-/// an adapter without shader-f16 is refused naming the op; the other tensors stay f32.
+/// q, k and v of different types are refused naming the odd one and q (an f32 among f16
+/// and an f16 among f32); all-f16 ones on an adapter without shader-f16 are refused naming
+/// the op; every other tensor must stay f32.
 #[test]
 fn f16_qkv_refusals() {
     let gpu = gpu();
@@ -256,36 +257,40 @@ fn f16_qkv_refusals() {
     let dims = [1, 5, 2, 8];
     let f32s = |name: &str| gpu.zeros(name, &dims).unwrap();
     let f16s = |name: &str| gpu.zeros_of(name, &dims, ElementType::F16).unwrap();
-    let (q, k, v, o, d_out) = (f16s("q"), f32s("k32"), f16s("v"), f32s("o"), f32s("dO"));
-    let (dq, dk, dv) = (f32s("dq"), f32s("dk"), f32s("dv"));
+    let (o, d_out, dq, dk, dv) = (f32s("o"), f32s("dO"), f32s("dq"), f32s("dk"), f32s("dv"));
     let mask = gpu.zeros("mask", &[1, 5]).unwrap();
     let (lse, delta) = (gpu.zeros("lse", &[1, 2, 5]).unwrap(), gpu.zeros("delta", &[1, 2, 5]).unwrap());
     let none = drop(0.0);
     let mut rec = gpu.recorder();
     for path in PATHS {
-        let forward = |rec: &mut _, k: &Tensor, o: &Tensor| {
-            attention::attention_forward_on(path, rec, shape, &q, k, &v, &mask, o, &lse, 1.0, none)
+        let forward = |rec: &mut _, [q, k, v]: [&Tensor; 3], o: &Tensor| {
+            attention::attention_forward_on(path, rec, shape, q, k, v, &mask, o, &lse, 1.0, none)
         };
-        let backward = |rec: &mut _, k: &Tensor| {
+        let backward = |rec: &mut _, [q, k, v]: [&Tensor; 3], dq: &Tensor| {
             attention::attention_backward_on(
-                path, rec, shape, &q, k, &v, &o, &d_out, &mask, &lse, &delta, &dq, &dk, &dv, 1.0, none,
+                path, rec, shape, q, k, v, &o, &d_out, &mask, &lse, &delta, dq, &dk, &dv, 1.0, none,
             )
         };
-        let error = message(forward(&mut rec, &k, &o));
-        assert!(error.contains("'q'") && error.contains("'k32'"), "{error}");
-        let error = message(backward(&mut rec, &k));
-        assert!(error.contains("'q'") && error.contains("'k32'"), "{error}");
-        let k = f16s("k");
+        for (qkv, odd) in
+            [([f16s("q"), f32s("k32"), f16s("v")], "'k32'"), ([f32s("q"), f32s("k"), f16s("v16")], "'v16'")]
+        {
+            let error = message(forward(&mut rec, qkv.each_ref(), &o));
+            assert!(error.contains("'q'") && error.contains(odd), "{} path: {error}", path.name());
+            let error = message(backward(&mut rec, qkv.each_ref(), &dq));
+            assert!(error.contains("'q'") && error.contains(odd), "{} path: {error}", path.name());
+        }
+        let (q, k, v) = (f16s("q"), f16s("k"), f16s("v"));
         if !gpu.has(wgpu::Features::SHADER_F16) {
-            let error = message(forward(&mut rec, &k, &o));
+            let error = message(forward(&mut rec, [&q, &k, &v], &o));
             assert!(error.contains("attention_forward") && error.contains("shader-f16"), "{error}");
-            let error = message(backward(&mut rec, &k));
+            let error = message(backward(&mut rec, [&q, &k, &v], &dq));
             assert!(error.contains("attention_backward") && error.contains("shader-f16"), "{error}");
             continue;
         }
-        // Only q, k and v may be f16.
-        let error = message(forward(&mut rec, &k, &f16s("o16")));
+        let error = message(forward(&mut rec, [&q, &k, &v], &f16s("o16")));
         assert!(error.contains("'o16'") && error.contains("F16"), "{error}");
+        let error = message(backward(&mut rec, [&q, &k, &v], &f16s("dq16")));
+        assert!(error.contains("'dq16'") && error.contains("F16"), "{error}");
     }
     assert!(rec.is_empty());
 }
