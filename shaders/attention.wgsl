@@ -2,20 +2,25 @@
 // reaches global memory. Forward keeps an online softmax over key tiles; the backward
 // recomputes the probabilities from q, k and the saved row log-sum-exp.
 //
-// Layouts (f32, row-major): q, k, v, o, dO, dq, dk, dv [B, S, H, D]; mask [B, S] (additive,
-// per key); lse, delta [B, H, S]. P = softmax(q.k^T * scale + mask) per (b, h, query row);
+// Layouts (row-major): q, k, v, o, dO, dq, dk, dv [B, S, H, D]; mask [B, S] (additive,
+// per key); lse, delta [B, H, S]. q, k and v are QKV_TYPE (f32, or f16 under mixed
+// precision), widened at each load; everything else is f32, and every sum, the softmax and
+// the log-sum-exp are f32. P = softmax(q.k^T * scale + mask) per (b, h, query row);
 // dropout keeps P[i][j] with the shared RNG at index first_index + ((b*H + h)*S + i)*S + j.
-// `defines` set HEAD_DIM (= D) and BLOCK_K (rows per shared tile, BLOCK_K * HEAD_DIM <= 2048
-// so that the two tiles take at most 16 KiB of workgroup memory).
+// `defines` set QKV_TYPE (an alias, after `enable f16;` when it is f16), HEAD_DIM (= D) and
+// BLOCK_K (rows per shared tile, BLOCK_K * HEAD_DIM <= 2048 so that the two f32 tiles take
+// at most 16 KiB of workgroup memory). The delta prepass binds no q, k or v: its QKV_TYPE
+// is always f32.
 //
 // attention_forward:   o = (P * keep / (1 - p)) . v;  lse = log sum_j exp(scores)
-//   bindings: 0 params, 1 q, 2 k, 3 v, 4 mask (read), 5 o, 6 lse (write)
+//   bindings: 0 params, 1 q, 2 k, 3 v (QKV_TYPE), 4 mask (read), 5 o, 6 lse (write)
 // attention_delta:     delta[b, h, i] = sum_d dO[b, i, h, d] * o[b, i, h, d]
 //   bindings: 0 params, 1 o, 2 dO (read), 3 delta (write)
 // attention_backward_dq:   dq = scale * dS . k,    dS = P * (dP - delta), dP = dO.v^T * keep/(1-p)
-//   bindings: 0 params, 1 q, 2 k, 3 v, 4 mask, 5 dO, 6 lse, 7 delta (read), 8 dq (write)
+//   bindings: 0 params, 1 q, 2 k, 3 v (QKV_TYPE), 4 mask, 5 dO, 6 lse, 7 delta (read), 8 dq (write)
 // attention_backward_dkdv: dk = scale * dS^T . q,  dv = (P * keep / (1 - p))^T . dO
-//   bindings: 0 params, 1 q, 2 k, 3 v, 4 mask, 5 dO, 6 lse, 7 delta (read), 8 dk, 9 dv (write)
+//   bindings: 0 params, 1 q, 2 k, 3 v (QKV_TYPE), 4 mask, 5 dO, 6 lse, 7 delta (read), 8 dk,
+//   9 dv (write)
 // Dispatch: forward, dq and dkdv run one workgroup of BLOCK_Q = 64 invocations per
 // (b, h, block of 64 rows): one query row (forward, dq) or key row (dkdv) per invocation,
 // B*H*ceil(S/64) workgroups spread over x and y (see gpu::spread). The delta prepass runs
@@ -40,9 +45,9 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> q: array<f32>;
-@group(0) @binding(2) var<storage, read> k: array<f32>;
-@group(0) @binding(3) var<storage, read> v: array<f32>;
+@group(0) @binding(1) var<storage, read> q: array<QKV_TYPE>;
+@group(0) @binding(2) var<storage, read> k: array<QKV_TYPE>;
+@group(0) @binding(3) var<storage, read> v: array<QKV_TYPE>;
 @group(0) @binding(4) var<storage, read> mask: array<f32>;
 @group(0) @binding(5) var<storage, read_write> o: array<f32>;
 @group(0) @binding(6) var<storage, read_write> lse: array<f32>;
@@ -92,13 +97,14 @@ fn dropout_factor(bh: u32, i: u32, j: u32) -> f32 {
     return select(0.0, params.drop_scale, rng_keep(params.seed, params.stream, index, params.threshold));
 }
 
-// Consecutive invocations load consecutive floats of a row: coalesced. Rows past S are 0.
+// Consecutive invocations load consecutive elements of a row: coalesced. Rows past S are 0.
+// The tiles are f32 whatever QKV_TYPE is: widened once here, not per use.
 fn load_kv_tile(b: u32, h: u32, first: u32, lid: u32) {
     for (var e = lid; e < TILE; e += BLOCK_Q) {
         let s = first + e / HEAD_DIM;
         let at = row_offset(b, min(s, params.seq - 1u), h) + e % HEAD_DIM;
-        tile_a[e] = select(0.0, k[at], s < params.seq);
-        tile_b[e] = select(0.0, v[at], s < params.seq);
+        tile_a[e] = select(0.0, f32(k[at]), s < params.seq);
+        tile_b[e] = select(0.0, f32(v[at]), s < params.seq);
     }
 }
 
@@ -106,7 +112,7 @@ fn load_qdo_tile(b: u32, h: u32, first: u32, lid: u32) {
     for (var e = lid; e < TILE; e += BLOCK_Q) {
         let s = first + e / HEAD_DIM;
         let at = row_offset(b, min(s, params.seq - 1u), h) + e % HEAD_DIM;
-        tile_a[e] = select(0.0, q[at], s < params.seq);
+        tile_a[e] = select(0.0, f32(q[at]), s < params.seq);
         tile_b[e] = select(0.0, d_out[at], s < params.seq);
     }
 }
@@ -139,7 +145,7 @@ fn attention_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
     var acc: array<f32, HEAD_DIM>;
     if (live) {
         let at = row_offset(blk.b, i, blk.h);
-        for (var d = 0u; d < HEAD_DIM; d++) { qs[d] = q[at + d] * params.scale; }
+        for (var d = 0u; d < HEAD_DIM; d++) { qs[d] = f32(q[at + d]) * params.scale; }
     }
     var scores: array<f32, BLOCK_K>;
     var m = NEG_BIG;   // running max of the scores
@@ -203,7 +209,7 @@ fn attention_backward_dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_wor
     if (live) {
         let at = row_offset(blk.b, i, blk.h);
         for (var d = 0u; d < HEAD_DIM; d++) {
-            qs[d] = q[at + d] * params.scale;
+            qs[d] = f32(q[at + d]) * params.scale;
             dor[d] = d_out[at + d];
         }
         row_lse = lse_in[blk.bh * params.seq + i];
@@ -242,8 +248,8 @@ fn attention_backward_dkdv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_w
     if (live) {
         let at = row_offset(blk.b, j, blk.h);
         for (var d = 0u; d < HEAD_DIM; d++) {
-            ks[d] = k[at + d] * params.scale;
-            vr[d] = v[at + d];
+            ks[d] = f32(k[at + d]) * params.scale;
+            vr[d] = f32(v[at + d]);
         }
         key_mask = mask[blk.b * params.seq + j];
     }

@@ -2,14 +2,16 @@
 //! dv), on both paths: fused (one kernel family) and unfused (batched matmuls and the
 //! softmax row kernels, CPU adapters' default). Tolerances: forward rtol 1e-4, atol 1e-5; backward rtol 5e-4, atol 5e-5
 //! (f32 sums over S keys and D dims against f64, gradients with two more such sums).
+//! q, k and v also as f16 storage (mixed precision), against the reference on the same
+//! f16-rounded values.
 
 mod common;
 
 use common::{assert_close, gpu};
-use pals::gpu::{Gpu, Tensor};
+use pals::gpu::{ElementType, Gpu, GpuError, Tensor};
 use pals::kernels::attention::{self, AttentionPath, AttentionShape};
 use pals::kernels::elementwise::DropoutSpec;
-use pals::reference::{self, random_vec};
+use pals::reference::{self, random_vec, round_f16};
 
 const FORWARD_TOL: (f32, f32) = (1e-4, 1e-5);
 const BACKWARD_TOL: (f32, f32) = (5e-4, 5e-5);
@@ -48,6 +50,11 @@ impl Inputs {
             mask,
         }
     }
+
+    /// The same case with q, k and v rounded to f16: what f16 storage holds exactly.
+    fn rounded_f16(self) -> Inputs {
+        Inputs { q: round_f16(&self.q), k: round_f16(&self.k), v: round_f16(&self.v), ..self }
+    }
 }
 
 /// GPU results of one forward and backward: o, lse, dq, dk, dv.
@@ -69,11 +76,30 @@ fn run_gpu(
     scale: f32,
     dropout: DropoutSpec,
 ) -> Outputs {
+    run_gpu_as(gpu, path, shape, x, scale, dropout, ElementType::F32)
+}
+
+/// `run_gpu` with q, k and v stored as `qkv` (f16 rounds them: exact for `rounded_f16`
+/// inputs); every other tensor is f32.
+fn run_gpu_as(
+    gpu: &Gpu,
+    path: AttentionPath,
+    shape: AttentionShape,
+    x: &Inputs,
+    scale: f32,
+    dropout: DropoutSpec,
+    qkv: ElementType,
+) -> Outputs {
     let dims = [shape.batch, shape.seq, shape.heads, shape.head_dim];
     let rows = [shape.batch, shape.heads, shape.seq];
     let up = |name: &str, data: &[f32]| gpu.upload(name, &dims, data).unwrap();
+    let up_qkv = |name: &str, data: &[f32]| match qkv {
+        ElementType::F32 => up(name, data),
+        ElementType::F16 => gpu.upload_f16(name, &dims, data).unwrap(),
+    };
     let zeros = |name: &str, shape: &[usize]| -> Tensor { gpu.zeros(name, shape).unwrap() };
-    let (q, k, v, d_out) = (up("q", &x.q), up("k", &x.k), up("v", &x.v), up("dO", &x.d_out));
+    let (q, k, v) = (up_qkv("q", &x.q), up_qkv("k", &x.k), up_qkv("v", &x.v));
+    let d_out = up("dO", &x.d_out);
     let mask = gpu.upload("mask", &[shape.batch, shape.seq], &x.mask).unwrap();
     let (o, lse, delta) = (zeros("o", &dims), zeros("lse", &rows), zeros("delta", &rows));
     let (dq, dk, dv) = (zeros("dq", &dims), zeros("dk", &dims), zeros("dv", &dims));
@@ -100,15 +126,30 @@ fn check(shape: AttentionShape, pad: usize, p: f32) {
 }
 
 fn check_paths(paths: &[AttentionPath], shape: AttentionShape, pad: usize, dropout: DropoutSpec) {
-    let x = Inputs::new(shape, pad);
+    check_inputs(paths, shape, &Inputs::new(shape, pad), pad, dropout, ElementType::F32);
+}
+
+/// `paths` on `x` with q, k and v stored as `qkv` against the reference on `x`.
+fn check_inputs(
+    paths: &[AttentionPath],
+    shape: AttentionShape,
+    x: &Inputs,
+    pad: usize,
+    dropout: DropoutSpec,
+    qkv: ElementType,
+) {
     let scale = 1.0 / (shape.head_dim as f32).sqrt();
     let r = reference::attention::forward(&shape, &x.q, &x.k, &x.v, &x.mask, scale, &dropout);
     let (dq, dk, dv) =
         reference::attention::backward(&shape, &x.q, &x.k, &x.v, &x.mask, &x.d_out, scale, &dropout);
     for &path in paths {
-        let got = run_gpu(gpu(), path, shape, &x, scale, dropout);
-        let case =
-            format!("{} path, {shape:?} pad={pad} p={} shard {}", path.name(), dropout.p, dropout.shard);
+        let got = run_gpu_as(gpu(), path, shape, x, scale, dropout, qkv);
+        let case = format!(
+            "{} path, {qkv:?} q/k/v, {shape:?} pad={pad} p={} shard {}",
+            path.name(),
+            dropout.p,
+            dropout.shard
+        );
         let (rtol, atol) = FORWARD_TOL;
         assert_close(&format!("o {case}"), &got.o, &r.0, rtol, atol);
         assert_close(&format!("lse {case}"), &got.lse, &r.1, rtol, atol);
@@ -188,6 +229,74 @@ fn unfused_chunks_of_long_sequences() {
     assert_eq!(attention::workspace_bytes(many, false), 1 << 20);
     assert_eq!(attention::chunk_count(many), 2);
     check_paths(&[AttentionPath::Unfused], many, 9, drop(0.1));
+}
+
+/// f16 q, k and v (mixed precision's storage) on both paths, against the reference on the
+/// f16-rounded values. Those are exact in f32, so each path reads exactly the reference's
+/// inputs and only its f32 sums differ from the f64 reference, as in the f32 tests: the f32
+/// tolerances hold unchanged. S = 130 and 67 fill no 64-row block, 32- or 64-key tile or
+/// matmul tile; head dims 32 and 64 (MiniLM, BERT); padded keys and dropout.
+#[test]
+fn f16_qkv_both_paths() {
+    for d in [32, 64] {
+        let shape = shape(2, 130, 3, d);
+        let x = Inputs::new(shape, 17).rounded_f16();
+        check_inputs(&PATHS, shape, &x, 17, drop(0.1), ElementType::F16);
+    }
+    let short = shape(1, 67, 2, 64);
+    check_inputs(&PATHS, short, &Inputs::new(short, 5).rounded_f16(), 5, drop(0.0), ElementType::F16);
+}
+
+/// q, k and v of different types are refused naming the odd one and q (an f32 among f16
+/// and an f16 among f32); all-f16 ones on an adapter without shader-f16 are refused naming
+/// the op; every other tensor must stay f32.
+#[test]
+fn f16_qkv_refusals() {
+    let gpu = gpu();
+    let shape = shape(1, 5, 2, 8);
+    let dims = [1, 5, 2, 8];
+    let f32s = |name: &str| gpu.zeros(name, &dims).unwrap();
+    let f16s = |name: &str| gpu.zeros_of(name, &dims, ElementType::F16).unwrap();
+    let (o, d_out, dq, dk, dv) = (f32s("o"), f32s("dO"), f32s("dq"), f32s("dk"), f32s("dv"));
+    let mask = gpu.zeros("mask", &[1, 5]).unwrap();
+    let (lse, delta) = (gpu.zeros("lse", &[1, 2, 5]).unwrap(), gpu.zeros("delta", &[1, 2, 5]).unwrap());
+    let none = drop(0.0);
+    let mut rec = gpu.recorder();
+    for path in PATHS {
+        let forward = |rec: &mut _, [q, k, v]: [&Tensor; 3], o: &Tensor| {
+            attention::attention_forward_on(path, rec, shape, q, k, v, &mask, o, &lse, 1.0, none)
+        };
+        let backward = |rec: &mut _, [q, k, v]: [&Tensor; 3], dq: &Tensor| {
+            attention::attention_backward_on(
+                path, rec, shape, q, k, v, &o, &d_out, &mask, &lse, &delta, dq, &dk, &dv, 1.0, none,
+            )
+        };
+        for (qkv, odd) in
+            [([f16s("q"), f32s("k32"), f16s("v")], "'k32'"), ([f32s("q"), f32s("k"), f16s("v16")], "'v16'")]
+        {
+            let error = message(forward(&mut rec, qkv.each_ref(), &o));
+            assert!(error.contains("'q'") && error.contains(odd), "{} path: {error}", path.name());
+            let error = message(backward(&mut rec, qkv.each_ref(), &dq));
+            assert!(error.contains("'q'") && error.contains(odd), "{} path: {error}", path.name());
+        }
+        let (q, k, v) = (f16s("q"), f16s("k"), f16s("v"));
+        if !gpu.has(wgpu::Features::SHADER_F16) {
+            let error = message(forward(&mut rec, [&q, &k, &v], &o));
+            assert!(error.contains("attention_forward") && error.contains("shader-f16"), "{error}");
+            let error = message(backward(&mut rec, [&q, &k, &v], &dq));
+            assert!(error.contains("attention_backward") && error.contains("shader-f16"), "{error}");
+            continue;
+        }
+        let error = message(forward(&mut rec, [&q, &k, &v], &f16s("o16")));
+        assert!(error.contains("'o16'") && error.contains("F16"), "{error}");
+        let error = message(backward(&mut rec, [&q, &k, &v], &f16s("dq16")));
+        assert!(error.contains("'dq16'") && error.contains("F16"), "{error}");
+    }
+    assert!(rec.is_empty());
+}
+
+fn message(result: Result<(), GpuError>) -> String {
+    result.unwrap_err().to_string()
 }
 
 /// Which path this adapter runs by default, said where a test log shows it.

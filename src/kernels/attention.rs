@@ -8,11 +8,15 @@
 //!   where the matmul's register tiles are 10× faster, so CPU adapters take this one.
 //!
 //! Both give the same results up to f32 rounding (same dropout mask, same lse).
+//!
+//! q, k and v may be stored f16 (mixed precision keeps these activations at half the
+//! memory), all three alike; both paths widen them at each load and sum in f32. Every
+//! other tensor is f32.
 
 use super::elementwise::DropoutSpec;
 use super::matmul::{self, Epilogue, InnerBatch, Matmul};
-use super::{expect_len, to_u32};
-use crate::gpu::{Binding, Gpu, GpuError, KernelSpec, Recorder, Tensor, spread};
+use super::{expect_len, expect_shader_f16, to_u32};
+use crate::gpu::{Binding, ElementType, Gpu, GpuError, KernelSpec, Recorder, Tensor, spread};
 use Binding::{Read, Write};
 
 const SOURCE: &str =
@@ -92,12 +96,53 @@ fn tile_rows(head_dim: usize) -> usize {
     rows
 }
 
-fn defines(shape: AttentionShape) -> String {
+/// attention.wgsl's constants, after QKV_TYPE, the storage type of q, k and v (opening
+/// with the `enable f16;` a module must start with when that is f16). The delta prepass
+/// binds none of them and always takes f32: one pipeline for both types.
+fn defines(shape: AttentionShape, qkv: ElementType) -> String {
+    let (enable, name) = match qkv {
+        ElementType::F32 => ("", "f32"),
+        ElementType::F16 => ("enable f16;\n", "f16"),
+    };
     format!(
-        "const HEAD_DIM: u32 = {}u;\nconst BLOCK_K: u32 = {}u;\n",
+        "{enable}alias QKV_TYPE = {name};\nconst HEAD_DIM: u32 = {}u;\nconst BLOCK_K: u32 = {}u;\n",
         shape.head_dim,
         tile_rows(shape.head_dim)
     )
+}
+
+/// The type q, k and v share (f32, or f16 on adapters with shader-f16), after checking
+/// that each holds `shape.qkv_len()` elements.
+fn expect_qkv(
+    op: &str,
+    gpu: &Gpu,
+    shape: AttentionShape,
+    qkv: [&Tensor; 3],
+) -> Result<ElementType, GpuError> {
+    let [q, ..] = qkv;
+    for t in qkv {
+        if t.dtype != q.dtype {
+            let detail = format!(
+                "'{}' holds {:?} elements and '{}' {:?}: q, k and v must share one type",
+                q.name, q.dtype, t.name, t.dtype
+            );
+            return Err(GpuError::Shape { op: op.into(), detail });
+        }
+        if t.len() != shape.qkv_len() {
+            let detail = format!(
+                "'{}' has shape {:?} ({} elements), expected {}",
+                t.name,
+                t.shape,
+                t.len(),
+                shape.qkv_len()
+            );
+            return Err(GpuError::Shape { op: op.into(), detail });
+        }
+    }
+    if q.dtype == ElementType::F16 {
+        expect_shader_f16(op, gpu)?;
+    }
+    Ok(q.dtype)
 }
 
 fn params(op: &str, shape: AttentionShape, scale: f32, dropout: DropoutSpec) -> Result<Params, GpuError> {
@@ -166,9 +211,8 @@ pub fn attention_forward_on(
     dropout: DropoutSpec,
 ) -> Result<(), GpuError> {
     let op = FORWARD.name;
-    for t in [q, k, v, out] {
-        expect_len(op, t, shape.qkv_len())?;
-    }
+    let qkv = expect_qkv(op, rec.gpu, shape, [q, k, v])?;
+    expect_len(op, out, shape.qkv_len())?;
     expect_len(op, mask, shape.mask_len())?;
     expect_len(op, lse, shape.rows_len())?;
     let params = params(op, shape, scale, dropout)?;
@@ -178,7 +222,7 @@ pub fn attention_forward_on(
     match path {
         AttentionPath::Fused => {
             let groups = row_blocks(rec, op, shape)?;
-            rec.dispatch(&FORWARD, &defines(shape), &params, &[q, k, v, mask, out, lse], groups)
+            rec.dispatch(&FORWARD, &defines(shape, qkv), &params, &[q, k, v, mask, out, lse], groups)
         }
         AttentionPath::Unfused => unfused_forward(rec, shape, [q, k, v, mask, out, lse], &params),
     }
@@ -248,7 +292,8 @@ pub fn attention_backward_on(
     dropout: DropoutSpec,
 ) -> Result<(), GpuError> {
     let op = "attention_backward";
-    for t in [q, k, v, o, d_out, dq, dk, dv] {
+    let qkv = expect_qkv(op, rec.gpu, shape, [q, k, v])?;
+    for t in [o, d_out, dq, dk, dv] {
         expect_len(op, t, shape.qkv_len())?;
     }
     expect_len(op, mask, shape.mask_len())?;
@@ -268,14 +313,15 @@ pub fn attention_backward_on(
     if shape.rows_len() == 0 {
         return Ok(());
     }
-    let defines = defines(shape);
     let rows = to_u32(op, "rows", shape.rows_len())?;
     let delta_groups = spread(rec.gpu, rows.div_ceil(256));
-    rec.dispatch(&DELTA, &defines, &params, &[o, d_out, delta_scratch], delta_groups)?;
+    let delta_defines = defines(shape, ElementType::F32);
+    rec.dispatch(&DELTA, &delta_defines, &params, &[o, d_out, delta_scratch], delta_groups)?;
     if path == AttentionPath::Unfused {
         let tensors = Backward { q, k, v, d_out, mask, lse, delta: delta_scratch, dq, dk, dv };
         return unfused_backward(rec, shape, &tensors, &params);
     }
+    let defines = defines(shape, qkv);
     let groups = row_blocks(rec, op, shape)?;
     let inputs = [q, k, v, mask, d_out, lse, delta_scratch];
     let dq_tensors: Vec<&Tensor> = inputs.iter().copied().chain([dq]).collect();
@@ -443,6 +489,7 @@ fn scores_workspace(gpu: &Gpu, name: &'static str, shape: AttentionShape) -> Res
 }
 
 /// [q, k, v, mask, out, lse]: per chunk, scores = Q·Kᵀ, the softmax in place, out = P·V.
+/// Only the products read q, k and v: an f16 one is the matmul's f16 A or B storage.
 fn unfused_forward(
     rec: &mut Recorder,
     shape: AttentionShape,
@@ -480,7 +527,8 @@ struct Backward<'t> {
 
 /// Per chunk: P recomputed from Q·Kᵀ and lse (nothing S×S is kept from the forward, so
 /// every layer shares the workspace), dP = dO·Vᵀ, then dV = (P·keep)ᵀ·dO, dQ = dS·K,
-/// dK = dSᵀ·Q with dS = scale·P·(dP·keep − delta).
+/// dK = dSᵀ·Q with dS = scale·P·(dP·keep − delta). As in the forward, q, k and v (f32 or
+/// f16) reach only the products; the scores, dO and the gradients are f32.
 fn unfused_backward(
     rec: &mut Recorder,
     shape: AttentionShape,
