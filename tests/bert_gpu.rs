@@ -245,7 +245,8 @@ fn memory_plan_matches_allocation() {
     assert_eq!(eval_acts.bytes(), eval_plan.activations);
     assert!(eval_plan.activations < plan.activations && eval_plan.gradients == 0 && eval_plan.adam == 0);
     assert!(eval.grads.is_none() && eval.download_grads(gpu).is_err());
-    // Mixed precision: the FFN's intermediates are f16, and the f16 weight copies count.
+    // Mixed precision: q, k, v and the FFN's intermediates are f16, and the f16 weight
+    // copies count.
     let mut mixed = Bert::upload(gpu, &c, &weights(&c, 100)).unwrap();
     let copies = mixed.use_f16_weights(gpu).unwrap();
     let mixed_acts = mixed.activations(gpu, 3, 13).unwrap();
@@ -254,7 +255,11 @@ fn memory_plan_matches_allocation() {
     assert!(mixed_plan.activations < plan.activations, "f16 intermediates take less");
     let f16 = |t: &pals::gpu::Tensor| t.dtype == pals::gpu::ElementType::F16;
     let half: Vec<&str> = mixed_acts.all.iter().filter(|t| f16(t)).map(|t| t.name.as_str()).collect();
-    assert_eq!(half.len(), c.num_hidden_layers + 2, "layer.*.pre, scratch.ffn_a and _b: {half:?}");
+    assert_eq!(
+        half.len(),
+        4 * c.num_hidden_layers + 2,
+        "layer.*.{{q,k,v,pre}}, scratch.ffn_a and _b: {half:?}"
+    );
     let copy_bytes: u64 = copies.iter().map(|(_, t)| t.buffer.size()).sum();
     assert_eq!(copy_bytes, mixed_plan.f16_weights);
     let (f32_rest, mixed_rest) =

@@ -15,7 +15,7 @@
 
 use super::elementwise::DropoutSpec;
 use super::matmul::{self, Epilogue, InnerBatch, Matmul};
-use super::{expect_len, expect_shader_f16, to_u32};
+use super::{expect_count, expect_len, expect_shader_f16, storage_aliases, to_u32};
 use crate::gpu::{Binding, ElementType, Gpu, GpuError, KernelSpec, Recorder, Tensor, spread};
 use Binding::{Read, Write};
 
@@ -99,16 +99,13 @@ fn tile_rows(head_dim: usize) -> usize {
 /// attention.wgsl's constants, after QKV_TYPE, the storage type of q, k and v (opening
 /// with the `enable f16;` a module must start with when that is f16). The delta prepass
 /// binds none of them and always takes f32: one pipeline for both types.
-fn defines(shape: AttentionShape, qkv: ElementType) -> String {
-    let (enable, name) = match qkv {
-        ElementType::F32 => ("", "f32"),
-        ElementType::F16 => ("enable f16;\n", "f16"),
-    };
-    format!(
-        "{enable}alias QKV_TYPE = {name};\nconst HEAD_DIM: u32 = {}u;\nconst BLOCK_K: u32 = {}u;\n",
+fn defines(gpu: &Gpu, shape: AttentionShape, qkv: ElementType) -> Result<String, GpuError> {
+    let types = storage_aliases("attention", gpu, &[("QKV_TYPE", qkv)])?;
+    Ok(format!(
+        "{types}const HEAD_DIM: u32 = {}u;\nconst BLOCK_K: u32 = {}u;\n",
         shape.head_dim,
         tile_rows(shape.head_dim)
-    )
+    ))
 }
 
 /// The type q, k and v share (f32, or f16 on adapters with shader-f16), after checking
@@ -128,16 +125,7 @@ fn expect_qkv(
             );
             return Err(GpuError::Shape { op: op.into(), detail });
         }
-        if t.len() != shape.qkv_len() {
-            let detail = format!(
-                "'{}' has shape {:?} ({} elements), expected {}",
-                t.name,
-                t.shape,
-                t.len(),
-                shape.qkv_len()
-            );
-            return Err(GpuError::Shape { op: op.into(), detail });
-        }
+        expect_count(op, t, shape.qkv_len())?;
     }
     if q.dtype == ElementType::F16 {
         expect_shader_f16(op, gpu)?;
@@ -222,7 +210,13 @@ pub fn attention_forward_on(
     match path {
         AttentionPath::Fused => {
             let groups = row_blocks(rec, op, shape)?;
-            rec.dispatch(&FORWARD, &defines(shape, qkv), &params, &[q, k, v, mask, out, lse], groups)
+            rec.dispatch(
+                &FORWARD,
+                &defines(rec.gpu, shape, qkv)?,
+                &params,
+                &[q, k, v, mask, out, lse],
+                groups,
+            )
         }
         AttentionPath::Unfused => unfused_forward(rec, shape, [q, k, v, mask, out, lse], &params),
     }
@@ -315,13 +309,13 @@ pub fn attention_backward_on(
     }
     let rows = to_u32(op, "rows", shape.rows_len())?;
     let delta_groups = spread(rec.gpu, rows.div_ceil(256));
-    let delta_defines = defines(shape, ElementType::F32);
+    let delta_defines = defines(rec.gpu, shape, ElementType::F32)?;
     rec.dispatch(&DELTA, &delta_defines, &params, &[o, d_out, delta_scratch], delta_groups)?;
     if path == AttentionPath::Unfused {
         let tensors = Backward { q, k, v, d_out, mask, lse, delta: delta_scratch, dq, dk, dv };
         return unfused_backward(rec, shape, &tensors, &params);
     }
-    let defines = defines(shape, qkv);
+    let defines = defines(rec.gpu, shape, qkv)?;
     let groups = row_blocks(rec, op, shape)?;
     let inputs = [q, k, v, mask, d_out, lse, delta_scratch];
     let dq_tensors: Vec<&Tensor> = inputs.iter().copied().chain([dq]).collect();

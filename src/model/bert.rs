@@ -236,14 +236,15 @@ impl<T: Clone> ActivationSet<T> {
         batch: usize,
         seq: usize,
         training: bool,
-        ffn: ElementType,
+        half: ElementType,
         alloc: Alloc<T>,
     ) -> Result<Self, GpuError> {
         let (h, i, heads, rows) = (c.hidden_size, c.intermediate_size, c.num_attention_heads, batch * seq);
         // Backward-only buffers are empty for inference.
         let (brows, bbatch) = if training { (rows, batch) } else { (0, 0) };
-        // `ffn` is the storage of the FFN's [B·S, I] intermediates (f16 in mixed precision:
-        // the largest activations); everything else is f32.
+        // `half` is the storage of the activations only matmuls and kernels with f16 variants
+        // touch (f16 in mixed precision): q, k, v and the FFN's [B·S, I] intermediates, the
+        // largest ones. Everything else is f32.
         let mut a = |name: &str, shape: &[usize], dtype| alloc(name.to_string(), shape, dtype);
         let emb_sum = a("emb_sum", &[rows, h], F32)?;
         let emb_mean = a("emb_mean", &[rows], F32)?;
@@ -252,15 +253,14 @@ impl<T: Clone> ActivationSet<T> {
             in_turn(c.num_hidden_layers + 1, training, |l| a(&format!("hidden.{l}"), &[rows, h], F32))?;
         let shape = attention_shape(c, batch, seq);
         let layers = per_layer(c.num_hidden_layers, training, |l| {
-            let pre = a(&format!("layer.{l}.pre"), &[rows, i], ffn)?;
-            let mut a = |name: &str, shape: &[usize]| a(&format!("layer.{l}.{name}"), shape, F32);
+            let mut a = |name: &str, shape: &[usize], dtype| a(&format!("layer.{l}.{name}"), shape, dtype);
             Ok(LayerActs {
-                attention: AttentionActs::build(shape, ["attn_drop", "ln1_mean", "ln1_rstd"], &mut a)?,
-                a: a("a", &[rows, h])?,
-                pre,
-                ffn_drop: a("ffn_drop", &[rows, h])?,
-                ln2_mean: a("ln2_mean", &[rows])?,
-                ln2_rstd: a("ln2_rstd", &[rows])?,
+                attention: AttentionActs::build(shape, ["attn_drop", "ln1_mean", "ln1_rstd"], half, &mut a)?,
+                a: a("a", &[rows, h], F32)?,
+                pre: a("pre", &[rows, i], half)?,
+                ffn_drop: a("ffn_drop", &[rows, h], F32)?,
+                ln2_mean: a("ln2_mean", &[rows], F32)?,
+                ln2_rstd: a("ln2_rstd", &[rows], F32)?,
             })
         })?;
         let colsum_len = [
@@ -281,8 +281,8 @@ impl<T: Clone> ActivationSet<T> {
             pooled: a("pooled", &[batch, h], F32)?,
             pooler: a("scratch.pooler", &[batch, h], F32)?,
             sub: a("scratch.sub", &[rows, h], F32)?,
-            ffn_a: a("scratch.ffn_a", &[rows, i], ffn)?,
-            ffn_b: a("scratch.ffn_b", &[brows, i], ffn)?,
+            ffn_a: a("scratch.ffn_a", &[rows, i], half)?,
+            ffn_b: a("scratch.ffn_b", &[brows, i], half)?,
             grad_x: a("scratch.grad_x", &[brows, h], F32)?,
             grad_y: a("scratch.grad_y", &[brows, h], F32)?,
             d_ctx: a("scratch.d_ctx", &[brows, h], F32)?,
@@ -454,13 +454,13 @@ impl Bert {
 
     /// The buffers of one (batch, seq) bucket: for training when the model has gradients.
     pub fn activations(&self, gpu: &Gpu, batch: usize, seq: usize) -> Result<Activations, GpuError> {
-        Activations::new(gpu, &self.config, batch, seq, self.training(), self.ffn_storage())
+        Activations::new(gpu, &self.config, batch, seq, self.training(), self.half_storage())
     }
 
-    /// The storage of the FFN's intermediate activations: f16 once the encoder reads f16
-    /// weight copies (mixed precision, `use_f16_weights`), where they are the largest
-    /// activations and only matmul, GELU and column-sum kernels touch them; else f32.
-    pub fn ffn_storage(&self) -> ElementType {
+    /// The storage of the activations that mixed precision keeps in f16 (q, k, v and the
+    /// FFN's intermediates, see `ActivationSet::build`): f16 once the encoder reads f16
+    /// weight copies (`use_f16_weights`), else f32.
+    pub fn half_storage(&self) -> ElementType {
         let mixed = self.params.layers.iter().any(|layer| layer.ffn_in.w16.is_some());
         if mixed { ElementType::F16 } else { ElementType::F32 }
     }

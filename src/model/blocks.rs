@@ -27,6 +27,9 @@ pub type Alloc<'a, T> = &'a mut dyn FnMut(String, &[usize], ElementType) -> Resu
 /// An allocator of buffers by a name within its caller's namespace.
 pub type NamedAlloc<'a, T> = &'a mut dyn FnMut(&str, &[usize]) -> Result<T, GpuError>;
 
+/// `NamedAlloc` with the buffer's element type.
+pub type TypedAlloc<'a, T> = &'a mut dyn FnMut(&str, &[usize], ElementType) -> Result<T, GpuError>;
+
 /// One buffer a `build` asks for: (name, shape, element type).
 pub type Planned = (String, Vec<usize>, ElementType);
 
@@ -376,19 +379,25 @@ pub struct AttentionActs<T> {
 
 impl<T> AttentionActs<T> {
     /// The buffers named `{prefix}{q,k,v,ctx,lse}` and `{prefix}{out, ln_mean, ln_rstd}`
-    /// with the names in `names` (the encoder keeps its historical names).
-    pub(crate) fn build(shape: AttentionShape, names: [&str; 3], a: NamedAlloc<T>) -> Result<Self, GpuError> {
+    /// with the names in `names` (the encoder keeps its historical names). q, k and v are
+    /// `qkv` (f16 in mixed precision: only matmuls and the attention kernels touch them).
+    pub(crate) fn build(
+        shape: AttentionShape,
+        names: [&str; 3],
+        qkv: ElementType,
+        a: TypedAlloc<T>,
+    ) -> Result<Self, GpuError> {
         let (rows, width) = (shape.batch * shape.seq, shape.heads * shape.head_dim);
         let lse = [shape.batch, shape.heads, shape.seq];
         Ok(AttentionActs {
-            q: a("q", &[rows, width])?,
-            k: a("k", &[rows, width])?,
-            v: a("v", &[rows, width])?,
-            ctx: a("ctx", &[rows, width])?,
-            lse: a("lse", &lse)?,
-            out: a(names[0], &[rows, width])?,
-            ln_mean: a(names[1], &[rows])?,
-            ln_rstd: a(names[2], &[rows])?,
+            q: a("q", &[rows, width], qkv)?,
+            k: a("k", &[rows, width], qkv)?,
+            v: a("v", &[rows, width], qkv)?,
+            ctx: a("ctx", &[rows, width], ElementType::F32)?,
+            lse: a("lse", &lse, ElementType::F32)?,
+            out: a(names[0], &[rows, width], ElementType::F32)?,
+            ln_mean: a(names[1], &[rows], ElementType::F32)?,
+            ln_rstd: a(names[2], &[rows], ElementType::F32)?,
         })
     }
 }

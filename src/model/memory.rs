@@ -32,8 +32,8 @@ fn planned_total(list: &[Planned]) -> u64 {
     list.iter().map(|(_, shape, dtype)| typed_bytes(shape, *dtype)).sum()
 }
 
-/// The storage of the FFN's intermediate activations (`Bert::ffn_storage`).
-fn ffn_storage(mixed: bool) -> ElementType {
+/// The storage of the activations mixed precision keeps in f16 (`Bert::half_storage`).
+fn half_storage(mixed: bool) -> ElementType {
     if mixed { ElementType::F16 } else { ElementType::F32 }
 }
 
@@ -59,14 +59,14 @@ impl MemoryPlan {
     }
 
     /// Training in f32, or in mixed precision (`mixed`): f32 master weights, gradients and
-    /// Adam state, plus f16 weight copies, with the FFN's intermediate activations in f16.
+    /// Adam state, plus f16 weight copies, with q, k, v and the FFN's intermediates in f16.
     pub fn training(config: &BertConfig, batch: usize, seq: usize, mixed: bool) -> MemoryPlan {
         let parameters = total(&param_shapes(config));
         MemoryPlan {
             parameters,
             gradients: parameters,
             adam: 2 * parameters,
-            activations: planned_total(&Activations::plan_for(config, batch, seq, true, ffn_storage(mixed))),
+            activations: planned_total(&Activations::plan_for(config, batch, seq, true, half_storage(mixed))),
             inputs: planned_total(&BatchInputs::plan(config, batch, seq)),
             f16_weights: if mixed { f16_weight_copy_bytes(config) } else { 0 },
         }
@@ -100,7 +100,7 @@ fn activation_groups(
     mixed: bool,
 ) -> Vec<(String, usize, u64)> {
     let mut groups: Vec<(String, usize, u64)> = Vec::new();
-    for (name, shape, dtype) in Activations::plan_for(config, batch, seq, true, ffn_storage(mixed)) {
+    for (name, shape, dtype) in Activations::plan_for(config, batch, seq, true, half_storage(mixed)) {
         let bytes = typed_bytes(&shape, dtype);
         let key: String = name
             .split('.')

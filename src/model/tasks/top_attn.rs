@@ -90,8 +90,12 @@ impl MethodBuffers for TopAttn {
         let xs = in_turn(self.blocks + 1, b.training, |i| a(&format!("top.x.{i}"), &[rows, dim]))?;
         let shape = self.shape(b.batch, b.seq);
         let blocks = per_layer(self.blocks, b.training, |i| {
-            let mut a = |name: &str, shape: &[usize]| a(&format!("top.block.{i}.{name}"), shape);
-            AttentionActs::build(shape, ["out", "ln_mean", "ln_rstd"], &mut a)
+            // The top blocks are f32 throughout.
+            let mut a = |name: &str, shape: &[usize], dtype| {
+                debug_assert_eq!(dtype, F32, "top.block.{i}.{name}");
+                a(&format!("top.block.{i}.{name}"), shape)
+            };
+            AttentionActs::build(shape, ["out", "ln_mean", "ln_rstd"], F32, &mut a)
         })?;
         let (ln_partials, ln_colsum) = layernorm::backward_scratch_len(brows, dim);
         let colsum = reduce::colsum_scratch_len(brows, dim).max(ln_colsum);
