@@ -123,8 +123,8 @@ struct RunArgs {
 #[derive(Args, Clone)]
 struct PrecisionArgs {
     /// f32, or mixed: f32 master weights and Adam state, dynamic loss scaling as PyTorch's
-    /// GradScaler, the encoder's big products reading f16 copies of their weights (the
-    /// activations are still f32); mixed needs an adapter with shader-f16.
+    /// GradScaler, the encoder's big products reading f16 copies of their weights, q, k, v
+    /// and the FFN's intermediates stored in f16; mixed needs an adapter with shader-f16.
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     precision: Precision,
     /// The same as --precision mixed (Hugging Face's name).
