@@ -15,8 +15,12 @@ steps=${STEPS:-3}
 [ -x "$pals" ] || { echo "step-ratio: no pals binary at $pals (cargo build --release, or set PALS)" >&2; exit 2; }
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
+# AMP fp16 on the PyTorch side is compared with our mixed precision, fp32 with f32.
+ours_precision=f32
+[ "$precision" = amp ] && ours_precision=mixed
 # shellcheck disable=SC2086 # PALS_ARGS is a list of flags
-"$pals" bench --train "$model" --batch "$batch" --seq "$seq" --steps "$steps" ${PALS_ARGS:-} | tee "$out/pals"
+"$pals" bench --train "$model" --batch "$batch" --seq "$seq" --steps "$steps" --precision "$ours_precision" \
+  ${PALS_ARGS:-} | tee "$out/pals"
 python3 scripts/torch_bench.py --train "$model" --device "$device" --batch "$batch" --seq "$seq" \
   --precision "$precision" --steps "$steps" | tee "$out/torch"
 ours=$(sed -n 's/^step time: \([0-9.]*\) ms.*/\1/p' "$out/pals")
@@ -25,5 +29,6 @@ if [ -z "$ours" ] || [ -z "$theirs" ]; then
   echo "step-ratio: could not read a step time (pals '$ours', torch '$theirs')" >&2
   exit 1
 fi
-awk -v ours="$ours" -v theirs="$theirs" -v what="$model batch $batch x seq $seq" -v torch="torch $device $precision" \
+awk -v ours="$ours" -v theirs="$theirs" -v what="$model batch $batch x seq $seq, pals $ours_precision" \
+  -v torch="torch $device $precision" \
   'BEGIN { printf "step ratio, %s: pals %.1f ms / %s %.1f ms = %.2fx\n", what, ours, torch, theirs, ours / theirs }'

@@ -7,8 +7,8 @@
 // and a fixed subgroup size; the host prepends `enable f16; enable wgpu_cooperative_matrix;`
 // and the constants below.
 //
-// Entry point `matmul_coop`; parameters, bindings and epilogue in matmul_io.wgsl (the host
-// names all three storage types f32).
+// Entry point `matmul_coop`; parameters, bindings, storage types (A_TYPE, B_TYPE, C_TYPE:
+// f32 or f16, as matmul.wgsl) and epilogue in matmul_io.wgsl.
 // Dispatch: (ceil(N / 32), ceil(M / 32), batch); workgroup = one subgroup of SUBGROUP
 // invocations, which owns a 32 × 32 block of C as 2 × 2 accumulator matrices.
 //
@@ -27,14 +27,14 @@ var<workgroup> tile_c: array<f32, BM * BN>;   // [BM][BN], the accumulators for 
 
 fn load_a(base: u32, row: u32, col_k: u32) -> f32 {
     if (row >= p.m || col_k >= p.k) { return 0.0; }
-    if (TRANS_A) { return a[base + col_k * p.lda + row]; }
-    return a[base + row * p.lda + col_k];
+    if (TRANS_A) { return f32(a[base + col_k * p.lda + row]); }
+    return f32(a[base + row * p.lda + col_k]);
 }
 
 fn load_b(base: u32, row_k: u32, col: u32) -> f32 {
     if (row_k >= p.k || col >= p.n) { return 0.0; }
-    if (TRANS_B) { return b[base + col * p.ldb + row_k]; }
-    return b[base + row_k * p.ldb + col];
+    if (TRANS_B) { return f32(b[base + col * p.ldb + row_k]); }
+    return f32(b[base + row_k * p.ldb + col]);
 }
 
 @compute @workgroup_size(SUBGROUP, 1, 1)

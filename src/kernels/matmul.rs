@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use super::{storage_aliases, to_u32};
+use super::{alias_lines, storage_aliases, to_u32};
 use crate::gpu::{Binding, ElementType, Gpu, GpuError, KernelSpec, Recorder, Tensor, tuning_enabled};
 
 const MATMUL: KernelSpec = KernelSpec {
@@ -458,8 +458,10 @@ impl Kernel {
     }
 }
 
-/// C = op(A)·op(B) with `epilogue`, on the kernel measured best for this shape class.
-/// A, B and C may each be f32 or f16 (f32 sums); f16 ones take the tiled kernels, on the
+/// C = op(A)·op(B) with `epilogue`, on the kernel chosen for this shape class. A, B and C
+/// may each be f32 or f16 (f32 sums). An operand in f16 storage means the caller accepts
+/// operands rounded to f16, so where the adapter has cooperative matrices (tensor cores)
+/// they are measured too (mixed precision's products); elsewhere such a product takes the
 /// tile the f32 form was measured best with.
 pub fn matmul(
     rec: &mut Recorder,
@@ -470,8 +472,9 @@ pub fn matmul(
     epilogue: Epilogue,
 ) -> Result<(), GpuError> {
     op.check(a, b, c, &epilogue)?;
-    let f16_storage = [a, b, c].iter().any(|t| t.dtype == ElementType::F16);
-    let tuned = if f16_storage { Matmul { f16_operands: false, ..*op } } else { *op };
+    let f16_inputs = a.dtype == ElementType::F16 || b.dtype == ElementType::F16;
+    let coop = coop_unavailable(rec.gpu).is_none();
+    let tuned = Matmul { f16_operands: (op.f16_operands || f16_inputs) && coop, ..*op };
     match choose_kernel(rec.gpu, &tuned)? {
         Kernel::Tiled(tile) => matmul_with_tile(rec, a, b, c, op, epilogue, tile),
         Kernel::Coop => matmul_coop(rec, a, b, c, op, epilogue),
@@ -509,21 +512,24 @@ pub fn coop_unavailable(gpu: &Gpu) -> Option<String> {
 /// The cooperative-matrix kernel's whole source as the device compiles it: the enables
 /// (which must open the module), the constants, then the shader. Public so that a test can
 /// validate it with naga on adapters that cannot run it.
-pub fn coop_source(subgroup: u32, op: &Matmul) -> String {
-    coop_defines(subgroup, op) + "\n" + MATMUL_COOP.source
+/// `types`: the storage of A, B and C.
+pub fn coop_source(subgroup: u32, op: &Matmul, types: [ElementType; 3]) -> String {
+    coop_defines(subgroup, op, types) + "\n" + MATMUL_COOP.source
 }
 
-fn coop_defines(subgroup: u32, op: &Matmul) -> String {
+fn coop_defines(subgroup: u32, op: &Matmul, [a, b, c]: [ElementType; 3]) -> String {
     format!(
-        "enable f16;\nenable wgpu_cooperative_matrix;\nalias A_TYPE = f32;\nalias B_TYPE = f32;\n\
-         alias C_TYPE = f32;\nconst SUBGROUP: u32 = {subgroup}u;\nconst TRANS_A: bool = {};\n\
-         const TRANS_B: bool = {};\n",
-        op.trans_a, op.trans_b
+        "enable f16;\nenable wgpu_cooperative_matrix;\n{}const SUBGROUP: u32 = {subgroup}u;\n\
+         const TRANS_A: bool = {};\nconst TRANS_B: bool = {};\n",
+        alias_lines(&[("A_TYPE", a), ("B_TYPE", b), ("C_TYPE", c)]),
+        op.trans_a,
+        op.trans_b
     )
 }
 
 /// C = op(A)·op(B) with `epilogue` on cooperative matrices (tensor cores): operands rounded
-/// to f16, f32 accumulation. An error naming the reason where the adapter cannot run it.
+/// to f16 (or read from f16 storage), f32 accumulation; C f32 or f16. An error naming the
+/// reason where the adapter cannot run it.
 pub fn matmul_coop(
     rec: &mut Recorder,
     a: &Tensor,
@@ -533,10 +539,6 @@ pub fn matmul_coop(
     epilogue: Epilogue,
 ) -> Result<(), GpuError> {
     op.check(a, b, c, &epilogue)?;
-    for tensor in [a, b, c] {
-        // It stages f32 storage itself; f16 storage is the tiled kernels' so far.
-        tensor.expect_type("matmul_coop", ElementType::F32)?;
-    }
     if let Some(reason) = coop_unavailable(rec.gpu) {
         return Err(GpuError::Device { op: "matmul_coop".into(), message: reason });
     }
@@ -547,7 +549,7 @@ pub fn matmul_coop(
         to_u32("matmul_coop", "row blocks", op.m.div_ceil(COOP_BLOCK))?,
         params.batch,
     ];
-    let defines = coop_defines(rec.gpu.info.subgroup_min_size, op);
+    let defines = coop_defines(rec.gpu.info.subgroup_min_size, op, [a.dtype, b.dtype, c.dtype]);
     rec.dispatch(&MATMUL_COOP, &defines, &params, &[a, b, bias, c, pre], groups)
 }
 

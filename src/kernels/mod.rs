@@ -34,11 +34,13 @@ pub(crate) fn storage_aliases(
     if any_f16 {
         expect_shader_f16(op, gpu)?;
     }
-    let mut header = String::from(if any_f16 { "enable f16;\n" } else { "" });
-    for (alias, dtype) in aliases {
-        header += &format!("alias {alias} = {};\n", dtype.wgsl());
-    }
-    Ok(header)
+    Ok(String::from(if any_f16 { "enable f16;\n" } else { "" }) + &alias_lines(aliases))
+}
+
+/// `alias X_TYPE = f16;` for each (alias, type): for modules that open with their own
+/// `enable f16;` (storage_aliases adds it where needed).
+pub(crate) fn alias_lines(aliases: &[(&str, ElementType)]) -> String {
+    aliases.iter().map(|(alias, dtype)| format!("alias {alias} = {};\n", dtype.wgsl())).collect()
 }
 
 /// An error unless `tensor` holds exactly `expected` elements, of either element type.
