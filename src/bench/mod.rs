@@ -386,6 +386,12 @@ pub struct TrainReport {
     pub timed_bind_groups: u64,
     /// Bytes of every buffer created since the device opened (freed ones included).
     pub bytes_created: u64,
+    /// Wall time of the first warm-up step (train_step + wait): where a first run pays
+    /// for pipeline compiles (drivers like llvmpipe compile at first dispatch) and tuning.
+    pub first_step_seconds: f64,
+    /// Pipelines compiled since the device opened (all in the first warm-up step, unless
+    /// a later step needs a new variant).
+    pub pipelines: usize,
     /// Seconds spent tuning matmul tiles in this process (inside the first warm-up step).
     pub tuning_seconds: f64,
     /// GPU nanoseconds per kernel family of the timestamped step, in `FAMILIES` order;
@@ -527,9 +533,12 @@ pub fn train_bench(gpu: &Gpu, bench: &TrainBench) -> anyhow::Result<TrainReport>
     let mut session = TrainSession::new(gpu, bench)?;
     let padded_seq = session.padded_seq;
     let (mut warmup_buffers, mut warmup_bind_groups) = (Vec::new(), Vec::new());
+    let mut first_step_seconds = None;
     for _ in 0..WARMUP_STEPS {
         let (buffers, bind_groups) = (gpu.buffers_created(), gpu.bind_groups_created());
+        let started = Instant::now();
         session.step()?;
+        first_step_seconds.get_or_insert(started.elapsed().as_secs_f64());
         warmup_buffers.push(gpu.buffers_created() - buffers);
         warmup_bind_groups.push(gpu.bind_groups_created() - bind_groups);
     }
@@ -575,6 +584,8 @@ pub fn train_bench(gpu: &Gpu, bench: &TrainBench) -> anyhow::Result<TrainReport>
         timed_bind_groups,
         bytes_created: gpu.bytes_created(),
         tuning_seconds: gpu.tune.spent.lock().unwrap().as_secs_f64(),
+        first_step_seconds: first_step_seconds.unwrap_or_default(),
+        pipelines: gpu.pipeline_count(),
         families: if timings.is_empty() { Vec::new() } else { family_times(&timings) },
         memory,
     })
@@ -662,8 +673,9 @@ impl TrainReport {
                 self.warmup_bind_groups, self.timed_bind_groups
             ),
             format!(
-                "matmul tile tuning in this run: {:.2} s (in the first warm-up step)",
-                self.tuning_seconds
+                "first warm-up step: {:.2} s, {} pipelines compiled in this run; matmul tile tuning {:.2} s \
+                 of it (a driver's shader cache makes later runs cheaper)",
+                self.first_step_seconds, self.pipelines, self.tuning_seconds
             ),
         ];
         let total: f64 = self.families.iter().map(|f| f.1).sum();

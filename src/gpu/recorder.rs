@@ -132,6 +132,11 @@ impl ParamsSlot {
 }
 
 impl Gpu {
+    /// Pipelines compiled so far (each kernel variant once).
+    pub fn pipeline_count(&self) -> usize {
+        self.pipelines.lock().unwrap().len()
+    }
+
     /// The compiled pipeline for a kernel; `defines` (WGSL `const` lines) select a variant.
     pub(crate) fn pipeline(&self, spec: &KernelSpec, defines: &str) -> Result<Arc<CachedPipeline>, GpuError> {
         let key = (spec.name, format!("{}:{defines}", spec.entry));
