@@ -40,6 +40,10 @@ fn warm_training_steps_create_no_buffers() {
     assert!(report.host_seconds > 0.0 && report.host_seconds < report.step_seconds);
     assert!(report.encoding_seconds > 0.0 && report.encoding_seconds < report.host_seconds);
     assert!(lines.iter().any(|l| l.starts_with("host time per step:")));
+    // The first step compiles what the step runs (the device opened in this test process,
+    // so every one of its pipelines was compiled here).
+    assert!(report.pipelines > 0 && report.first_step_seconds > 0.0, "{} pipelines", report.pipelines);
+    assert!(lines.iter().any(|l| l.starts_with("first warm-up step:")));
     assert_eq!(report.padded_seq, 8);
     if gpu.has(wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES) {
         assert_eq!(report.families.len(), FAMILIES.len());
