@@ -41,8 +41,13 @@
 //             4 corrections [2 L] (read), 5 param [n], 6 m [n], 7 v [n],
 //             8 param_half [n] HALF (read_write; param again without WRITE_HALF)
 //   dispatch: ceil(n / 256) workgroups of 256 spread over x/y (gpu::spread)
+//   Where n is a multiple of 4, each invocation updates 4 consecutive elements as one
+//   vec4 (V = vec4<f32>, HV = vec4<HALF>, adam.n = n / 4): the same arithmetic per
+//   element, so the same bits, with a quarter of the loads (on lavapipe every load is a
+//   loop over the SIMD lanes); else V = f32, HV = HALF.
 // The host prepends `alias HALF = f16; const WRITE_HALF = true;` (after `enable f16;`) for
-// adam_step with an f16 copy, `alias HALF = f32; const WRITE_HALF = false;` otherwise.
+// adam_step with an f16 copy, `alias HALF = f32; const WRITE_HALF = false;` otherwise, and
+// the aliases V and HV.
 //
 // update_scaler, after every adam_step of the step:
 //     unless found: steps[ids[j]] += 1 for each j
@@ -92,6 +97,7 @@ const MODE_PER_TENSOR: u32 = 2u;
 @group(0) @binding(0) var<uniform> adam: AdamParams;
 @group(0) @binding(0) var<uniform> scaler_params: ScalerParams;
 @group(0) @binding(1) var<storage, read> grad: array<f32>;
+@group(0) @binding(1) var<storage, read> grad_v: array<V>;
 @group(0) @binding(1) var<storage, read> partials_in: array<f32>;
 @group(0) @binding(1) var<storage, read> norms: array<f32>;
 @group(0) @binding(2) var<storage, read_write> partials: array<f32>;
@@ -105,11 +111,11 @@ const MODE_PER_TENSOR: u32 = 2u;
 @group(0) @binding(3) var<storage, read_write> steps_out: array<u32>;
 @group(0) @binding(4) var<storage, read> corrections: array<f32>;
 @group(0) @binding(4) var<storage, read_write> scaler: array<f32>;
-@group(0) @binding(5) var<storage, read_write> param: array<f32>;
+@group(0) @binding(5) var<storage, read_write> param: array<V>;
 @group(0) @binding(5) var<storage, read_write> record: array<f32>;
-@group(0) @binding(6) var<storage, read_write> m: array<f32>;
-@group(0) @binding(7) var<storage, read_write> v: array<f32>;
-@group(0) @binding(8) var<storage, read_write> param_half: array<HALF>;
+@group(0) @binding(6) var<storage, read_write> m: array<V>;
+@group(0) @binding(7) var<storage, read_write> v: array<V>;
+@group(0) @binding(8) var<storage, read_write> param_half: array<HV>;
 
 
 @compute @workgroup_size(256)
@@ -188,7 +194,7 @@ fn adam_step(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
         bc1 = corrections[2u * (t - 1u)];
         bc2 = corrections[2u * (t - 1u) + 1u];
     }
-    let g = grad[i] * coef[adam.slot];
+    let g = grad_v[i] * coef[adam.slot];
     let m_new = adam.beta1 * m[i] + (1.0 - adam.beta1) * g;
     let v_new = adam.beta2 * v[i] + (1.0 - adam.beta2) * g * g;
     m[i] = m_new;
@@ -198,7 +204,7 @@ fn adam_step(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     let updated = p - adam.lr * (update + adam.weight_decay * p);
     param[i] = updated;
     if (WRITE_HALF) {
-        param_half[i] = HALF(updated);
+        param_half[i] = HV(updated);
     }
 }
 

@@ -485,3 +485,54 @@ fn an_overflowing_step_is_skipped_halves_the_scale_and_is_not_counted() {
         assert_close(&format!("param {slot} after 6 updates of 8 steps"), &got, &s.param, 1e-5, 1e-6);
     }
 }
+
+/// A tensor whose length is a multiple of 4 is updated four elements an invocation (one
+/// vec4); any other length one at a time. Both do the same arithmetic per element: the
+/// first 4k elements of a (4k + 1)-long tensor end bit for bit as a 4k-long tensor with
+/// the same values, after three steps, with and without the f16 copy.
+#[test]
+fn the_vec4_update_gives_the_scalar_update_bits() {
+    let gpu = gpu();
+    let cfg = AdamConfig::adamw();
+    let n = 1000;
+    let run = |len: usize| -> (Vec<u32>, Vec<u32>, Vec<u32>, Vec<f32>) {
+        let param = gpu.upload("param", &[len], &random_vec(n + 1, 21, 1.0)[..len]).unwrap();
+        let (m, v, grad) = (
+            gpu.zeros("m", &[len]).unwrap(),
+            gpu.zeros("v", &[len]).unwrap(),
+            gpu.zeros("g", &[len]).unwrap(),
+        );
+        let coef = gpu.upload("coef", &[2], &[0.5f32, 0.0]).unwrap();
+        let counts = Counts::new(gpu, 1, &cfg);
+        let half = gpu.zeros_of("param f16", &[len], ElementType::F16).unwrap();
+        for step in 1..=3u32 {
+            gpu.write(&counts.counts, &[step - 1]).unwrap();
+            gpu.write(&grad, &random_vec(n + 1, 30 + step, 0.5)[..len]).unwrap();
+            let mut rec = gpu.recorder();
+            let copy = (step != 2).then_some(&half);
+            optimizer::adam_step(
+                &mut rec,
+                &param,
+                &grad,
+                &m,
+                &v,
+                &coef,
+                0,
+                1e-3,
+                0.01,
+                &counts.at(0),
+                &cfg,
+                copy,
+            )
+            .unwrap();
+            rec.submit().unwrap();
+        }
+        let read = |t: &Tensor| bits(&gpu.read::<f32>(t).unwrap()[..n]);
+        (read(&param), read(&m), read(&v), gpu.read_f16(&half).unwrap()[..n].to_vec())
+    };
+    let (vec4, scalar) = (run(n), run(n + 1));
+    assert_eq!(vec4.0, scalar.0, "param");
+    assert_eq!(vec4.1, scalar.1, "m");
+    assert_eq!(vec4.2, scalar.2, "v");
+    assert_eq!(bits(&vec4.3), bits(&scalar.3), "f16 copy");
+}

@@ -50,10 +50,24 @@ const ADAM_STEP: KernelSpec = KernelSpec {
     ],
 };
 
-/// The storage of adam_step's f16 copy (shaders/optimizer.wgsl): every kernel of the module
-/// is compiled with one of these.
-const NO_HALF_COPY: &str = "alias HALF = f32;\nconst WRITE_HALF: bool = false;\n";
-const HALF_COPY: &str = "enable f16;\nalias HALF = f16;\nconst WRITE_HALF: bool = true;\n";
+/// The storage of adam_step's f16 copy and its vector width (shaders/optimizer.wgsl):
+/// every kernel but adam_step is compiled with NO_HALF_COPY.
+const NO_HALF_COPY: &str =
+    "alias HALF = f32;\nconst WRITE_HALF: bool = false;\nalias V = f32;\nalias HV = HALF;\n";
+
+fn adam_defines(half_copy: bool, vec4: bool) -> String {
+    let half = if half_copy {
+        "enable f16;\nalias HALF = f16;\nconst WRITE_HALF: bool = true;\n"
+    } else {
+        "alias HALF = f32;\nconst WRITE_HALF: bool = false;\n"
+    };
+    let width = if vec4 {
+        "alias V = vec4<f32>;\nalias HV = vec4<HALF>;\n"
+    } else {
+        "alias V = f32;\nalias HV = HALF;\n"
+    };
+    format!("{half}{width}")
+}
 const UPDATE_SCALER: KernelSpec = KernelSpec {
     name: "update_scaler",
     source: SOURCE,
@@ -288,7 +302,10 @@ pub fn adam_step(
         let detail = format!("'{}' holds fewer than {} pairs", steps.corrections.name, steps.pairs);
         return Err(GpuError::Shape { op: op.into(), detail });
     }
-    let n = to_u32(op, "n", param.len())?;
+    // Four elements an invocation where the tensor allows it (each tensor is its own
+    // buffer, so only the length matters).
+    let vec4 = param.len().is_multiple_of(4);
+    let n = to_u32(op, "n", if vec4 { param.len() / 4 } else { param.len() })?;
     let params = AdamParams {
         n,
         slot,
@@ -302,12 +319,10 @@ pub fn adam_step(
         weight_decay,
     };
     let groups = spread(rec.gpu, n.div_ceil(256));
-    let (defines, copy) = match half_copy {
-        Some(copy) => (HALF_COPY, copy),
-        None => (NO_HALF_COPY, param),
-    };
+    let defines = adam_defines(half_copy.is_some(), vec4);
+    let copy = half_copy.unwrap_or(param);
     let bound = [grad, coef, steps.counts, steps.corrections, param, m, v, copy];
-    rec.dispatch(&ADAM_STEP, defines, &params, &bound, groups)
+    rec.dispatch(&ADAM_STEP, &defines, &params, &bound, groups)
 }
 
 /// Ends a step after its `adam_step`s: unless coef's found flag is up, each `counts[ids[j]]`
