@@ -331,6 +331,13 @@ enum Command {
 }
 
 fn main() {
+    // Rust ignores SIGPIPE, so printing into a closed pipe (`pals bench --memory base | head`)
+    // panicked. Unix tools end quietly there instead: restore the default action.
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to its default, before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let parsed = Cli::command().try_get_matches().and_then(|m| Cli::from_arg_matches(&m).map(|cli| (m, cli)));
     let (matches, cli) = parsed.unwrap_or_else(|error| refuse_flags(error));
     // Under mpirun: MPI starts before anything can fail, so that a failing rank stops all

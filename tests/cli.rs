@@ -193,3 +193,25 @@ fn fp16_is_mixed_precision_saved_logged_and_kept_on_resume() {
     let output = train(&model, &glue, &tmp.join("both"), &cache, &["--fp16", "--precision", "f32"]);
     assert_eq!(output.status.code(), Some(2), "clap refuses both: {}", stderr(&output));
 }
+
+/// Output into a pipe nobody reads any more (`pals bench --memory base | true`) ends the
+/// program as it ends other Unix tools, by SIGPIPE, not with a panic (exit 101 before).
+#[cfg(unix)]
+#[test]
+fn a_closed_pipe_is_not_a_panic() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pals"))
+        .args(["bench", "--memory", "base", "--batch", "32"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Closed before the program has started up, so its first line meets no reader.
+    drop(child.stdout.take());
+    let output = child.wait_with_output().unwrap();
+    let text = stderr(&output);
+    assert!(!text.contains("panicked"), "{text}");
+    const SIGPIPE: i32 = 13; // on every Unix pals builds for
+    assert_eq!(output.status.signal(), Some(SIGPIPE), "status {:?}: {text}", output.status);
+}
