@@ -37,14 +37,35 @@ pub fn sibling(dir: &Path, suffix: &str) -> PathBuf {
 /// The exclusive lock on a run directory, held until dropped (or the process ends).
 pub struct RunLock {
     _file: File,
+    /// The directory `lock` created, if it did: removed again when the lock is dropped
+    /// holding nothing but the lock file (a command that failed before writing anything,
+    /// e.g. on a wrong --model, leaves no empty run directory behind).
+    created: Option<PathBuf>,
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        let Some(dir) = &self.created else { return };
+        let only_lock = std::fs::read_dir(dir)
+            .map(|mut entries| entries.all(|e| e.is_ok_and(|e| e.file_name() == LOCK_FILE)))
+            .unwrap_or(false);
+        if only_lock {
+            // Still locked while it goes, so no other process can have started in it.
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
 
 /// Creates `dir` if needed and takes its lock; another live process holding it is an error
 /// naming that process.
 pub fn lock(dir: &Path) -> Result<RunLock> {
+    let created = !dir.exists();
     std::fs::create_dir_all(dir).with_context(|| format!("creating output directory {}", dir.display()))?;
     match try_lock(dir)? {
-        Some(lock) => Ok(lock),
+        Some(mut lock) => {
+            lock.created = created.then(|| dir.to_path_buf());
+            Ok(lock)
+        }
         None => {
             let path = dir.join(LOCK_FILE);
             let holder = std::fs::read_to_string(&path).unwrap_or_default();
@@ -79,7 +100,7 @@ fn try_lock(dir: &Path) -> Result<Option<RunLock>> {
     }
     // The holder's id, for the message another process prints; only informative.
     let _ = file.set_len(0).and_then(|_| write!(file, "{}", std::process::id()));
-    Ok(Some(RunLock { _file: file }))
+    Ok(Some(RunLock { _file: file, created: None }))
 }
 
 fn is_complete(partial: &Path) -> bool {
@@ -214,6 +235,27 @@ pub fn checkpoint_to_read(path: &Path) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A directory the lock created and nothing else wrote to goes again with the lock;
+    /// one that existed before, or that holds anything else, stays.
+    #[test]
+    fn a_run_directory_that_stayed_empty_is_removed_with_its_lock() {
+        let base = std::env::temp_dir().join(format!("pals-rundir-empty-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let fresh = base.join("fresh");
+        drop(lock(&fresh).unwrap());
+        assert!(!fresh.exists(), "an unused new run directory is left behind");
+        let used = base.join("used");
+        let held = lock(&used).unwrap();
+        std::fs::write(used.join("metrics.jsonl"), "{}").unwrap();
+        drop(held);
+        assert!(used.join("metrics.jsonl").exists());
+        let existing = base.join("existing");
+        std::fs::create_dir_all(&existing).unwrap();
+        drop(lock(&existing).unwrap());
+        assert!(existing.is_dir(), "a directory the user made is removed");
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 
     fn checkpoint(dir: &Path, step: &str, complete: bool) {
         std::fs::create_dir_all(dir).unwrap();
