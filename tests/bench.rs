@@ -77,6 +77,8 @@ fn every_kernel_of_a_step_has_its_family() {
     assert_eq!(kernel_family("adam_step"), "optimizer");
     assert_eq!(kernel_family("sum_squares_partial"), "optimizer");
     assert_eq!(kernel_family("colsum"), "reduce");
+    // The unfused attention path labels its products on the batched matmul so.
+    assert_eq!(kernel_family("attention_products"), "attention");
     assert_eq!(kernel_family("something_new"), "other");
     let timings = [
         Timing { label: "matmul", nanos: 3.0 },

@@ -357,8 +357,8 @@ pub const WARMUP_STEPS: usize = 2;
 #[derive(Clone, Debug)]
 pub struct TrainReport {
     pub adapter: String,
-    /// Which attention path the step ran (`kernels::attention::path`); its products count
-    /// as matmul in `families` on the unfused path.
+    /// Which attention path the step ran (`kernels::attention::path`); on the unfused path
+    /// its products on the batched matmul count as attention in `families`.
     pub attention_path: &'static str,
     pub bench: TrainBench,
     /// The method with its sizes, e.g. `Pals { dim: 102, heads: 6 }`.

@@ -65,6 +65,8 @@ pub struct Recorder<'g> {
     commands: Vec<Command>,
     dispatches: usize,
     params: Vec<u8>,
+    /// What dispatches are labelled instead of their kernel's name (`labelled`).
+    label: Option<&'static str>,
 }
 
 /// A bind group is found again by its pipeline, its parameter block's size and the
@@ -209,7 +211,7 @@ impl Gpu {
     }
 
     pub fn recorder(&self) -> Recorder<'_> {
-        Recorder { gpu: self, commands: Vec::new(), dispatches: 0, params: Vec::new() }
+        Recorder { gpu: self, commands: Vec::new(), dispatches: 0, params: Vec::new(), label: None }
     }
 }
 
@@ -225,6 +227,15 @@ pub fn spread(gpu: &Gpu, workgroups: u32) -> [u32; 3] {
 }
 
 impl Recorder<'_> {
+    /// Runs `record` with every dispatch it appends timed under `label` instead of its
+    /// kernel's name: the unfused attention's products are attention's time, not matmul's.
+    pub fn labelled<T>(&mut self, label: &'static str, record: impl FnOnce(&mut Self) -> T) -> T {
+        let outer = self.label.replace(label);
+        let result = record(self);
+        self.label = outer;
+        result
+    }
+
     /// Appends one dispatch of `spec` over `tensors` (in binding order) with `params`.
     pub fn dispatch<P: bytemuck::Pod>(
         &mut self,
@@ -264,7 +275,7 @@ impl Recorder<'_> {
         let params_size = bytes.len().div_ceil(16).max(1) * 16;
         self.params.resize(params_offset + params_size, 0);
         self.commands.push(Command::Dispatch(Dispatch {
-            label: spec.name,
+            label: self.label.unwrap_or(spec.name),
             pipeline,
             buffers: tensors.iter().map(|t| t.buffer.clone()).collect(),
             params_offset: params_offset as u64,
@@ -440,7 +451,7 @@ impl Recorder<'_> {
     /// offsets they hold).
     fn part(&self, commands: Vec<Command>) -> Recorder<'_> {
         let dispatches = commands.iter().filter(|c| matches!(c, Command::Dispatch(_))).count();
-        Recorder { gpu: self.gpu, commands, dispatches, params: self.params.clone() }
+        Recorder { gpu: self.gpu, commands, dispatches, params: self.params.clone(), label: None }
     }
 
     fn encode_and_submit_indexed(

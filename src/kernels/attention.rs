@@ -477,6 +477,11 @@ fn softmax_params(
     })
 }
 
+/// One of the unfused path's products on the batched matmul, timed as attention.
+fn product(rec: &mut Recorder, [a, b, c]: [&Tensor; 3], op: &Matmul) -> Result<(), GpuError> {
+    rec.labelled("attention_products", |rec| matmul::matmul(rec, a, b, c, op, Epilogue::None))
+}
+
 /// The chunks' score matrices in the workspace `name`.
 fn scores_workspace(gpu: &Gpu, name: &'static str, shape: AttentionShape) -> Result<Tensor, GpuError> {
     gpu.workspace(name, workspace_len(shape))
@@ -495,12 +500,12 @@ fn unfused_forward(
     let scores = scores_workspace(rec.gpu, "attention.scores", shape)?;
     for chunk in chunks(shape) {
         let qk = head_product(shape, chunk, [s, s, d], (false, true), [Heads, Heads, Scores]);
-        matmul::matmul(rec, q, k, &scores, &qk, Epilogue::None)?;
+        product(rec, [q, k, &scores], &qk)?;
         let p = softmax_params(params, shape, chunk)?;
         let groups = spread(rec.gpu, p.rows.div_ceil(SOFTMAX_WG));
         rec.dispatch(&SOFTMAX, "", &p, &[mask, &scores, lse], groups)?;
         let pv = head_product(shape, chunk, [s, d, s], (false, false), [Scores, Heads, Heads]);
-        matmul::matmul(rec, &scores, v, out, &pv, Epilogue::None)?;
+        product(rec, [&scores, v, out], &pv)?;
     }
     Ok(())
 }
@@ -535,17 +540,17 @@ fn unfused_backward(
     let d_scores = scores_workspace(rec.gpu, "attention.d_scores", shape)?;
     for chunk in chunks(shape) {
         let by_keys = head_product(shape, chunk, [s, s, d], (false, true), [Heads, Heads, Scores]);
-        matmul::matmul(rec, t.q, t.k, &probs, &by_keys, Epilogue::None)?;
-        matmul::matmul(rec, t.d_out, t.v, &d_scores, &by_keys, Epilogue::None)?;
+        product(rec, [t.q, t.k, &probs], &by_keys)?;
+        product(rec, [t.d_out, t.v, &d_scores], &by_keys)?;
         let p = softmax_params(params, shape, chunk)?;
         let groups = spread(rec.gpu, p.rows.div_ceil(SOFTMAX_WG));
         let tensors = [t.mask, t.lse, t.delta, &probs, &d_scores];
         rec.dispatch(&SOFTMAX_BACKWARD, "", &p, &tensors, groups)?;
         let transposed = head_product(shape, chunk, [s, d, s], (true, false), [Scores, Heads, Heads]);
-        matmul::matmul(rec, &probs, t.d_out, t.dv, &transposed, Epilogue::None)?;
-        matmul::matmul(rec, &d_scores, t.q, t.dk, &transposed, Epilogue::None)?;
+        product(rec, [&probs, t.d_out, t.dv], &transposed)?;
+        product(rec, [&d_scores, t.q, t.dk], &transposed)?;
         let plain = head_product(shape, chunk, [s, d, s], (false, false), [Scores, Heads, Heads]);
-        matmul::matmul(rec, &d_scores, t.k, t.dq, &plain, Epilogue::None)?;
+        product(rec, [&d_scores, t.k, t.dq], &plain)?;
     }
     Ok(())
 }
