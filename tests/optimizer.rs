@@ -58,6 +58,23 @@ struct Counts {
     pairs: u32,
 }
 
+/// One AdamW step of one tensor ([param, grad, m, v]), with the factor in coef[slot] and
+/// the learning rate and weight decay given, in a submit of its own.
+fn submit_adam_step(
+    gpu: &Gpu,
+    [param, grad, m, v]: [&Tensor; 4],
+    (coef, slot): (&Tensor, u32),
+    (lr, weight_decay): (f32, f32),
+    steps: &AdamSteps,
+    cfg: &AdamConfig,
+    copy: Option<&Tensor>,
+) {
+    let mut rec = gpu.recorder();
+    optimizer::adam_step(&mut rec, param, grad, m, v, coef, slot, lr, weight_decay, steps, cfg, copy)
+        .unwrap();
+    rec.submit().unwrap();
+}
+
 impl Counts {
     fn new(gpu: &Gpu, tensors: usize, cfg: &AdamConfig) -> Counts {
         let table = bias_correction_table(cfg).unwrap();
@@ -145,23 +162,9 @@ fn three_adam_steps_match_reference() {
                     let g = random_vec(n, 10 + step, 0.5);
                     gpu.write(&grad, &g).unwrap();
                     let lr = 1e-3 * step as f32;
-                    let mut rec = gpu.recorder();
-                    optimizer::adam_step(
-                        &mut rec,
-                        &param,
-                        &grad,
-                        &m,
-                        &v,
-                        &coef,
-                        1,
-                        lr,
-                        weight_decay,
-                        &counts.at(1),
-                        &cfg,
-                        (step != 2).then_some(&half),
-                    )
-                    .unwrap();
-                    rec.submit().unwrap();
+                    let copy = (step != 2).then_some(&half);
+                    let state = [&param, &grad, &m, &v];
+                    submit_adam_step(gpu, state, (&coef, 1), (lr, weight_decay), &counts.at(1), &cfg, copy);
                     reference::optimizer::adam_step(
                         &mut host.param,
                         &g,
@@ -508,24 +511,16 @@ fn the_vec4_update_gives_the_scalar_update_bits() {
         for step in 1..=3u32 {
             gpu.write(&counts.counts, &[step - 1]).unwrap();
             gpu.write(&grad, &random_vec(n + 1, 30 + step, 0.5)[..len]).unwrap();
-            let mut rec = gpu.recorder();
             let copy = (step != 2).then_some(&half);
-            optimizer::adam_step(
-                &mut rec,
-                &param,
-                &grad,
-                &m,
-                &v,
-                &coef,
-                0,
-                1e-3,
-                0.01,
+            submit_adam_step(
+                gpu,
+                [&param, &grad, &m, &v],
+                (&coef, 0),
+                (1e-3, 0.01),
                 &counts.at(0),
                 &cfg,
                 copy,
-            )
-            .unwrap();
-            rec.submit().unwrap();
+            );
         }
         let read = |t: &Tensor| bits(&gpu.read::<f32>(t).unwrap()[..n]);
         (read(&param), read(&m), read(&v), gpu.read_f16(&half).unwrap()[..n].to_vec())
