@@ -98,8 +98,8 @@ pub const CANDIDATES: &[(Tile, Adapters)] = &[
 ];
 
 /// CPU adapters (lavapipe), where an invocation is a SIMD lane with a large register file
-/// behind it, run fastest with 256 outputs per invocation: 15.9–20.2 GFLOP/s on MiniLM's
-/// products against 12.9–14.8 for 16×8 and 14.4–16.0 for 128×128×16/16×16 (Mesa 25, 2
+/// behind it, run fastest with 256 outputs per invocation: 15.9–20.2 GFLOP/s on three of
+/// MiniLM's products against 12.9–14.8 for 16×8 and 14.4–16.0 for 128×128×16/16×16 (Mesa 25, 2
 /// cores, `pals bench --tiles`). Its K-tile of 8 also compiles in a third of the time of
 /// a K-tile of 16 (1.5 s against 4.3 s), since llvmpipe unrolls the whole K-tile.
 const CPU_WIDE: Tile = Tile::new(256, 128, 8, 16, 16);
@@ -403,7 +403,7 @@ fn is_cpu(gpu: &Gpu) -> bool {
 /// The tile a CPU adapter uses for `op`, without measuring: there every candidate is a
 /// pipeline compile of seconds per transpose form (llvmpipe compiles at first dispatch,
 /// one pipeline at a time), which made tuning alone 21 s of a MiniLM run's first step,
-/// while CPU_WIDE measured fastest on every encoder shape. `None` on GPUs, or where the
+/// while CPU_WIDE measured fastest on each encoder shape measured. `None` on GPUs, or where the
 /// adapter's limits rule the tile out (then the tuner measures what fits).
 pub fn cpu_rule(gpu: &Gpu, op: &Matmul) -> Option<Tile> {
     if !is_cpu(gpu) {

@@ -221,6 +221,12 @@ pub struct ActivationSet<T> {
     pub all: Vec<T>,
 }
 
+/// The storage of the activations mixed precision (`mixed`) keeps in f16: q, k, v and the
+/// FFN's intermediates (`ActivationSet::build`).
+pub fn half_storage(mixed: bool) -> ElementType {
+    if mixed { ElementType::F16 } else { ElementType::F32 }
+}
+
 /// The GPU buffers of one bucket.
 pub type Activations = ActivationSet<Tensor>;
 
@@ -310,10 +316,10 @@ impl Activations {
         batch: usize,
         seq: usize,
         training: bool,
-        ffn: ElementType,
+        half: ElementType,
     ) -> Result<Activations, GpuError> {
         let (mut acts, all) =
-            allocate(gpu, |alloc| ActivationSet::build(c, batch, seq, training, ffn, alloc))?;
+            allocate(gpu, |alloc| ActivationSet::build(c, batch, seq, training, half, alloc))?;
         acts.all = all;
         Ok(acts)
     }
@@ -329,9 +335,9 @@ impl Activations {
         batch: usize,
         seq: usize,
         training: bool,
-        ffn: ElementType,
+        half: ElementType,
     ) -> Vec<Planned> {
-        plan_of(|alloc| ActivationSet::build(c, batch, seq, training, ffn, alloc))
+        plan_of(|alloc| ActivationSet::build(c, batch, seq, training, half, alloc))
     }
 
     /// Bytes of GPU memory the buffers hold.
@@ -461,8 +467,7 @@ impl Bert {
     /// FFN's intermediates, see `ActivationSet::build`): f16 once the encoder reads f16
     /// weight copies (`use_f16_weights`), else f32.
     pub fn half_storage(&self) -> ElementType {
-        let mixed = self.params.layers.iter().any(|layer| layer.ffn_in.w16.is_some());
-        if mixed { ElementType::F16 } else { ElementType::F32 }
+        half_storage(self.params.layers.iter().any(|layer| layer.ffn_in.w16.is_some()))
     }
 
     fn check_bucket(&self, op: &str, acts: &Activations, inputs: &BatchInputs) -> Result<(), GpuError> {

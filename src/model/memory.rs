@@ -4,7 +4,7 @@
 //! buffers (`param_shapes`, `Activations::plan`, `BatchInputs::plan`, and for multi-task
 //! training `task_param_shapes` and `TaskActivations::plan`).
 
-use super::bert::{Activations, BatchInputs};
+use super::bert::{Activations, BatchInputs, half_storage};
 use super::blocks::Planned;
 use super::tasks::{Bucket, Method, TaskActivations, TaskSpec, task_param_shapes};
 use super::{BertConfig, param_shapes};
@@ -30,11 +30,6 @@ fn total(list: &[(String, Vec<usize>)]) -> u64 {
 
 fn planned_total(list: &[Planned]) -> u64 {
     list.iter().map(|(_, shape, dtype)| typed_bytes(shape, *dtype)).sum()
-}
-
-/// The storage of the activations mixed precision keeps in f16 (`Bert::half_storage`).
-fn half_storage(mixed: bool) -> ElementType {
-    if mixed { ElementType::F16 } else { ElementType::F32 }
 }
 
 /// The byte counts of one training configuration.
