@@ -9,7 +9,8 @@
 // The epilogue is a parameter, not a compile-time constant: one pipeline serves every
 // epilogue of a tile and transpose form, which on lavapipe (seconds per compile) is most
 // of a first run's pipeline builds. It is uniform, and runs once per output element.
-//   epilogue: 0 plain, 1 bias, 2 bias + GELU, 3 accumulate into C.
+//   epilogue: 0 plain, 1 bias, 2 bias + GELU, 3 accumulate into C, 4 bias + dropout (the
+//   mask of elementwise.wgsl's dropout over C: element index - offset_c, rng.wgsl).
 
 struct Params {
     m: u32, n: u32, k: u32, batch: u32,
@@ -17,6 +18,8 @@ struct Params {
     offset_a: u32, offset_b: u32, offset_c: u32, epilogue: u32,
     stride_a: u32, stride_b: u32, stride_c: u32, pad2: u32,
     inner_stride_a: u32, inner_stride_b: u32, inner_stride_c: u32, pad3: u32,
+    drop_seed: u32, drop_stream: u32, drop_threshold: u32, drop_scale: f32,
+    drop_first_index: u32, pad4: u32, pad5: u32, pad6: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -34,7 +37,11 @@ fn batch_base(z: u32, offset: u32, stride: u32, inner_stride: u32) -> u32 {
 // Writes one element of C (at `index`, in column `col`) through the epilogue.
 fn write_c(index: u32, col: u32, product: f32) {
     var value = product;
-    if (p.epilogue == 1u || p.epilogue == 2u) { value += bias[col]; }
+    if (p.epilogue == 1u || p.epilogue == 2u || p.epilogue == 4u) { value += bias[col]; }
+    if (p.epilogue == 4u) {
+        let keep = rng_keep(p.drop_seed, p.drop_stream, p.drop_first_index + index - p.offset_c, p.drop_threshold);
+        value = select(0.0, value * p.drop_scale, keep);
+    }
     if (p.epilogue == 2u) {
         pre[index] = C_TYPE(value);
         value = gelu(value);

@@ -4,7 +4,9 @@
 mod common;
 
 use common::{assert_close, gpu};
+use pals::contract::DropoutSpec;
 use pals::gpu::{ElementType, Gpu, GpuError, Tensor};
+use pals::kernels::elementwise;
 use pals::kernels::matmul::{self, Epilogue, InnerBatch, Kernel, Matmul, runnable_tiles, usable_tiles};
 use pals::reference::{self, random_vec, round_f16};
 
@@ -87,6 +89,55 @@ fn epilogues_bias_gelu_and_accumulate() {
         let twice: Vec<f32> = linear.iter().zip(&no_bias).map(|(a, b)| a + b).collect();
         assert_close("accumulate", &gpu.read::<f32>(&acc).unwrap(), &twice, RTOL, ATOL);
     }
+}
+
+/// The dropout epilogue draws elementwise::dropout's mask over C: bit for bit the product
+/// with bias followed by the separate dropout pass, on every tile and for a rank's shard.
+#[test]
+fn dropout_epilogue_matches_the_separate_pass() {
+    let gpu = gpu();
+    let (m, n, k) = (37, 29, 41);
+    let x_host = random_vec(m * k, 6, 1.0);
+    let w_host = random_vec(n * k, 7, 0.5);
+    let bias_host = random_vec(n, 8, 1.0);
+    let x = gpu.upload("x", &[m, k], &x_host).unwrap();
+    let w = gpu.upload("w", &[n, k], &w_host).unwrap();
+    let bias = gpu.upload("bias", &[n], &bias_host).unwrap();
+    let linear = reference::matmul::linear_forward(&x_host, &w_host, Some(&bias_host), m, n, k);
+    let op = Matmul::new(m, n, k).trans_b();
+    for shard in [0, 3] {
+        let drop = DropoutSpec { p: 0.3, seed: 11, stream: 5, shard };
+        let want = reference::elementwise::dropout(&linear, &drop);
+        let dropped = want.iter().filter(|&&v| v == 0.0).count();
+        assert!(dropped > 0 && dropped < want.len(), "shard {shard}: {dropped} of {} dropped", want.len());
+        for &tile in &runnable_tiles(gpu) {
+            let (fused, plain, separate) = (
+                gpu.zeros("fused", &[m, n]).unwrap(),
+                gpu.zeros("plain", &[m, n]).unwrap(),
+                gpu.zeros("separate", &[m, n]).unwrap(),
+            );
+            let mut rec = gpu.recorder();
+            let epilogue = Epilogue::BiasDropout { bias: &bias, drop };
+            matmul::matmul_with_tile(&mut rec, &x, &w, &fused, &op, epilogue, tile).unwrap();
+            matmul::matmul_with_tile(&mut rec, &x, &w, &plain, &op, Epilogue::Bias(&bias), tile).unwrap();
+            elementwise::dropout(&mut rec, &plain, &separate, drop).unwrap();
+            rec.submit().unwrap();
+            let what = format!("shard {shard} tile={tile:?}");
+            let fused = gpu.read::<f32>(&fused).unwrap();
+            assert_eq!(
+                fused,
+                gpu.read::<f32>(&separate).unwrap(),
+                "{what}: fused and separate dropout differ"
+            );
+            assert_close(&what, &fused, &want, RTOL, ATOL);
+        }
+    }
+    // The mask indexes C's elements: C must be exactly the product.
+    let tall = gpu.zeros("tall", &[m + 1, n]).unwrap();
+    let drop = DropoutSpec { p: 0.3, seed: 11, stream: 5, shard: 0 };
+    let epilogue = Epilogue::BiasDropout { bias: &bias, drop };
+    let error = matmul::matmul(&mut gpu.recorder(), &x, &w, &tall, &op, epilogue).unwrap_err();
+    assert!(error.to_string().contains("dropout epilogue"), "{error}");
 }
 
 /// CPU adapters take their tile by a fixed rule, without measuring (each candidate would be

@@ -7,12 +7,14 @@
 use std::time::Instant;
 
 use super::{alias_lines, storage_aliases, to_u32};
+use crate::contract::DropoutSpec;
 use crate::gpu::{Binding, ElementType, Gpu, GpuError, KernelSpec, Recorder, Tensor, tuning_enabled};
 
 const MATMUL: KernelSpec = KernelSpec {
     name: "matmul",
     source: concat!(
         include_str!("../../shaders/gelu.wgsl"),
+        include_str!("../../shaders/rng.wgsl"),
         include_str!("../../shaders/matmul_io.wgsl"),
         include_str!("../../shaders/matmul.wgsl")
     ),
@@ -24,6 +26,7 @@ const MATMUL_COOP: KernelSpec = KernelSpec {
     name: "matmul_coop",
     source: concat!(
         include_str!("../../shaders/gelu.wgsl"),
+        include_str!("../../shaders/rng.wgsl"),
         include_str!("../../shaders/matmul_io.wgsl"),
         include_str!("../../shaders/matmul_coop.wgsl")
     ),
@@ -125,6 +128,10 @@ pub enum Epilogue<'t> {
     BiasGelu { bias: &'t Tensor, pre: &'t Tensor },
     /// C += A·B (gradient accumulation)
     Accumulate,
+    /// C = Dropout(A·B + bias[N]): a sublayer's output straight from its product, the mask
+    /// that of `elementwise::dropout` over C (element index row·N + col), so the separate
+    /// pass over C is not needed. C is exactly M×N (one batch, packed rows).
+    BiasDropout { bias: &'t Tensor, drop: DropoutSpec },
 }
 
 impl Epilogue<'_> {
@@ -134,6 +141,7 @@ impl Epilogue<'_> {
             Epilogue::Bias(_) => 1,
             Epilogue::BiasGelu { .. } => 2,
             Epilogue::Accumulate => 3,
+            Epilogue::BiasDropout { .. } => 4,
         }
     }
 }
@@ -201,6 +209,13 @@ struct Params {
     inner_stride_b: u32,
     inner_stride_c: u32,
     pad3: u32,
+    /// Epilogue::BiasDropout's mask (zeros otherwise): as elementwise.wgsl's dropout.
+    drop_seed: u32,
+    drop_stream: u32,
+    drop_threshold: u32,
+    drop_scale: f32,
+    drop_first_index: u32,
+    pad4: [u32; 3],
 }
 
 impl Matmul {
@@ -272,6 +287,10 @@ impl Matmul {
         let u = |what: &str, v: usize| to_u32("matmul", what, v);
         let [(a_rows, lda, _), (b_rows, ldb, _), (_, ldc, _)] = self.extents();
         let inner = self.inner.unwrap_or_default();
+        let drop = match *epilogue {
+            Epilogue::BiasDropout { drop, .. } => drop,
+            _ => DropoutSpec::NONE,
+        };
         Ok(Params {
             m: u("m", self.m)?,
             n: u("n", self.n)?,
@@ -293,6 +312,12 @@ impl Matmul {
             epilogue: epilogue.code(),
             pad2: 0,
             pad3: 0,
+            drop_seed: drop.seed,
+            drop_stream: drop.stream,
+            drop_threshold: drop.threshold(),
+            drop_scale: drop.scale(),
+            drop_first_index: drop.first_index(self.m * self.n),
+            pad4: [0; 3],
         })
     }
 
@@ -328,14 +353,18 @@ impl Matmul {
             }
         }
         let packed = self.ldc == Some(self.n) || self.ldc.is_none();
-        if let Epilogue::Bias(bias) | Epilogue::BiasGelu { bias, .. } = epilogue {
+        if let Epilogue::Bias(bias) | Epilogue::BiasGelu { bias, .. } | Epilogue::BiasDropout { bias, .. } =
+            epilogue
+        {
             bias.expect_type("matmul", ElementType::F32)?;
         }
         if let Epilogue::BiasGelu { pre, .. } = epilogue {
             pre.expect_type("matmul", c.dtype)?;
         }
         match epilogue {
-            Epilogue::Bias(bias) | Epilogue::BiasGelu { bias, .. } if bias.len() != self.n => {
+            Epilogue::Bias(bias) | Epilogue::BiasGelu { bias, .. } | Epilogue::BiasDropout { bias, .. }
+                if bias.len() != self.n =>
+            {
                 Err(shape_error(format!("bias '{}' has {} elements, N = {}", bias.name, bias.len(), self.n)))
             }
             Epilogue::BiasGelu { pre, .. } if pre.len() != c.len() || !packed => Err(shape_error(format!(
@@ -345,6 +374,15 @@ impl Matmul {
                 pre.len(),
                 c.len()
             ))),
+            Epilogue::BiasDropout { .. } if !packed || self.batch > 1 || c.len() != self.m * self.n => {
+                Err(shape_error(format!(
+                    "dropout epilogue: C '{}' ({} elements) must be exactly the {}x{} product, one batch of packed rows",
+                    c.name,
+                    c.len(),
+                    self.m,
+                    self.n
+                )))
+            }
             _ => Ok(()),
         }
     }
@@ -557,7 +595,7 @@ pub fn matmul_coop(
 /// aliases C (one usage of one buffer is not a conflict in wgpu).
 fn epilogue_buffers<'t>(a: &'t Tensor, c: &'t Tensor, epilogue: &Epilogue<'t>) -> (&'t Tensor, &'t Tensor) {
     match *epilogue {
-        Epilogue::Bias(bias) => (bias, c),
+        Epilogue::Bias(bias) | Epilogue::BiasDropout { bias, .. } => (bias, c),
         Epilogue::BiasGelu { bias, pre } => (bias, pre),
         Epilogue::None | Epilogue::Accumulate => (a, c),
     }

@@ -554,12 +554,12 @@ impl Bert {
         let (p, acts, eps) = (&self.params.layers[l], s.acts, self.config.layer_norm_eps);
         let (x, rows) = (&acts.layers[l], acts.rows());
         let (h_in, h_out) = (&acts.hidden[l], &acts.hidden[l + 1]);
-        p.attention.attend(rec, &self.attention_step(s, l), h_in, &x.attention, &acts.sub)?;
+        p.attention.attend(rec, &self.attention_step(s, l), h_in, &x.attention)?;
         hook.attention_output(rec, s, l)?;
         p.attention.normalize(rec, eps, h_in, &x.attention, &x.a)?;
         p.ffn_in.forward_gelu(rec, rows, &x.a, &acts.ffn_a, &x.pre)?;
         let drop = self.hidden_dropout(s.key, site(l, Site::FfnOutput));
-        p.ffn_out.forward_dropout(rec, rows, &acts.ffn_a, (&x.ffn_drop, &acts.sub), drop)?;
+        p.ffn_out.forward_dropout(rec, rows, &acts.ffn_a, &x.ffn_drop, drop)?;
         hook.ffn_output(rec, s, l)?;
         let ln2 = p.ln2.layernorm(eps);
         layernorm::layernorm_forward(

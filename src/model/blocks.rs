@@ -228,17 +228,20 @@ impl Linear {
         linear(rec, rows, x, self.operand(), y, Epilogue::BiasGelu { bias: &self.b, pre })
     }
 
-    /// out = Dropout(x·Wᵀ + b): straight into `out` without dropout, else through `scratch`.
+    /// out = Dropout(x·Wᵀ + b), the dropout in the product's epilogue.
     pub(crate) fn forward_dropout(
         &self,
         rec: &mut Recorder,
         rows: usize,
         x: &Tensor,
-        (out, scratch): (&Tensor, &Tensor),
+        out: &Tensor,
         drop: Option<DropoutSpec>,
     ) -> Result<(), GpuError> {
-        self.forward(rec, rows, x, dropout_target(out, scratch, drop))?;
-        dropout_finish(rec, scratch, out, drop)
+        let epilogue = match drop {
+            Some(drop) => Epilogue::BiasDropout { bias: &self.b, drop },
+            None => Epilogue::Bias(&self.b),
+        };
+        linear(rec, rows, x, self.operand(), out, epilogue)
     }
 
     /// Gradients of y = x·Wᵀ + b from dy [rows, out] into `grads` (db = colsum(dy),
@@ -442,7 +445,6 @@ impl AttentionBlock {
         step: &AttentionStep,
         x: &Tensor,
         acts: &AttentionActs<Tensor>,
-        sub: &Tensor,
     ) -> Result<(), GpuError> {
         let rows = step.rows();
         for (p, out) in self.qkv.iter().zip([&acts.q, &acts.k, &acts.v]) {
@@ -451,7 +453,7 @@ impl AttentionBlock {
         let (shape, scale, mask) = (step.shape, step.shape.scale(), step.mask);
         let (q, k, v, drop) = (&acts.q, &acts.k, &acts.v, step.probs_drop);
         attention::attention_forward(rec, shape, q, k, v, mask, &acts.ctx, &acts.lse, scale, drop)?;
-        self.output.forward_dropout(rec, rows, &acts.ctx, (&acts.out, sub), step.out_drop)
+        self.output.forward_dropout(rec, rows, &acts.ctx, &acts.out, step.out_drop)
     }
 
     /// y = LN(acts.out + x).

@@ -229,7 +229,7 @@ impl LayerHook for TopHook<'_> {
         copy(rec, sequence, &t.input)?;
         p.down.forward(rec, rows, &t.input, &t.xs[0])?;
         for (i, (block, x)) in p.blocks.iter().zip(&t.blocks).enumerate() {
-            block.attend(rec, &self.step(s, i), &t.xs[i], x, &t.sub)?;
+            block.attend(rec, &self.step(s, i), &t.xs[i], x)?;
             block.normalize(rec, eps, &t.xs[i], x, &t.xs[i + 1])?;
         }
         p.up.forward(rec, rows, &t.xs[p.blocks.len()], sequence)
