@@ -24,6 +24,9 @@ fn eps_for(n: usize) -> f32 {
 
 /// (M, N): tiny, N not a multiple of 256, M not a multiple of the 8-row backward block.
 const SHAPES: &[(usize, usize)] = &[(1, 1), (1, 2), (7, 204), (300, 769), (5, 383), (3, 768)];
+/// The adapter's own row width, and the CPU adapters' and the widest GPU one forced, so
+/// both policies are checked wherever the tests run.
+const WIDTHS: [Option<u32>; 3] = [None, Some(8), Some(256)];
 
 struct Outputs {
     y: Vec<f32>,
@@ -54,7 +57,7 @@ fn inputs(m: usize, n: usize, with_residual: bool, seed: u32) -> Inputs {
     }
 }
 
-fn run(m: usize, n: usize, input: &Inputs) -> Outputs {
+fn run(m: usize, n: usize, input: &Inputs, width: Option<u32>) -> Outputs {
     let gpu = gpu();
     let x = gpu.upload("x", &[m, n], &input.x).unwrap();
     let residual: Option<Tensor> =
@@ -65,7 +68,7 @@ fn run(m: usize, n: usize, input: &Inputs) -> Outputs {
     let [y, dx] = ["y", "dx"].map(|name| gpu.zeros(name, &[m, n]).unwrap());
     let [mean, rstd] = ["mean", "rstd"].map(|name| gpu.zeros(name, &[m]).unwrap());
     let [dgamma, dbeta] = ["dgamma", "dbeta"].map(|name| gpu.zeros(name, &[n]).unwrap());
-    let ln = LayerNorm { gamma: &gamma, beta: &beta, eps: eps_for(n) };
+    let ln = LayerNorm { width, ..LayerNorm::new(&gamma, &beta, eps_for(n)) };
     let stats = LayerNormStats { mean: &mean, rstd: &rstd };
     let grads = LayerNormGrads { dx: &dx, dgamma: &dgamma, dbeta: &dbeta };
     let mut rec = gpu.recorder();
@@ -85,12 +88,12 @@ fn run(m: usize, n: usize, input: &Inputs) -> Outputs {
 
 #[test]
 fn forward_and_backward_match_reference() {
-    for &(m, n) in SHAPES {
+    for (&(m, n), width) in SHAPES.iter().flat_map(|s| WIDTHS.map(|w| (s, w))) {
         for with_residual in [false, true] {
             let input = inputs(m, n, with_residual, 10);
-            let got = run(m, n, &input);
+            let got = run(m, n, &input, width);
             let residual = input.residual.as_deref();
-            let what = |name: &str| format!("{name} {m}x{n} residual={with_residual}");
+            let what = |name: &str| format!("{name} {m}x{n} residual={with_residual} width {width:?}");
             let (y, mean, rstd) = reference::layernorm::layernorm_forward(
                 &input.x,
                 residual,
@@ -122,7 +125,7 @@ struct FusedOutputs {
     d_input: Vec<f32>,
 }
 
-fn run_fused(m: usize, n: usize, input: &Inputs, dropout: DropoutSpec) -> FusedOutputs {
+fn run_fused(m: usize, n: usize, input: &Inputs, dropout: DropoutSpec, width: Option<u32>) -> FusedOutputs {
     let gpu = gpu();
     let x = gpu.upload("x", &[m, n], &input.x).unwrap();
     let residual = gpu.upload("residual", &[m, n], input.residual.as_ref().unwrap()).unwrap();
@@ -133,7 +136,7 @@ fn run_fused(m: usize, n: usize, input: &Inputs, dropout: DropoutSpec) -> FusedO
     let [mean, rstd] = ["mean", "rstd"].map(|name| gpu.zeros(name, &[m]).unwrap());
     let [dgamma, dbeta] = ["dgamma", "dbeta"].map(|name| gpu.zeros(name, &[n]).unwrap());
     let partials = gpu.zeros("partials", &[backward_scratch_len(m, n).0]).unwrap();
-    let ln = LayerNorm { gamma: &gamma, beta: &beta, eps: eps_for(n) };
+    let ln = LayerNorm { width, ..LayerNorm::new(&gamma, &beta, eps_for(n)) };
     let stats = LayerNormStats { mean: &mean, rstd: &rstd };
     let grads = LayerNormGrads { dx: &dx, dgamma: &dgamma, dbeta: &dbeta };
     let fused = DropoutResidual { x: &x, dropout, residual: &residual };
@@ -161,14 +164,14 @@ fn run_fused(m: usize, n: usize, input: &Inputs, dropout: DropoutSpec) -> FusedO
 /// probabilities 0 (a plain residual LayerNorm), 0.1 (BERT's) and 0.5.
 #[test]
 fn fused_dropout_residual_layernorm_matches_reference() {
-    for &(m, n) in SHAPES {
+    for (&(m, n), width) in SHAPES.iter().flat_map(|s| WIDTHS.map(|w| (s, w))) {
         // Shard 2: a data-parallel rank's slice, whose mask indices start at 2·m·n.
         for (p, shard) in [(0.0, 0), (0.1, 0), (0.5, 0), (0.5, 2)] {
             let input = inputs(m, n, true, 40);
             let dropout = DropoutSpec { p, seed: 17, stream: 3 + m as u32, shard };
-            let got = run_fused(m, n, &input, dropout);
+            let got = run_fused(m, n, &input, dropout, width);
             let residual = input.residual.as_deref().unwrap();
-            let what = |name: &str| format!("fused {name} {m}x{n} p={p} shard {shard}");
+            let what = |name: &str| format!("fused {name} {m}x{n} p={p} shard {shard} width {width:?}");
             let (y, mean, rstd) = reference::layernorm::dropout_residual_layernorm_forward(
                 &input.x,
                 dropout,
@@ -211,7 +214,7 @@ fn fused_shapes_are_checked() {
     let [mean, rstd] = ["mean", "rstd"].map(|name| gpu.zeros(name, &[4]).unwrap());
     let partials = gpu.zeros("partials", &[backward_scratch_len(4, 10).0]).unwrap();
     let stats = LayerNormStats { mean: &mean, rstd: &rstd };
-    let ln = LayerNorm { gamma: &gamma, beta: &gamma, eps: EPS };
+    let ln = LayerNorm::new(&gamma, &gamma, EPS);
     let dropout = DropoutSpec { p: 0.1, seed: 1, stream: 2, shard: 0 };
     let mut rec = gpu.recorder();
     let bad = DropoutResidual { x: &x, dropout, residual: &residual };
@@ -242,8 +245,8 @@ fn fused_shapes_are_checked() {
 fn results_are_bit_identical_twice() {
     let (m, n) = (300, 383);
     let input = inputs(m, n, true, 20);
-    let first = run(m, n, &input);
-    let second = run(m, n, &input);
+    let first = run(m, n, &input, None);
+    let second = run(m, n, &input, None);
     let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
     for (name, a, b) in [
         ("y", &first.y, &second.y),
@@ -266,10 +269,14 @@ fn mismatched_shapes_are_errors() {
     let mean = gpu.zeros("mean", &[4]).unwrap();
     let rstd = gpu.zeros("rstd", &[4]).unwrap();
     let stats = LayerNormStats { mean: &mean, rstd: &rstd };
-    let good = LayerNorm { gamma: &gamma, beta: &gamma, eps: EPS };
+    let good = LayerNorm::new(&gamma, &gamma, EPS);
     let bad = LayerNorm { beta: &short, ..good };
     let mut rec = gpu.recorder();
     let error = layernorm::layernorm_forward(&mut rec, &bad, &x, None, &y, &stats).unwrap_err().to_string();
+    let odd = LayerNorm { width: Some(3), ..good };
+    let odd_error =
+        layernorm::layernorm_forward(&mut rec, &odd, &x, None, &y, &stats).unwrap_err().to_string();
+    assert!(odd_error.contains("3 invocations per row"), "{odd_error}");
     assert!(error.contains("'short beta'"), "{error}");
     let error = layernorm::layernorm_forward(&mut rec, &good, &x, Some(&residual), &y, &stats)
         .unwrap_err()
@@ -295,7 +302,7 @@ fn layernorm_timing() {
     let [y, dx] = ["y", "dx"].map(|name| gpu.zeros(name, &[m, n]).unwrap());
     let [mean, rstd] = ["mean", "rstd"].map(|name| gpu.zeros(name, &[m]).unwrap());
     let [dgamma, dbeta] = ["dgamma", "dbeta"].map(|name| gpu.zeros(name, &[n]).unwrap());
-    let ln = LayerNorm { gamma: &gamma, beta: &gamma, eps: EPS };
+    let ln = LayerNorm::new(&gamma, &gamma, EPS);
     let stats = LayerNormStats { mean: &mean, rstd: &rstd };
     let grads = LayerNormGrads { dx: &dx, dgamma: &dgamma, dbeta: &dbeta };
     for _ in 0..3 {

@@ -8,7 +8,7 @@
 use super::elementwise::DropoutSpec;
 use super::reduce::{colsum_rows_in, colsum_scratch_len, rows_of};
 use super::{expect_len, expect_shape, to_u32};
-use crate::gpu::{Binding, GpuError, KernelSpec, Recorder, Tensor, spread};
+use crate::gpu::{Binding, Gpu, GpuError, KernelSpec, Recorder, Tensor, spread};
 
 /// Rows one backward workgroup owns; must match ROWS_PER_GROUP in layernorm.wgsl.
 const ROWS_PER_GROUP: usize = 8;
@@ -105,6 +105,27 @@ pub struct LayerNorm<'a> {
     pub gamma: &'a Tensor,
     pub beta: &'a Tensor,
     pub eps: f32,
+    /// Invocations per row (a power of two); None: [`row_width`]'s choice for the adapter.
+    pub width: Option<u32>,
+}
+
+impl<'a> LayerNorm<'a> {
+    pub fn new(gamma: &'a Tensor, beta: &'a Tensor, eps: f32) -> LayerNorm<'a> {
+        LayerNorm { gamma, beta, eps, width: None }
+    }
+}
+
+/// Invocations per row for rows of `n`. GPUs: as wide as the row within 32..256, so narrow
+/// rows waste none and the tree reductions take fewer barriers. CPU adapters: one SIMD
+/// vector (the subgroup). lavapipe runs a workgroup's vectors one after another and
+/// switches between them at every barrier, which made the 256-wide LayerNorm of a MiniLM
+/// step's [1024, 384] rows 4–7× slower than 8 wide (24.5 against 3.5 ms forward, 24.2
+/// against 7.6 ms backward in one run of tests/layernorm.rs's timing).
+pub fn row_width(gpu: &Gpu, n: usize) -> u32 {
+    if gpu.info.device_type == wgpu::DeviceType::Cpu {
+        return gpu.info.subgroup_max_size.clamp(8, 64).next_power_of_two();
+    }
+    n.next_power_of_two().clamp(32, 256) as u32
 }
 
 /// What the forward saves for the backward: per-row mean and 1 / std, each [M].
@@ -134,6 +155,7 @@ pub struct DropoutResidual<'a> {
 
 /// Checks the input and the layer; returns (M, N) and the residual binding plus the defines.
 fn check<'t>(
+    gpu: &Gpu,
     op: &str,
     ln: &LayerNorm,
     x: &'t Tensor,
@@ -153,9 +175,13 @@ fn check<'t>(
     let m = rows_of(op, x, n)?;
     expect_len(op, stats.mean, m)?;
     expect_len(op, stats.rstd, m)?;
-    // A workgroup as wide as the row (32..256 invocations): narrow rows waste no
-    // invocations, and the tree reductions take fewer barriers.
-    let width = n.next_power_of_two().clamp(32, 256);
+    let width = ln.width.unwrap_or_else(|| row_width(gpu, n));
+    if !width.is_power_of_two() || width > gpu.limits.max_compute_invocations_per_workgroup {
+        return Err(GpuError::Shape {
+            op: op.to_string(),
+            detail: format!("{width} invocations per row: not a power of two the adapter can run"),
+        });
+    }
     let bound = match residual {
         Some(r) => {
             expect_shape(op, r, &x.shape)?;
@@ -206,7 +232,7 @@ fn forward(
     stats: &LayerNormStats,
 ) -> Result<(), GpuError> {
     let op = FORWARD.name;
-    let (m, n, residual, defines) = check(op, ln, x, residual, drop, stats)?;
+    let (m, n, residual, defines) = check(rec.gpu, op, ln, x, residual, drop, stats)?;
     expect_shape(op, y, &x.shape)?;
     let params = Params::new(op, m, n, ln.eps, 0, drop)?;
     let tensors = [x, residual, ln.gamma, ln.beta, y, stats.mean, stats.rstd];
@@ -225,7 +251,7 @@ pub fn layernorm_backward(
     dy: &Tensor,
     grads: &LayerNormGrads,
 ) -> Result<(), GpuError> {
-    let (m, n, _, _) = check(BACKWARD.name, ln, x, residual, None, stats)?;
+    let (m, n, _, _) = check(rec.gpu, BACKWARD.name, ln, x, residual, None, stats)?;
     let partials = rec.gpu.zeros("layernorm partials", &[backward_scratch_len(m, n).0])?;
     let scratch = LayerNormScratch { partials: &partials, colsum: None };
     layernorm_backward_with_scratch(rec, ln, x, residual, stats, dy, grads, &scratch)
@@ -294,7 +320,7 @@ fn backward(
     let spec = if dropout.is_some() { &DROPOUT_BACKWARD } else { &BACKWARD };
     let op = spec.name;
     let drop = dropout.map(|(d, _)| d);
-    let (m, n, residual, defines) = check(op, ln, x, residual, drop, stats)?;
+    let (m, n, residual, defines) = check(rec.gpu, op, ln, x, residual, drop, stats)?;
     expect_shape(op, dy, &x.shape)?;
     expect_shape(op, grads.dx, &x.shape)?;
     expect_shape(op, grads.dgamma, &[n])?;

@@ -158,7 +158,7 @@ pub struct Norm {
 
 impl Norm {
     pub(crate) fn layernorm(&self, eps: f64) -> LayerNorm<'_> {
-        LayerNorm { gamma: &self.gamma, beta: &self.beta, eps: eps as f32 }
+        LayerNorm::new(&self.gamma, &self.beta, eps as f32)
     }
 
     pub(crate) fn grads<'a>(&'a self, dx: &'a Tensor) -> LayerNormGrads<'a> {
