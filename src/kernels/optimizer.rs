@@ -8,7 +8,7 @@
 //! is skipped on the GPU.
 
 use super::{expect_len, expect_shader_f16, to_u32};
-use crate::gpu::{Binding, ElementType, GpuError, KernelSpec, Recorder, Tensor, spread};
+use crate::gpu::{Binding, ElementType, Gpu, GpuError, KernelSpec, Recorder, Tensor, spread};
 
 const SOURCE: &str = concat!(
     include_str!("../../shaders/workgroup_reduce.wgsl"),
@@ -80,8 +80,13 @@ const UPDATE_SCALER: KernelSpec = KernelSpec {
 /// tensor then costs each thread ~88 loads.
 pub const NORM_PARTIALS: usize = 1024;
 
-/// Elements one thread of the first stage takes at least before more workgroups are used.
-const ELEMENTS_PER_THREAD: usize = 4;
+/// Elements one thread of the first stage takes at least before more workgroups are used:
+/// few on GPUs, which want many workgroups; many on CPU adapters, where each workgroup's
+/// 256-wide tree sum costs a switch between its 32 SIMD vectors at every barrier (a MiniLM
+/// step's gradient norms took most of the optimizer's time on lavapipe at 4 a thread).
+fn elements_per_thread(gpu: &Gpu) -> usize {
+    if gpu.info.device_type == wgpu::DeviceType::Cpu { 256 } else { 4 }
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -217,7 +222,7 @@ pub fn sum_squares(
             ),
         });
     }
-    let groups = grad.len().div_ceil(256 * ELEMENTS_PER_THREAD).clamp(1, NORM_PARTIALS);
+    let groups = grad.len().div_ceil(256 * elements_per_thread(rec.gpu)).clamp(1, NORM_PARTIALS);
     let params = NormParams {
         n: to_u32(op, "n", grad.len())?,
         groups: groups as u32,
