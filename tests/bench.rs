@@ -49,6 +49,11 @@ fn warm_training_steps_create_no_buffers() {
         assert_eq!(report.families.len(), FAMILIES.len());
         assert!(report.matmul_share().is_some_and(|s| s > 0.0 && s < 1.0));
         assert!(lines.iter().any(|l| l.starts_with("matmul share")));
+        // Every dispatch of the timestamped step is in one label's count, slowest first.
+        let counted: usize = report.kernels.iter().map(|k| k.2).sum();
+        assert_eq!(counted, report.dispatches_per_step, "{:?}", report.kernels);
+        assert!(report.kernels.windows(2).all(|w| w[0].1 >= w[1].1));
+        assert!(lines.iter().any(|l| l.starts_with("slowest kernels")));
     }
     assert!(lines.iter().any(|l| l.contains("task-specific")));
 }

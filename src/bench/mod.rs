@@ -397,6 +397,8 @@ pub struct TrainReport {
     /// GPU nanoseconds per kernel family of the timestamped step, in `FAMILIES` order;
     /// empty where the adapter has no timestamps inside passes.
     pub families: Vec<(&'static str, f64)>,
+    /// GPU nanoseconds and dispatches per kernel label, slowest first (empty likewise).
+    pub kernels: Vec<(&'static str, f64, usize)>,
     pub memory: Vec<String>,
 }
 
@@ -434,6 +436,19 @@ pub fn family_times(timings: &[Timing]) -> Vec<(&'static str, f64)> {
         slot.1 += t.nanos;
     }
     times
+}
+
+/// GPU nanoseconds and dispatch count per label, slowest first.
+pub fn kernel_times(timings: &[Timing]) -> Vec<(&'static str, f64, usize)> {
+    let mut by_label: BTreeMap<&'static str, (f64, usize)> = BTreeMap::new();
+    for t in timings {
+        let entry = by_label.entry(t.label).or_default();
+        entry.0 += t.nanos;
+        entry.1 += 1;
+    }
+    let mut kernels: Vec<_> = by_label.into_iter().map(|(label, (nanos, n))| (label, nanos, n)).collect();
+    kernels.sort_by(|a, b| b.1.total_cmp(&a.1));
+    kernels
 }
 
 /// One synthetic two-class task: `count` examples of exactly `seq` tokens each, BERT's
@@ -587,6 +602,7 @@ pub fn train_bench(gpu: &Gpu, bench: &TrainBench) -> anyhow::Result<TrainReport>
         first_step_seconds: first_step_seconds.unwrap_or_default(),
         pipelines: gpu.pipeline_count(),
         families: if timings.is_empty() { Vec::new() } else { family_times(&timings) },
+        kernels: kernel_times(&timings),
         memory,
     })
 }
@@ -689,6 +705,14 @@ impl TrainReport {
             for (family, nanos) in &self.families {
                 lines.push(format!(
                     "  {family:<12} {:>6.1}% {:>10.2} ms",
+                    100.0 * nanos / total,
+                    nanos / 1e6
+                ));
+            }
+            lines.push("slowest kernels (GPU time, dispatches):".into());
+            for (label, nanos, count) in self.kernels.iter().take(8) {
+                lines.push(format!(
+                    "  {label:<28} {:>6.1}% {:>10.2} ms {count:>6}",
                     100.0 * nanos / total,
                     nanos / 1e6
                 ));
