@@ -58,18 +58,41 @@ fn every_tile_and_transpose_matches_reference() {
     }
 }
 
+/// y = x·Wᵀ + b at a shape no tile divides: the operands on the GPU and the reference.
+struct LinearCase {
+    dims: (usize, usize, usize),
+    x_host: Vec<f32>,
+    w_host: Vec<f32>,
+    x: Tensor,
+    w: Tensor,
+    bias: Tensor,
+    /// The reference y.
+    linear: Vec<f32>,
+    op: Matmul,
+}
+
+fn linear_case(gpu: &Gpu, seed: u32) -> LinearCase {
+    let (m, n, k) = (37, 29, 41);
+    let x_host = random_vec(m * k, seed, 1.0);
+    let w_host = random_vec(n * k, seed + 1, 0.5);
+    let bias_host = random_vec(n, seed + 2, 1.0);
+    let linear = reference::matmul::linear_forward(&x_host, &w_host, Some(&bias_host), m, n, k);
+    LinearCase {
+        dims: (m, n, k),
+        x: gpu.upload("x", &[m, k], &x_host).unwrap(),
+        w: gpu.upload("w", &[n, k], &w_host).unwrap(),
+        bias: gpu.upload("bias", &[n], &bias_host).unwrap(),
+        x_host,
+        w_host,
+        linear,
+        op: Matmul::new(m, n, k).trans_b(),
+    }
+}
+
 #[test]
 fn epilogues_bias_gelu_and_accumulate() {
     let gpu = gpu();
-    let (m, n, k) = (37, 29, 41);
-    let x_host = random_vec(m * k, 3, 1.0);
-    let w_host = random_vec(n * k, 4, 0.5);
-    let bias_host = random_vec(n, 5, 1.0);
-    let x = gpu.upload("x", &[m, k], &x_host).unwrap();
-    let w = gpu.upload("w", &[n, k], &w_host).unwrap();
-    let bias = gpu.upload("bias", &[n], &bias_host).unwrap();
-    let linear = reference::matmul::linear_forward(&x_host, &w_host, Some(&bias_host), m, n, k);
-    let op = Matmul::new(m, n, k).trans_b();
+    let LinearCase { dims: (m, n, k), x_host, w_host, x, w, bias, linear, op } = linear_case(gpu, 3);
     for &tile in &runnable_tiles(gpu) {
         let y = gpu.zeros("y", &[m, n]).unwrap();
         let gelu = gpu.zeros("gelu", &[m, n]).unwrap();
@@ -96,15 +119,7 @@ fn epilogues_bias_gelu_and_accumulate() {
 #[test]
 fn dropout_epilogue_matches_the_separate_pass() {
     let gpu = gpu();
-    let (m, n, k) = (37, 29, 41);
-    let x_host = random_vec(m * k, 6, 1.0);
-    let w_host = random_vec(n * k, 7, 0.5);
-    let bias_host = random_vec(n, 8, 1.0);
-    let x = gpu.upload("x", &[m, k], &x_host).unwrap();
-    let w = gpu.upload("w", &[n, k], &w_host).unwrap();
-    let bias = gpu.upload("bias", &[n], &bias_host).unwrap();
-    let linear = reference::matmul::linear_forward(&x_host, &w_host, Some(&bias_host), m, n, k);
-    let op = Matmul::new(m, n, k).trans_b();
+    let LinearCase { dims: (m, n, _), x, w, bias, linear, op, .. } = linear_case(gpu, 6);
     for shard in [0, 3] {
         let drop = DropoutSpec { p: 0.3, seed: 11, stream: 5, shard };
         let want = reference::elementwise::dropout(&linear, &drop);
