@@ -214,3 +214,16 @@ fn copies_are_ordered_between_dispatches() {
     assert!(error.contains("one buffer"), "{error}");
     assert!(rec.is_empty());
 }
+
+/// `pals bench` prices naga's bounds checks on the matmul in the same run, and leaves the
+/// device's setting as it found it.
+#[test]
+fn bounds_check_cost_is_measured_both_ways() {
+    let gpu = gpu();
+    let line = pals::bench::bounds_check_cost(&gpu, 1).unwrap();
+    assert!(
+        line.starts_with("bounds checks, ") && line.contains("with naga's") && line.contains("without"),
+        "{line}"
+    );
+    assert!(!gpu.shader_checks());
+}

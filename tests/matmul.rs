@@ -308,6 +308,32 @@ fn results_are_bit_identical_across_runs() {
     assert_eq!(run(), run());
 }
 
+/// The matmul is built without naga's runtime bounds checks (it bounds its own indices):
+/// the same bits as the checked build at shapes no tile divides, in every transpose form.
+#[test]
+fn trusted_build_matches_the_checked_one() {
+    let gpu = gpu();
+    assert!(!gpu.shader_checks(), "PALS_SHADER_CHECKS is set: the trusted build is not under test");
+    for &(m, n, k) in SHAPES {
+        let a = gpu.upload("a", &[m * k], &random_vec(m * k, 21, 1.0)).unwrap();
+        let b = gpu.upload("b", &[k * n], &random_vec(k * n, 22, 1.0)).unwrap();
+        for (trans_a, trans_b) in [(false, false), (true, false), (false, true), (true, true)] {
+            let op = Matmul { trans_a, trans_b, ..Matmul::new(m, n, k) };
+            let mut results = Vec::new();
+            for checks in [false, true] {
+                gpu.set_shader_checks(checks);
+                let c = gpu.zeros("c", &[m, n]).unwrap();
+                let mut rec = gpu.recorder();
+                matmul::matmul(&mut rec, &a, &b, &c, &op, Epilogue::None).unwrap();
+                rec.submit().unwrap();
+                results.push(gpu.read::<f32>(&c).unwrap());
+            }
+            gpu.set_shader_checks(false);
+            assert_eq!(results[0], results[1], "{m}x{n}x{k} ta={trans_a} tb={trans_b}");
+        }
+    }
+}
+
 #[test]
 fn bad_shapes_and_oversized_tensors_are_errors() {
     let gpu = gpu();

@@ -144,7 +144,32 @@ pub fn matmul_report(gpu: &Gpu, reps: usize) -> Result<Vec<String>, GpuError> {
             flops / cpu_time / 1e9
         ));
     }
+    rows.push(bounds_check_cost(gpu, reps)?);
     Ok(rows)
+}
+
+/// What naga's runtime bounds checks would cost the matmul, which checks its own indices
+/// and is built without them (`KernelSpec::trusted`): one product of BERT-base's, built
+/// both ways in this run (the checked build is one more pipeline compile).
+pub fn bounds_check_cost(gpu: &Gpu, reps: usize) -> Result<String, GpuError> {
+    let case = &bert_base_cases()[0];
+    let operands = MatmulOperands::new(gpu, &case.op)?;
+    let mut seconds = [0.0; 2];
+    let was = gpu.shader_checks();
+    for (checks, slot) in [(true, 0), (false, 1)] {
+        gpu.set_shader_checks(checks);
+        let timed =
+            operands.gpu_seconds(gpu, &case.op, 1).and_then(|_| operands.gpu_seconds(gpu, &case.op, reps));
+        gpu.set_shader_checks(was);
+        seconds[slot] = timed?;
+    }
+    Ok(format!(
+        "bounds checks, {}: with naga's {:.2} ms, without (trusted, the default) {:.2} ms: {:.2}x",
+        case.name,
+        seconds[0] * 1e3,
+        seconds[1] * 1e3,
+        seconds[0] / seconds[1]
+    ))
 }
 
 /// Attention at BERT-base training size, with every buffer forward and backward need.

@@ -1,7 +1,7 @@
 //! Adapter choice and the device, with its pipeline cache.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::Tensor;
@@ -180,6 +180,9 @@ pub struct Gpu {
     /// see `workspace`.
     workspaces: Mutex<HashMap<&'static str, Tensor>>,
     counters: Counters,
+    /// Whether trusted kernels keep naga's runtime bounds checks too (`PALS_SHADER_CHECKS=on`;
+    /// `pals bench` switches it to measure what they cost).
+    shader_checks: AtomicBool,
 }
 
 /// What the runtime did since the device opened, for `pals bench`.
@@ -246,7 +249,18 @@ impl Gpu {
             spare: Mutex::new(Vec::new()),
             workspaces: Mutex::new(HashMap::new()),
             counters: Counters::default(),
+            shader_checks: AtomicBool::new(std::env::var("PALS_SHADER_CHECKS").is_ok_and(|v| v == "on")),
         })
+    }
+
+    /// Whether kernels built from now on keep naga's runtime bounds checks even where they
+    /// are trusted (`KernelSpec::trusted`) to bound their own indices.
+    pub fn shader_checks(&self) -> bool {
+        self.shader_checks.load(Ordering::Relaxed)
+    }
+
+    pub fn set_shader_checks(&self, on: bool) {
+        self.shader_checks.store(on, Ordering::Relaxed);
     }
 
     /// The adapter chosen by `PALS_ADAPTER` / `PALS_BACKEND`, else the best one.

@@ -28,6 +28,11 @@ pub struct KernelSpec {
     pub source: &'static str,
     pub entry: &'static str,
     pub bindings: &'static [Binding],
+    /// The kernel checks every index itself (against sizes the host has checked), so its
+    /// module is built without naga's runtime bounds checks where the device allows it
+    /// (`Gpu::shader_checks` off). Only for kernels the reference tests cover at shapes
+    /// that are not tile multiples.
+    pub trusted: bool,
 }
 
 /// GPU time of one dispatch, from timestamp queries.
@@ -141,16 +146,17 @@ impl Gpu {
 
     /// The compiled pipeline for a kernel; `defines` (WGSL `const` lines) select a variant.
     pub(crate) fn pipeline(&self, spec: &KernelSpec, defines: &str) -> Result<Arc<CachedPipeline>, GpuError> {
-        let key = (spec.name, format!("{}:{defines}", spec.entry));
+        let trusted = spec.trusted && !self.shader_checks();
+        let key = (spec.name, format!("{}:{trusted}:{defines}", spec.entry));
         if let Some(found) = self.pipelines.lock().unwrap().get(&key) {
             return Ok(found.clone());
         }
-        let compiled = Arc::new(self.compile(spec, defines)?);
+        let compiled = Arc::new(self.compile(spec, defines, trusted)?);
         self.pipelines.lock().unwrap().insert(key, compiled.clone());
         Ok(compiled)
     }
 
-    fn compile(&self, spec: &KernelSpec, defines: &str) -> Result<CachedPipeline, GpuError> {
+    fn compile(&self, spec: &KernelSpec, defines: &str, trusted: bool) -> Result<CachedPipeline, GpuError> {
         let mut entries = vec![wgpu::BindGroupLayoutEntry {
             binding: 0,
             visibility: wgpu::ShaderStages::COMPUTE,
@@ -176,10 +182,19 @@ impl Gpu {
         // Validation errors become our errors instead of wgpu's default panic.
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let source = format!("{defines}\n{}", spec.source);
-        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        let descriptor = wgpu::ShaderModuleDescriptor {
             label: Some(spec.name),
             source: wgpu::ShaderSource::Wgsl(source.into()),
-        });
+        };
+        let module = if trusted {
+            // SAFETY: a trusted kernel bounds every buffer index by sizes the host checked
+            // against the bound tensors (KernelSpec::trusted), and its loops are bounded.
+            unsafe {
+                self.device.create_shader_module_trusted(descriptor, wgpu::ShaderRuntimeChecks::unchecked())
+            }
+        } else {
+            self.device.create_shader_module(descriptor)
+        };
         let layout = self.device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
             label: Some(spec.name),
             entries: &entries,

@@ -27,24 +27,28 @@ const FORWARD: KernelSpec = KernelSpec {
     source: SOURCE,
     entry: "attention_forward",
     bindings: &[Read, Read, Read, Read, Write, Write],
+    trusted: false,
 };
 const DELTA: KernelSpec = KernelSpec {
     name: "attention_delta",
     source: SOURCE,
     entry: "attention_delta",
     bindings: &[Read, Read, Write],
+    trusted: false,
 };
 const BACKWARD_DQ: KernelSpec = KernelSpec {
     name: "attention_backward_dq",
     source: SOURCE,
     entry: "attention_backward_dq",
     bindings: &[Read, Read, Read, Read, Read, Read, Read, Write],
+    trusted: false,
 };
 const BACKWARD_DKDV: KernelSpec = KernelSpec {
     name: "attention_backward_dkdv",
     source: SOURCE,
     entry: "attention_backward_dkdv",
     bindings: &[Read, Read, Read, Read, Read, Read, Read, Write, Write],
+    trusted: false,
 };
 
 const SOFTMAX_SOURCE: &str =
@@ -54,12 +58,14 @@ const SOFTMAX: KernelSpec = KernelSpec {
     source: SOFTMAX_SOURCE,
     entry: "attention_softmax",
     bindings: &[Read, Write, Write],
+    trusted: false,
 };
 const SOFTMAX_BACKWARD: KernelSpec = KernelSpec {
     name: "attention_softmax_backward",
     source: SOFTMAX_SOURCE,
     entry: "attention_softmax_backward",
     bindings: &[Read, Read, Read, Write, Write],
+    trusted: false,
 };
 /// Invocations per workgroup of the softmax kernels, WG in the shader.
 const SOFTMAX_WG: u32 = 64;

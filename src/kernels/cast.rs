@@ -8,6 +8,7 @@ const CAST_F16: KernelSpec = KernelSpec {
     source: include_str!("../../shaders/cast.wgsl"),
     entry: "cast_f16",
     bindings: &[Binding::Read, Binding::Write],
+    trusted: false,
 };
 
 #[repr(C)]

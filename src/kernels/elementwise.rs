@@ -12,19 +12,42 @@ const SOURCE: &str = concat!(
 const UNARY: &[Binding] = &[Binding::Read, Binding::Write];
 const BINARY: &[Binding] = &[Binding::Read, Binding::Read, Binding::Write];
 
-const GELU_FORWARD: KernelSpec =
-    KernelSpec { name: "gelu_forward", source: SOURCE, entry: "gelu_forward", bindings: UNARY };
-const GELU_BACKWARD: KernelSpec =
-    KernelSpec { name: "gelu_backward", source: SOURCE, entry: "gelu_backward", bindings: BINARY };
-const TANH_FORWARD: KernelSpec =
-    KernelSpec { name: "tanh_forward", source: SOURCE, entry: "tanh_forward", bindings: UNARY };
-const TANH_BACKWARD: KernelSpec =
-    KernelSpec { name: "tanh_backward", source: SOURCE, entry: "tanh_backward", bindings: BINARY };
-const DROPOUT: KernelSpec = KernelSpec { name: "dropout", source: SOURCE, entry: "dropout", bindings: UNARY };
-const COPY: KernelSpec = KernelSpec { name: "copy", source: SOURCE, entry: "copy", bindings: UNARY };
+const GELU_FORWARD: KernelSpec = KernelSpec {
+    name: "gelu_forward",
+    source: SOURCE,
+    entry: "gelu_forward",
+    bindings: UNARY,
+    trusted: false,
+};
+const GELU_BACKWARD: KernelSpec = KernelSpec {
+    name: "gelu_backward",
+    source: SOURCE,
+    entry: "gelu_backward",
+    bindings: BINARY,
+    trusted: false,
+};
+const TANH_FORWARD: KernelSpec = KernelSpec {
+    name: "tanh_forward",
+    source: SOURCE,
+    entry: "tanh_forward",
+    bindings: UNARY,
+    trusted: false,
+};
+const TANH_BACKWARD: KernelSpec = KernelSpec {
+    name: "tanh_backward",
+    source: SOURCE,
+    entry: "tanh_backward",
+    bindings: BINARY,
+    trusted: false,
+};
+const DROPOUT: KernelSpec =
+    KernelSpec { name: "dropout", source: SOURCE, entry: "dropout", bindings: UNARY, trusted: false };
+const COPY: KernelSpec =
+    KernelSpec { name: "copy", source: SOURCE, entry: "copy", bindings: UNARY, trusted: false };
 const ADD_ASSIGN: KernelSpec =
-    KernelSpec { name: "add_assign", source: SOURCE, entry: "add_assign", bindings: UNARY };
-const ADD: KernelSpec = KernelSpec { name: "add", source: SOURCE, entry: "add", bindings: BINARY };
+    KernelSpec { name: "add_assign", source: SOURCE, entry: "add_assign", bindings: UNARY, trusted: false };
+const ADD: KernelSpec =
+    KernelSpec { name: "add", source: SOURCE, entry: "add", bindings: BINARY, trusted: false };
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]

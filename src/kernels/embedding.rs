@@ -20,6 +20,7 @@ const FORWARD: KernelSpec = KernelSpec {
         Binding::Read,  // types
         Binding::Write, // out
     ],
+    trusted: false,
 };
 const SEGMENT_SUM: KernelSpec = KernelSpec {
     name: "segment_sum",
@@ -32,9 +33,15 @@ const SEGMENT_SUM: KernelSpec = KernelSpec {
         Binding::Read,  // rows
         Binding::Write, // grad
     ],
+    trusted: false,
 };
-const ZERO_FILL: KernelSpec =
-    KernelSpec { name: "zero_fill", source: SOURCE, entry: "zero_fill", bindings: &[Binding::Write] };
+const ZERO_FILL: KernelSpec = KernelSpec {
+    name: "zero_fill",
+    source: SOURCE,
+    entry: "zero_fill",
+    bindings: &[Binding::Write],
+    trusted: false,
+};
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]

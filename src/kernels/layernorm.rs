@@ -28,6 +28,7 @@ const FORWARD: KernelSpec = KernelSpec {
         Binding::Write, // mean
         Binding::Write, // rstd
     ],
+    trusted: false,
 };
 const BACKWARD: KernelSpec = KernelSpec {
     name: "layernorm_backward",
@@ -43,6 +44,7 @@ const BACKWARD: KernelSpec = KernelSpec {
         Binding::Write, // dx
         Binding::Write, // partials
     ],
+    trusted: false,
 };
 const DROPOUT_BACKWARD: KernelSpec = KernelSpec {
     name: "layernorm_dropout_backward",
@@ -59,6 +61,7 @@ const DROPOUT_BACKWARD: KernelSpec = KernelSpec {
         Binding::Write, // partials
         Binding::Write, // d_input
     ],
+    trusted: false,
 };
 
 #[repr(C)]

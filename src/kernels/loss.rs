@@ -16,18 +16,21 @@ const CROSS_ENTROPY_LOSS: KernelSpec = KernelSpec {
     source: SOURCE,
     entry: "cross_entropy_loss",
     bindings: CE_BINDINGS,
+    trusted: false,
 };
 const CROSS_ENTROPY_BACKWARD: KernelSpec = KernelSpec {
     name: "cross_entropy_backward",
     source: SOURCE,
     entry: "cross_entropy_backward",
     bindings: &[Binding::Read, Binding::Read, Binding::Read, Binding::Write, Binding::Read],
+    trusted: false,
 };
 const MSE: KernelSpec = KernelSpec {
     name: "mse",
     source: SOURCE,
     entry: "mse",
     bindings: &[Binding::Read, Binding::Read, Binding::Read, Binding::Write, Binding::Write, Binding::Read],
+    trusted: false,
 };
 
 #[repr(C)]

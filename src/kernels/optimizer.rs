@@ -21,18 +21,21 @@ const SUM_SQUARES_PARTIAL: KernelSpec = KernelSpec {
     source: SOURCE,
     entry: "sum_squares_partial",
     bindings: READ_WRITE,
+    trusted: false,
 };
 const SUM_SQUARES_FINAL: KernelSpec = KernelSpec {
     name: "sum_squares_final",
     source: SOURCE,
     entry: "sum_squares_final",
     bindings: READ_WRITE,
+    trusted: false,
 };
 const CLIP_COEFFICIENTS: KernelSpec = KernelSpec {
     name: "clip_coefficients",
     source: SOURCE,
     entry: "clip_coefficients",
     bindings: &[Binding::Read, Binding::Write, Binding::Read],
+    trusted: false,
 };
 const ADAM_STEP: KernelSpec = KernelSpec {
     name: "adam_step",
@@ -48,6 +51,7 @@ const ADAM_STEP: KernelSpec = KernelSpec {
         Binding::Write,
         Binding::Write,
     ],
+    trusted: false,
 };
 
 /// The storage of adam_step's f16 copy and its vector width (shaders/optimizer.wgsl):
@@ -73,6 +77,7 @@ const UPDATE_SCALER: KernelSpec = KernelSpec {
     source: SOURCE,
     entry: "update_scaler",
     bindings: &[Binding::Read, Binding::Read, Binding::Write, Binding::Write, Binding::Write],
+    trusted: false,
 };
 
 /// Workgroups of the first sum-of-squares stage at most, and so the length the `partials`

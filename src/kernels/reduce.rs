@@ -11,6 +11,7 @@ const COLSUM: KernelSpec = KernelSpec {
     source: include_str!("../../shaders/reduce.wgsl"),
     entry: "colsum",
     bindings: &[Binding::Read, Binding::Write],
+    trusted: false,
 };
 
 #[repr(C)]
