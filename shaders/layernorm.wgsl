@@ -23,6 +23,8 @@
 // layernorm_dropout_backward: the bindings of layernorm_backward and 9 d_input [M, N]
 //   (read_write), the same dispatch: dx as above (the residual's gradient) and
 //   d_input = Dropout(dx) with the forward's mask, the gradient of x (before dropout).
+//   With HAS_DROPOUT false, x was stored already dropped (a matmul's dropout epilogue):
+//   only d_input uses the mask.
 
 const ROWS_PER_GROUP: u32 = 8u;
 

@@ -7,7 +7,7 @@ mod common;
 
 use common::{assert_close, gpu};
 use pals::gpu::Tensor;
-use pals::kernels::elementwise::DropoutSpec;
+use pals::kernels::elementwise::{self, DropoutSpec};
 use pals::kernels::layernorm::{
     self, DropoutResidual, LayerNorm, LayerNormGrads, LayerNormScratch, LayerNormStats, backward_scratch_len,
 };
@@ -200,6 +200,64 @@ fn fused_dropout_residual_layernorm_matches_reference() {
                 let zeros = got.d_input.iter().filter(|&&v| v == 0.0).count();
                 assert!(zeros > 0, "{}: nothing dropped", what("dx"));
             }
+        }
+    }
+}
+
+/// LN(x + residual) where x was stored already dropped (the matmul's dropout epilogue),
+/// its backward also writing the gradient before dropout: the same as the fused reference,
+/// and that gradient bit for bit what the separate dropout pass gives (what the model did
+/// before).
+#[test]
+fn backward_through_stored_dropout_matches_reference() {
+    let gpu = gpu();
+    for (&(m, n), width) in SHAPES.iter().flat_map(|s| WIDTHS.map(|w| (s, w))) {
+        for (p, shard) in [(0.1, 0), (0.5, 2)] {
+            let input = inputs(m, n, true, 50);
+            let dropout = DropoutSpec { p, seed: 23, stream: 5 + m as u32, shard };
+            let residual = input.residual.as_deref().unwrap();
+            let stored = reference::elementwise::dropout(&input.x, &dropout);
+            let x = gpu.upload("x", &[m, n], &stored).unwrap();
+            let residual_t = gpu.upload("residual", &[m, n], residual).unwrap();
+            let gamma = gpu.upload("gamma", &[n], &input.gamma).unwrap();
+            let beta = gpu.upload("beta", &[n], &input.beta).unwrap();
+            let dy = gpu.upload("dy", &[m, n], &input.dy).unwrap();
+            let [y, dx, d_input, separate] =
+                ["y", "dx", "d_input", "separate"].map(|name| gpu.zeros(name, &[m, n]).unwrap());
+            let [mean, rstd] = ["mean", "rstd"].map(|name| gpu.zeros(name, &[m]).unwrap());
+            let [dgamma, dbeta] = ["dgamma", "dbeta"].map(|name| gpu.zeros(name, &[n]).unwrap());
+            let partials = gpu.zeros("partials", &[backward_scratch_len(m, n).0]).unwrap();
+            let ln = LayerNorm { width, ..LayerNorm::new(&gamma, &beta, eps_for(n)) };
+            let stats = LayerNormStats { mean: &mean, rstd: &rstd };
+            let grads = LayerNormGrads { dx: &dx, dgamma: &dgamma, dbeta: &dbeta };
+            let scratch = LayerNormScratch { partials: &partials, colsum: None };
+            let mut rec = gpu.recorder();
+            layernorm::layernorm_forward(&mut rec, &ln, &x, Some(&residual_t), &y, &stats).unwrap();
+            #[rustfmt::skip]
+            layernorm::residual_layernorm_backward_through_dropout(
+                &mut rec, &ln, (&x, &residual_t), &stats, &dy, &grads, (dropout, &d_input), &scratch,
+            )
+            .unwrap();
+            elementwise::dropout(&mut rec, &dx, &separate, dropout).unwrap();
+            rec.submit().unwrap();
+            let read = |t: &Tensor| gpu.read::<f32>(t).unwrap();
+            let what =
+                |name: &str| format!("stored-dropout {name} {m}x{n} p={p} shard {shard} width {width:?}");
+            let (ds, d_x, d_gamma, d_beta) = reference::layernorm::dropout_residual_layernorm_backward(
+                &input.x,
+                dropout,
+                residual,
+                &input.gamma,
+                &input.dy,
+                eps_for(n),
+            );
+            let sum_atol = 1e-6 * (m as f32).max(10.0);
+            assert_close(&what("d residual"), &read(&dx), &ds, 1e-4, 1e-5);
+            assert_close(&what("dx"), &read(&d_input), &d_x, 1e-4, 1e-5);
+            assert_close(&what("dgamma"), &read(&dgamma), &d_gamma, 1e-4, sum_atol);
+            assert_close(&what("dbeta"), &read(&dbeta), &d_beta, 1e-4, sum_atol);
+            let bits = |t: &Tensor| read(t).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&d_input), bits(&separate), "{}", what("dx against the separate dropout pass"));
         }
     }
 }

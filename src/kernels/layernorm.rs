@@ -157,13 +157,14 @@ pub struct DropoutResidual<'a> {
 }
 
 /// Checks the input and the layer; returns (M, N) and the residual binding plus the defines.
+/// `input_dropout`: the kernel passes x through dropout (HAS_DROPOUT).
 fn check<'t>(
     gpu: &Gpu,
     op: &str,
     ln: &LayerNorm,
     x: &'t Tensor,
     residual: Option<&'t Tensor>,
-    drop: Option<DropoutSpec>,
+    input_dropout: bool,
     stats: &LayerNormStats,
 ) -> Result<(usize, usize, &'t Tensor, String), GpuError> {
     let n = ln.gamma.len();
@@ -195,7 +196,7 @@ fn check<'t>(
     let defines = format!(
         "const HAS_RESIDUAL: bool = {};\nconst HAS_DROPOUT: bool = {};\nconst WG: u32 = {width}u;\n",
         residual.is_some(),
-        drop.is_some()
+        input_dropout
     );
     Ok((m, n, bound, defines))
 }
@@ -235,7 +236,7 @@ fn forward(
     stats: &LayerNormStats,
 ) -> Result<(), GpuError> {
     let op = FORWARD.name;
-    let (m, n, residual, defines) = check(rec.gpu, op, ln, x, residual, drop, stats)?;
+    let (m, n, residual, defines) = check(rec.gpu, op, ln, x, residual, drop.is_some(), stats)?;
     expect_shape(op, y, &x.shape)?;
     let params = Params::new(op, m, n, ln.eps, 0, drop)?;
     let tensors = [x, residual, ln.gamma, ln.beta, y, stats.mean, stats.rstd];
@@ -254,7 +255,7 @@ pub fn layernorm_backward(
     dy: &Tensor,
     grads: &LayerNormGrads,
 ) -> Result<(), GpuError> {
-    let (m, n, _, _) = check(rec.gpu, BACKWARD.name, ln, x, residual, None, stats)?;
+    let (m, n, _, _) = check(rec.gpu, BACKWARD.name, ln, x, residual, false, stats)?;
     let partials = rec.gpu.zeros("layernorm partials", &[backward_scratch_len(m, n).0])?;
     let scratch = LayerNormScratch { partials: &partials, colsum: None };
     layernorm_backward_with_scratch(rec, ln, x, residual, stats, dy, grads, &scratch)
@@ -288,7 +289,8 @@ pub fn layernorm_backward_with_scratch(
     grads: &LayerNormGrads,
     scratch: &LayerNormScratch,
 ) -> Result<(), GpuError> {
-    backward(rec, ln, (x, residual, None), stats, dy, grads, scratch)
+    let input = BackwardInput { x, residual, dropout: None, x_dropped: false };
+    backward(rec, ln, input, stats, dy, grads, scratch)
 }
 
 /// The backward of [`dropout_residual_layernorm_forward`]: `grads.dx` gets the gradient of
@@ -305,16 +307,44 @@ pub fn dropout_residual_layernorm_backward(
     scratch: &LayerNormScratch,
 ) -> Result<(), GpuError> {
     let dropout = Some((input.dropout, d_input));
-    backward(rec, ln, (input.x, Some(input.residual), dropout), stats, dy, grads, scratch)
+    let input = BackwardInput { x: input.x, residual: Some(input.residual), dropout, x_dropped: false };
+    backward(rec, ln, input, stats, dy, grads, scratch)
 }
 
-/// x, the residual, and the dropout of x with where its gradient goes.
-type BackwardInput<'a> = (&'a Tensor, Option<&'a Tensor>, Option<(DropoutSpec, &'a Tensor)>);
+/// The backward of `layernorm_forward(x, residual)` where x = Dropout(x0) was stored
+/// already dropped (a matmul's dropout epilogue): what `layernorm_backward_with_scratch`
+/// writes, and in the same pass `d_input` = Dropout(dx) with `drop`'s mask, the gradient of
+/// x0. Saves a separate dropout pass that would read dx back.
+#[allow(clippy::too_many_arguments)]
+pub fn residual_layernorm_backward_through_dropout(
+    rec: &mut Recorder,
+    ln: &LayerNorm,
+    (x, residual): (&Tensor, &Tensor),
+    stats: &LayerNormStats,
+    dy: &Tensor,
+    grads: &LayerNormGrads,
+    (drop, d_input): (DropoutSpec, &Tensor),
+    scratch: &LayerNormScratch,
+) -> Result<(), GpuError> {
+    let input =
+        BackwardInput { x, residual: Some(residual), dropout: Some((drop, d_input)), x_dropped: true };
+    backward(rec, ln, input, stats, dy, grads, scratch)
+}
+
+/// What a backward pass reads and, with dropout, where the gradient before dropout goes.
+struct BackwardInput<'a> {
+    x: &'a Tensor,
+    residual: Option<&'a Tensor>,
+    /// The mask, and d_input = Dropout(dx).
+    dropout: Option<(DropoutSpec, &'a Tensor)>,
+    /// x is stored after dropout: the kernel reads it as it is and only d_input uses the mask.
+    x_dropped: bool,
+}
 
 fn backward(
     rec: &mut Recorder,
     ln: &LayerNorm,
-    (x, residual, dropout): BackwardInput,
+    BackwardInput { x, residual, dropout, x_dropped }: BackwardInput,
     stats: &LayerNormStats,
     dy: &Tensor,
     grads: &LayerNormGrads,
@@ -323,7 +353,8 @@ fn backward(
     let spec = if dropout.is_some() { &DROPOUT_BACKWARD } else { &BACKWARD };
     let op = spec.name;
     let drop = dropout.map(|(d, _)| d);
-    let (m, n, residual, defines) = check(rec.gpu, op, ln, x, residual, drop, stats)?;
+    let input_dropout = drop.is_some() && !x_dropped;
+    let (m, n, residual, defines) = check(rec.gpu, op, ln, x, residual, input_dropout, stats)?;
     expect_shape(op, dy, &x.shape)?;
     expect_shape(op, grads.dx, &x.shape)?;
     expect_shape(op, grads.dgamma, &[n])?;

@@ -671,15 +671,26 @@ impl Bert {
         let (acts, eps) = (s.acts, self.config.layer_norm_eps);
         let (x, h_in, rows) = (&acts.layers[l], &acts.hidden[l], acts.rows());
         // out = LN2(ffn_drop + a): grad_y = d ffn_drop = d a through the residual.
-        let ln_stats = stats(&x.ln2_mean, &x.ln2_rstd);
-        let grads = g.ln2.grads(&acts.grad_y);
-        #[rustfmt::skip]
-        layernorm::layernorm_backward_with_scratch(
-            rec, &p.ln2.layernorm(eps), &x.ffn_drop, Some(&x.a), &ln_stats, &acts.grad_x, &grads, &acts.ln_scratch(),
-        )?;
+        // ffn_drop came dropped from the matmul: d ffn_out = Dropout(grad_y) in the same pass.
+        let (ln2, ln_stats) = (p.ln2.layernorm(eps), stats(&x.ln2_mean, &x.ln2_rstd));
+        let (grads, scratch, saved) = (g.ln2.grads(&acts.grad_y), acts.ln_scratch(), (&x.ffn_drop, &x.a));
+        let d_ffn_out = match self.hidden_dropout(s.key, site(l, Site::FfnOutput)) {
+            Some(drop) => {
+                #[rustfmt::skip]
+                layernorm::residual_layernorm_backward_through_dropout(
+                    rec, &ln2, saved, &ln_stats, &acts.grad_x, &grads, (drop, &acts.sub), &scratch,
+                )?;
+                &acts.sub
+            }
+            None => {
+                #[rustfmt::skip]
+                layernorm::layernorm_backward_with_scratch(
+                    rec, &ln2, saved.0, Some(saved.1), &ln_stats, &acts.grad_x, &grads, &scratch,
+                )?;
+                &acts.grad_y
+            }
+        };
         hook.ffn_output_backward(rec, s, l)?;
-        let drop = self.hidden_dropout(s.key, site(l, Site::FfnOutput));
-        let d_ffn_out = dropout_backward(rec, &acts.grad_y, &acts.sub, drop)?;
         // The FFN: GELU(pre) is recomputed rather than kept; d pre ends in ffn_a.
         elementwise::gelu(rec, &x.pre, &acts.ffn_a)?;
         let to_ffn_b = Some((&acts.ffn_b, Epilogue::None));
