@@ -20,9 +20,9 @@
 use std::collections::BTreeMap;
 
 use super::blocks::{
-    Alloc, AttentionActs, AttentionBlock, AttentionScratch, AttentionStep, GradMode, Linear, Norm, Planned,
-    allocate, copy, dropout_backward, dropout_finish, dropout_target, in_turn, per_layer, plan_of,
-    shape_error, stats,
+    Alloc, AttentionActs, AttentionBlock, AttentionScratch, AttentionStep, GradMode, Linear, Norm,
+    OutputGrad, Planned, allocate, copy, dropout_backward, dropout_finish, dropout_target, in_turn,
+    per_layer, plan_of, shape_error, stats,
 };
 use super::hook::{HookStep, LayerHook, NoHook};
 use super::{BertConfig, DropoutKey, HostTensor, SITE_EMBEDDINGS, Site, Weights, param_shapes, site};
@@ -711,10 +711,18 @@ impl Bert {
         // a = LN1(attn_drop + h): grad_x = d attn_drop = d h through the residual.
         let (block, scratch) = (&p.attention, acts.attention_scratch());
         let saved = (h_in, &x.attention);
-        block.normalize_backward(rec, eps, &g.attention, saved, &acts.grad_y, &acts.grad_x, &scratch.ln)?;
-        let d_attn_drop = hook.attention_output_backward(rec, s, l)?;
         let step = self.attention_step(s, l);
-        block.attend_backward(rec, &step, &g.attention, saved, d_attn_drop, &acts.grad_x, &scratch)?;
+        // attn_drop came dropped from the output projection's matmul: unless the hook adds to
+        // its gradient, that dropout's backward comes from LN1's backward pass.
+        let adds = hook.adds_attention_output_grad();
+        let through = step.out_drop.filter(|_| !adds).map(|drop| (drop, scratch.sub));
+        #[rustfmt::skip]
+        let d_out = block.normalize_backward(
+            rec, eps, &g.attention, saved, &acts.grad_y, &acts.grad_x, &scratch.ln, through,
+        )?;
+        let hooked = hook.attention_output_backward(rec, s, l)?;
+        let d_out = if adds { OutputGrad::Dropped(hooked) } else { d_out };
+        block.attend_backward(rec, &step, &g.attention, saved, d_out, &acts.grad_x, &scratch)?;
         hook.input_backward(rec, s, l)
     }
 }

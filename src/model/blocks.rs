@@ -132,6 +132,15 @@ pub(crate) fn dropout_backward<'t>(
     }
 }
 
+/// The gradient a sublayer's backward starts from.
+#[derive(Clone, Copy)]
+pub(crate) enum OutputGrad<'t> {
+    /// Of its output after dropout: the dropout's backward is still to run.
+    Dropped(&'t Tensor),
+    /// Of its projection, before dropout (the LayerNorm's backward applied the mask).
+    Projection(&'t Tensor),
+}
+
 pub(crate) fn stats<'a>(mean: &'a Tensor, rstd: &'a Tensor) -> LayerNormStats<'a> {
     LayerNormStats { mean, rstd }
 }
@@ -470,22 +479,46 @@ impl AttentionBlock {
     }
 
     /// The LayerNorm's backward from d y: γ and β gradients into `grads.norm`, and
-    /// d(acts.out) into `dx`, which is also d x through the residual.
+    /// d(acts.out) into `dx`, which is also d x through the residual. With `through`
+    /// (the output's dropout and a tensor), also the gradient before that dropout into the
+    /// tensor, in the same pass. Returns the gradient `attend_backward` starts from.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn normalize_backward(
+    pub(crate) fn normalize_backward<'t>(
         &self,
         rec: &mut Recorder,
         eps: f64,
         grads: &AttentionBlock,
         (x, acts): (&Tensor, &AttentionActs<Tensor>),
         dy: &Tensor,
-        dx: &Tensor,
+        dx: &'t Tensor,
         ln: &LayerNormScratch,
-    ) -> Result<(), GpuError> {
+        through: Option<(DropoutSpec, &'t Tensor)>,
+    ) -> Result<OutputGrad<'t>, GpuError> {
         let ln_stats = stats(&acts.ln_mean, &acts.ln_rstd);
         let (norm, out) = (self.norm.layernorm(eps), &acts.out);
         let grads = grads.norm.grads(dx);
-        layernorm::layernorm_backward_with_scratch(rec, &norm, out, Some(x), &ln_stats, dy, &grads, ln)
+        match through {
+            Some((drop, d_proj)) => {
+                #[rustfmt::skip]
+                layernorm::residual_layernorm_backward_through_dropout(
+                    rec, &norm, (out, x), &ln_stats, dy, &grads, (drop, d_proj), ln,
+                )?;
+                Ok(OutputGrad::Projection(d_proj))
+            }
+            None => {
+                layernorm::layernorm_backward_with_scratch(
+                    rec,
+                    &norm,
+                    out,
+                    Some(x),
+                    &ln_stats,
+                    dy,
+                    &grads,
+                    ln,
+                )?;
+                Ok(OutputGrad::Dropped(dx))
+            }
+        }
     }
 
     /// The gradients of `attend` from d(acts.out) in `d_out`: every parameter's
@@ -497,12 +530,15 @@ impl AttentionBlock {
         step: &AttentionStep,
         grads: &AttentionBlock,
         (x, acts): (&Tensor, &AttentionActs<Tensor>),
-        d_out: &Tensor,
+        d_out: OutputGrad,
         dx: &Tensor,
         s: &AttentionScratch,
     ) -> Result<(), GpuError> {
         let rows = step.rows();
-        let d_proj = dropout_backward(rec, d_out, s.sub, step.out_drop)?;
+        let d_proj = match d_out {
+            OutputGrad::Dropped(d) => dropout_backward(rec, d, s.sub, step.out_drop)?,
+            OutputGrad::Projection(d) => d,
+        };
         let to_ctx = Some((s.d_ctx, Epilogue::None));
         self.output.backward(
             rec,

@@ -14,7 +14,9 @@
 //!    the hook's share.
 //! 3. `attention_output_backward`: `acts.grad_x` holds d(LN1's input) = dT1, which is also
 //!    d h through the residual, so it must stay as it is: return the tensor holding
-//!    d Dropout_ao(…) (`grad_x` itself, or a hook buffer with the hook's share added).
+//!    d Dropout_ao(…) (`grad_x` itself, or a hook buffer with the hook's share added). A
+//!    hook that adds a share says so in `adds_attention_output_grad`; otherwise the
+//!    encoder takes Dropout_ao's backward from LN1's backward pass and ignores the return.
 //! 4. `input_backward`: `acts.grad_x` holds d h; add the hook's share.
 //!
 //! Two more points let a hook replace the sequence output (top projected attention):
@@ -63,6 +65,12 @@ pub trait LayerHook {
         _layer: usize,
     ) -> Result<(), GpuError> {
         Ok(())
+    }
+
+    /// Whether `attention_output_backward` adds the hook's share to d Dropout_ao(…) (then
+    /// Dropout_ao's backward runs after it, not fused into LN1's backward).
+    fn adds_attention_output_grad(&self) -> bool {
+        false
     }
 
     fn attention_output_backward<'a>(

@@ -179,6 +179,10 @@ impl LayerHook for AdapterHook<'_> {
         )
     }
 
+    fn adds_attention_output_grad(&self) -> bool {
+        true
+    }
+
     /// A1's gradients from d(LN1's input) in grad_x; returns d x = grad_x + A1's share.
     fn attention_output_backward<'a>(
         &'a self,

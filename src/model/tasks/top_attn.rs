@@ -247,8 +247,11 @@ impl LayerHook for TopHook<'_> {
         for i in (0..n).rev() {
             let (block, saved, scratch) = (&p.blocks[i], (&t.xs[i], &t.blocks[i]), self.scratch());
             // xs[i + 1] = LN(out + xs[i]): d out = d xs[i] through the residual, into d_in.
-            block.normalize_backward(rec, eps, &g.blocks[i], saved, d_out, d_in, &scratch.ln)?;
-            block.attend_backward(rec, &self.step(s, i), &g.blocks[i], saved, d_in, d_in, &scratch)?;
+            let step = self.step(s, i);
+            let through = step.out_drop.map(|drop| (drop, scratch.sub));
+            let d_proj =
+                block.normalize_backward(rec, eps, &g.blocks[i], saved, d_out, d_in, &scratch.ln, through)?;
+            block.attend_backward(rec, &step, &g.blocks[i], saved, d_proj, d_in, &scratch)?;
             std::mem::swap(&mut d_out, &mut d_in);
         }
         let to_x = Some((&e.grad_x, Epilogue::None));
