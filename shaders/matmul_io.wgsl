@@ -2,15 +2,17 @@
 // the bindings, batch addressing and the epilogue that writes C.
 //
 // Bindings: 0 params, 1 A (read), 2 B (read), 3 bias [N] (read; any buffer when unused),
-// 4 C (write), 5 pre-activation [M, N] (write; GELU epilogue only — the backward needs it;
-// any spare buffer otherwise). A_TYPE, B_TYPE and C_TYPE (f32 or f16) are aliases the host
+// 4 C (write), 5 pre-activation [M, N] (written by the GELU epilogue — the backward needs
+// it; read by the GELU-backward epilogue; any spare buffer otherwise). A_TYPE, B_TYPE and C_TYPE (f32 or f16) are aliases the host
 // prepends; bias is f32 and every sum is f32.
 //
 // The epilogue is a parameter, not a compile-time constant: one pipeline serves every
 // epilogue of a tile and transpose form, which on lavapipe (seconds per compile) is most
 // of a first run's pipeline builds. It is uniform, and runs once per output element.
 //   epilogue: 0 plain, 1 bias, 2 bias + GELU, 3 accumulate into C, 4 bias + dropout (the
-//   mask of elementwise.wgsl's dropout over C: element index - offset_c, rng.wgsl).
+//   mask of elementwise.wgsl's dropout over C: element index - offset_c, rng.wgsl),
+//   5 GELU backward (C = product · GELU'(pre), elementwise.wgsl's gelu_backward of the
+//   product: the gradient of a GELU's input from that of its output).
 
 struct Params {
     m: u32, n: u32, k: u32, batch: u32,
@@ -47,5 +49,6 @@ fn write_c(index: u32, col: u32, product: f32) {
         value = gelu(value);
     }
     if (p.epilogue == 3u) { value += f32(c[index]); }
+    if (p.epilogue == 5u) { value *= gelu_grad(f32(pre[index])); }
     c[index] = C_TYPE(value);
 }

@@ -155,6 +155,39 @@ fn dropout_epilogue_matches_the_separate_pass() {
     assert!(error.to_string().contains("dropout epilogue"), "{error}");
 }
 
+/// The GELU-backward epilogue: bit for bit the product followed by the separate
+/// elementwise::gelu_backward pass, on every tile, and the reference's GELU backward of
+/// the product.
+#[test]
+fn gelu_backward_epilogue_matches_the_separate_pass() {
+    let gpu = gpu();
+    let LinearCase { dims: (m, n, k), x_host, w_host, x, w, op, .. } = linear_case(gpu, 8);
+    let pre_host = random_vec(m * n, 9, 3.0);
+    let pre = gpu.upload("pre", &[m, n], &pre_host).unwrap();
+    let product = reference::matmul::matmul(&x_host, &w_host, m, n, k, false, true);
+    let want = reference::elementwise::gelu_backward(&pre_host, &product);
+    for &tile in &runnable_tiles(gpu) {
+        let [fused, plain, separate] =
+            ["fused", "plain", "separate"].map(|name| gpu.zeros(name, &[m, n]).unwrap());
+        let mut rec = gpu.recorder();
+        let epilogue = Epilogue::GeluBackward { pre: &pre };
+        matmul::matmul_with_tile(&mut rec, &x, &w, &fused, &op, epilogue, tile).unwrap();
+        matmul::matmul_with_tile(&mut rec, &x, &w, &plain, &op, Epilogue::None, tile).unwrap();
+        elementwise::gelu_backward(&mut rec, &pre, &plain, &separate).unwrap();
+        rec.submit().unwrap();
+        let what = format!("gelu backward tile={tile:?}");
+        let fused = gpu.read::<f32>(&fused).unwrap();
+        assert_eq!(fused, gpu.read::<f32>(&separate).unwrap(), "{what}: fused and separate differ");
+        assert_close(&what, &fused, &want, RTOL, ATOL);
+    }
+    let short = gpu.zeros("short pre", &[m * n - 1]).unwrap();
+    let c = gpu.zeros("c", &[m, n]).unwrap();
+    let error = matmul::matmul(&mut gpu.recorder(), &x, &w, &c, &op, Epilogue::GeluBackward { pre: &short })
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("'short pre'"), "{error}");
+}
+
 /// CPU adapters take their tile by a fixed rule, without measuring (each candidate would be
 /// seconds of pipeline compile there): the wide CPU tile for the encoder's products, the
 /// narrow one as wide as a 32- or 64-wide product. On a GPU the rule says nothing.
@@ -574,6 +607,18 @@ fn f16_epilogues_and_the_tuned_entry_point() {
     let sum: Vec<f32> = start.iter().zip(&no_bias).map(|(a, b)| a + b).collect();
     assert_close("f16 accumulate", &gpu.read_f16(&acc).unwrap(), &sum, F16_RTOL, ATOL);
     assert_close("f16 through matmul()", &gpu.read_f16(&plain).unwrap(), &no_bias, F16_RTOL, ATOL);
+
+    // GELU backward from an f16 pre-activation into f16: the product stays f32 until the
+    // one rounding of C.
+    let pre_host = round_f16(&random_vec(m * n, 46, 3.0));
+    let pre = gpu.upload_f16("f16 pre", &[m, n], &pre_host).unwrap();
+    let d_pre = half("d_pre");
+    let mut rec = gpu.recorder();
+    matmul::matmul_with_tile(&mut rec, &x, &w, &d_pre, &op, Epilogue::GeluBackward { pre: &pre }, tile)
+        .unwrap();
+    rec.submit().unwrap();
+    let want = reference::elementwise::gelu_backward(&pre_host, &no_bias);
+    assert_close("f16 gelu backward", &gpu.read_f16(&d_pre).unwrap(), &want, F16_RTOL, ATOL);
 
     let f32_pre = gpu.zeros("f32 pre", &[m, n]).unwrap();
     let f16_bias = gpu.upload_f16("f16 bias", &[n], &bias_host).unwrap();

@@ -137,6 +137,10 @@ pub enum Epilogue<'t> {
     /// that of `elementwise::dropout` over C (element index row·N + col), so the separate
     /// pass over C is not needed. C is exactly M×N (one batch, packed rows).
     BiasDropout { bias: &'t Tensor, drop: DropoutSpec },
+    /// C = (A·B) · GELU'(pre), elementwise: a GELU's input gradient straight from the
+    /// product that gives its output gradient (`elementwise::gelu_backward` fused). `pre`
+    /// [M, N] is the GELU's input, in C's element type.
+    GeluBackward { pre: &'t Tensor },
 }
 
 impl Epilogue<'_> {
@@ -147,6 +151,7 @@ impl Epilogue<'_> {
             Epilogue::BiasGelu { .. } => 2,
             Epilogue::Accumulate => 3,
             Epilogue::BiasDropout { .. } => 4,
+            Epilogue::GeluBackward { .. } => 5,
         }
     }
 }
@@ -363,7 +368,7 @@ impl Matmul {
         {
             bias.expect_type("matmul", ElementType::F32)?;
         }
-        if let Epilogue::BiasGelu { pre, .. } = epilogue {
+        if let Epilogue::BiasGelu { pre, .. } | Epilogue::GeluBackward { pre } = epilogue {
             pre.expect_type("matmul", c.dtype)?;
         }
         match epilogue {
@@ -372,13 +377,17 @@ impl Matmul {
             {
                 Err(shape_error(format!("bias '{}' has {} elements, N = {}", bias.name, bias.len(), self.n)))
             }
-            Epilogue::BiasGelu { pre, .. } if pre.len() != c.len() || !packed => Err(shape_error(format!(
-                "pre-activation '{}' must match C '{}' ({} vs {} elements, packed rows)",
-                pre.name,
-                c.name,
-                pre.len(),
-                c.len()
-            ))),
+            Epilogue::BiasGelu { pre, .. } | Epilogue::GeluBackward { pre }
+                if pre.len() != c.len() || !packed =>
+            {
+                Err(shape_error(format!(
+                    "pre-activation '{}' must match C '{}' ({} vs {} elements, packed rows)",
+                    pre.name,
+                    c.name,
+                    pre.len(),
+                    c.len()
+                )))
+            }
             Epilogue::BiasDropout { .. } if !packed || self.batch > 1 || c.len() != self.m * self.n => {
                 Err(shape_error(format!(
                     "dropout epilogue: C '{}' ({} elements) must be exactly the {}x{} product, one batch of packed rows",
@@ -602,6 +611,7 @@ fn epilogue_buffers<'t>(a: &'t Tensor, c: &'t Tensor, epilogue: &Epilogue<'t>) -
     match *epilogue {
         Epilogue::Bias(bias) | Epilogue::BiasDropout { bias, .. } => (bias, c),
         Epilogue::BiasGelu { bias, pre } => (bias, pre),
+        Epilogue::GeluBackward { pre } => (a, pre),
         Epilogue::None | Epilogue::Accumulate => (a, c),
     }
 }

@@ -691,18 +691,18 @@ impl Bert {
             }
         };
         hook.ffn_output_backward(rec, s, l)?;
-        // The FFN: GELU(pre) is recomputed rather than kept; d pre ends in ffn_a.
+        // The FFN: GELU(pre) is recomputed rather than kept; d pre ends in ffn_b, straight
+        // from the product through GELU's backward (the matmul's epilogue).
         elementwise::gelu(rec, &x.pre, &acts.ffn_a)?;
-        let to_ffn_b = Some((&acts.ffn_b, Epilogue::None));
+        let to_ffn_b = Some((&acts.ffn_b, Epilogue::GeluBackward { pre: &x.pre }));
         let grads = (&g.ffn_out, GradMode::Overwrite);
         p.ffn_out.backward(rec, rows, &acts.ffn_a, d_ffn_out, grads, to_ffn_b, &acts.colsum)?;
-        elementwise::gelu_backward(rec, &x.pre, &acts.ffn_b, &acts.ffn_a)?;
         let to_a = Some((&acts.grad_y, Epilogue::Accumulate));
         p.ffn_in.backward(
             rec,
             rows,
             &x.a,
-            &acts.ffn_a,
+            &acts.ffn_b,
             (&g.ffn_in, GradMode::Overwrite),
             to_a,
             &acts.colsum,

@@ -291,18 +291,16 @@ pub struct Bottleneck {
     pub up: Linear,
 }
 
-/// A bottleneck's scratch [rows, r]: GELU(pre), its gradient, d pre.
+/// A bottleneck's scratch [rows, r]: GELU(pre), d pre.
 pub(crate) struct BottleneckScratch<'a> {
     pub g: &'a Tensor,
-    pub d_g: &'a Tensor,
     pub d_pre: &'a Tensor,
 }
 
 /// A bottleneck's scratch, owned: GELU(pre) [rows, r] (forward and backward), and for the
-/// backward its gradient and d pre (empty for inference).
+/// backward d pre (empty for inference).
 pub struct BottleneckBuffers<T> {
     pub g: T,
-    pub d_g: T,
     pub d_pre: T,
 }
 
@@ -313,7 +311,6 @@ impl<T> BottleneckBuffers<T> {
     ) -> Result<Self, GpuError> {
         Ok(BottleneckBuffers {
             g: a("scratch.bottleneck.g", &[rows, r])?,
-            d_g: a("scratch.bottleneck.d_g", &[backward_rows, r])?,
             d_pre: a("scratch.bottleneck.d_pre", &[backward_rows, r])?,
         })
     }
@@ -321,7 +318,7 @@ impl<T> BottleneckBuffers<T> {
 
 impl BottleneckBuffers<Tensor> {
     pub(crate) fn scratch(&self) -> BottleneckScratch<'_> {
-        BottleneckScratch { g: &self.g, d_g: &self.d_g, d_pre: &self.d_pre }
+        BottleneckScratch { g: &self.g, d_pre: &self.d_pre }
     }
 }
 
@@ -353,9 +350,8 @@ impl Bottleneck {
         colsum: &Tensor,
     ) -> Result<(), GpuError> {
         elementwise::gelu(rec, pre, s.g)?;
-        let dx = Some((s.d_g, Epilogue::None));
+        let dx = Some((s.d_pre, Epilogue::GeluBackward { pre }));
         self.up.backward(rec, rows, s.g, dy, (&grads.up, GradMode::Overwrite), dx, colsum)?;
-        elementwise::gelu_backward(rec, pre, s.d_g, s.d_pre)?;
         self.down.backward(rec, rows, x, s.d_pre, (&grads.down, GradMode::Overwrite), None, colsum)
     }
 }
