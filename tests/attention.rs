@@ -217,17 +217,22 @@ fn unfused_sequence_130() {
 }
 
 /// Chunks of the workspace: 12 heads of 512 keys take 12 MiB of scores per sequence, more
-/// than the workspace's 1 MiB, so each of three sequences is a chunk of its own; 4 heads
-/// of 100 keys take 160,000 bytes, so 6 of 7 sequences fit one chunk and the seventh
-/// follows at an offset.
+/// than a CPU adapter's workspace of 1 MiB, so each of three sequences is a chunk of its
+/// own; 4 heads of 100 keys take 160,000 bytes, so 6 of 7 sequences fit one chunk and the
+/// seventh follows at an offset. (GPUs' 64 MiB take each batch whole; CI's lavapipe runs
+/// the chunks.)
 #[test]
 fn unfused_chunks_of_long_sequences() {
+    let limit = attention::workspace_limit(gpu());
+    eprintln!("workspace limit on this adapter: {limit} bytes");
+    let cpu = attention::CPU_WORKSPACE_BYTES;
     let long = shape(3, 512, 12, 8);
-    assert_eq!(attention::workspace_bytes(long, false), 12 * 512 * 512 * 4);
+    assert_eq!(attention::workspace_bytes(long, false, cpu), 12 * 512 * 512 * 4);
     check_paths(&[AttentionPath::Unfused], long, 50, drop(0.1));
     let many = shape(7, 100, 4, 16);
-    assert_eq!(attention::workspace_bytes(many, false), 1 << 20);
-    assert_eq!(attention::chunk_count(many), 2);
+    assert_eq!(attention::workspace_bytes(many, false, cpu), 1 << 20);
+    assert_eq!(attention::chunk_count(many, cpu), 2);
+    assert_eq!(attention::chunk_count(many, attention::GPU_WORKSPACE_BYTES), 1);
     check_paths(&[AttentionPath::Unfused], many, 9, drop(0.1));
 }
 

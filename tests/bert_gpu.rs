@@ -293,7 +293,8 @@ fn dispatch_count_per_step() {
     // workspace chunk Q·Kᵀ, softmax, P·V and Q·Kᵀ, dO·Vᵀ, softmax backward, dV, dK, dQ,
     // after one delta prepass.
     let path = attention::path(gpu).unwrap();
-    let chunks = attention::chunk_count(AttentionShape { batch, seq, heads: 1, head_dim: 32 });
+    let shape = AttentionShape { batch, seq, heads: 1, head_dim: 32 };
+    let chunks = attention::chunk_count(shape, attention::workspace_limit(gpu));
     let (attention_forward, attention_backward) = match path {
         AttentionPath::Fused => (1, 3),
         AttentionPath::Unfused => (3 * chunks, 1 + 6 * chunks),

@@ -3,8 +3,8 @@
 //!   memory; what GPUs run.
 //! - unfused: Q·Kᵀ, P·V and the gradients' products on the batched matmul (one (b, h) per
 //!   batch), the softmax and its backward as row kernels (shaders/attention_softmax.wgsl),
-//!   the scores in a workspace of at most [`WORKSPACE_BYTES`] per matrix, or one sequence's
-//!   scores where those are larger (sequences run in chunks that fit). The fused kernel's per-row loops run at ~0.2 GFLOP/s on lavapipe,
+//!   the scores in a workspace of at most [`workspace_limit`] bytes per matrix, or one
+//!   sequence's scores where those are larger (sequences run in chunks that fit). The fused kernel's per-row loops run at ~0.2 GFLOP/s on lavapipe,
 //!   where the matmul's register tiles are 10× faster, so CPU adapters take this one.
 //!
 //! Both give the same results up to f32 rounding (same dropout mask, same lse).
@@ -367,29 +367,42 @@ pub fn path(gpu: &Gpu) -> Result<AttentionPath, GpuError> {
 // ----------------------------------------------------------------------------------------
 // The unfused path
 
-/// The most bytes one workspace score matrix takes; longer batches run in chunks. Small
-/// enough that a chunk's scores stay in a CPU's L2 cache from Q·Kᵀ through the softmax to
-/// P·V: on lavapipe 1 MiB chunks (one sequence of MiniLM or BERT-base at S = 128) ran the
-/// forward and backward about twice as fast as 32 MiB ones (one chunk for the batch).
-pub const WORKSPACE_BYTES: usize = 1 << 20;
+/// The most bytes one workspace score matrix takes on a CPU adapter; longer batches run in
+/// chunks. Small enough that a chunk's scores stay in a CPU's L2 cache from Q·Kᵀ through
+/// the softmax to P·V: on lavapipe 1 MiB chunks (one sequence of MiniLM or BERT-base at
+/// S = 128) ran the forward and backward about twice as fast as 32 MiB ones (one chunk for
+/// the batch).
+pub const CPU_WORKSPACE_BYTES: usize = 1 << 20;
+/// The same on GPUs, where each chunk's five to eight dispatches are what costs: BERT-base's
+/// batch of 32 × 128 (24 MiB of scores) is one chunk.
+pub const GPU_WORKSPACE_BYTES: usize = 64 << 20;
 
-/// Sequences per chunk: as many as fit the workspace, at least one.
-fn chunk_sequences(shape: AttentionShape) -> usize {
+/// Bytes one workspace score matrix may take on this adapter (within its largest binding).
+pub fn workspace_limit(gpu: &Gpu) -> usize {
+    if gpu.info.device_type == wgpu::DeviceType::Cpu {
+        return CPU_WORKSPACE_BYTES;
+    }
+    GPU_WORKSPACE_BYTES.min(gpu.limits.max_storage_buffer_binding_size as usize)
+}
+
+/// Sequences per chunk: as many as fit `limit` bytes, at least one.
+fn chunk_sequences(shape: AttentionShape, limit: usize) -> usize {
     let per_sequence = 4 * shape.heads * shape.seq * shape.seq;
-    (WORKSPACE_BYTES / per_sequence.max(1)).clamp(1, shape.batch.max(1))
+    (limit / per_sequence.max(1)).clamp(1, shape.batch.max(1))
 }
 
-/// Elements of one workspace score matrix: always the whole [`WORKSPACE_BYTES`] (or one
-/// sequence's scores where larger), so that every shape of a run shares one buffer and
-/// the recorder's cached bind groups stay valid after the first step.
-fn workspace_len(shape: AttentionShape) -> usize {
-    (WORKSPACE_BYTES / 4).max(shape.heads * shape.seq * shape.seq)
+/// Elements of one workspace score matrix: always the whole `limit` (or one sequence's
+/// scores where larger), so that every shape of a run shares one buffer and the
+/// recorder's cached bind groups stay valid after the first step.
+fn workspace_len(shape: AttentionShape, limit: usize) -> usize {
+    (limit / 4).max(shape.heads * shape.seq * shape.seq)
 }
 
-/// Bytes of workspace the unfused path holds for `shape`: one score matrix for the
-/// forward, two for the backward (the larger of what this shape and earlier ones needed).
-pub fn workspace_bytes(shape: AttentionShape, backward: bool) -> u64 {
-    (4 * workspace_len(shape) * if backward { 2 } else { 1 }) as u64
+/// Bytes of workspace the unfused path holds for `shape` under `limit`
+/// ([`workspace_limit`]): one score matrix for the forward, two for the backward (the
+/// larger of what this shape and earlier ones needed).
+pub fn workspace_bytes(shape: AttentionShape, backward: bool, limit: usize) -> u64 {
+    (4 * workspace_len(shape, limit) * if backward { 2 } else { 1 }) as u64
 }
 
 /// Where a product operand lives: a [B, S, H, D] tensor (head h of sequence b at
@@ -436,14 +449,15 @@ fn head_product(
     }
 }
 
-/// How many chunks the unfused path runs `shape` in (its dispatches are per chunk).
-pub fn chunk_count(shape: AttentionShape) -> usize {
-    chunks(shape).count()
+/// How many chunks the unfused path runs `shape` in under `limit` (its dispatches are per
+/// chunk).
+pub fn chunk_count(shape: AttentionShape, limit: usize) -> usize {
+    chunks(shape, limit).count()
 }
 
 /// (first sequence, sequences) of each chunk.
-fn chunks(shape: AttentionShape) -> impl Iterator<Item = (usize, usize)> {
-    let size = chunk_sequences(shape);
+fn chunks(shape: AttentionShape, limit: usize) -> impl Iterator<Item = (usize, usize)> {
+    let size = chunk_sequences(shape, limit);
     (0..shape.batch).step_by(size).map(move |first| (first, size.min(shape.batch - first)))
 }
 
@@ -490,7 +504,7 @@ fn product(rec: &mut Recorder, [a, b, c]: [&Tensor; 3], op: &Matmul) -> Result<(
 
 /// The chunks' score matrices in the workspace `name`.
 fn scores_workspace(gpu: &Gpu, name: &'static str, shape: AttentionShape) -> Result<Tensor, GpuError> {
-    gpu.workspace(name, workspace_len(shape))
+    gpu.workspace(name, workspace_len(shape, workspace_limit(gpu)))
 }
 
 /// [q, k, v, mask, out, lse]: per chunk, scores = Q·Kᵀ, the softmax in place, out = P·V.
@@ -504,7 +518,7 @@ fn unfused_forward(
     use Layout::{Heads, Scores};
     let (s, d) = (shape.seq, shape.head_dim);
     let scores = scores_workspace(rec.gpu, "attention.scores", shape)?;
-    for chunk in chunks(shape) {
+    for chunk in chunks(shape, workspace_limit(rec.gpu)) {
         let qk = head_product(shape, chunk, [s, s, d], (false, true), [Heads, Heads, Scores]);
         product(rec, [q, k, &scores], &qk)?;
         let p = softmax_params(params, shape, chunk)?;
@@ -544,7 +558,7 @@ fn unfused_backward(
     let (s, d) = (shape.seq, shape.head_dim);
     let probs = scores_workspace(rec.gpu, "attention.scores", shape)?;
     let d_scores = scores_workspace(rec.gpu, "attention.d_scores", shape)?;
-    for chunk in chunks(shape) {
+    for chunk in chunks(shape, workspace_limit(rec.gpu)) {
         let by_keys = head_product(shape, chunk, [s, s, d], (false, true), [Heads, Heads, Scores]);
         product(rec, [t.q, t.k, &probs], &by_keys)?;
         product(rec, [t.d_out, t.v, &d_scores], &by_keys)?;
@@ -572,23 +586,25 @@ mod tests {
         {
             let shape = AttentionShape { batch, seq, heads, head_dim: 64 };
             let per_sequence = 4 * heads * seq * seq;
-            assert_eq!(
-                workspace_bytes(shape, false) as usize,
-                WORKSPACE_BYTES.max(per_sequence),
-                "{shape:?}"
-            );
-            assert_eq!(workspace_bytes(shape, true), 2 * workspace_bytes(shape, false));
-            let mut next = 0;
-            for (first, sequences) in chunks(shape) {
-                assert!(first == next && sequences >= 1 && sequences <= chunk_sequences(shape), "{shape:?}");
-                next += sequences;
+            for limit in [CPU_WORKSPACE_BYTES, GPU_WORKSPACE_BYTES] {
+                let what = format!("{shape:?} limit {limit}");
+                assert_eq!(workspace_bytes(shape, false, limit) as usize, limit.max(per_sequence), "{what}");
+                assert_eq!(workspace_bytes(shape, true, limit), 2 * workspace_bytes(shape, false, limit));
+                let mut next = 0;
+                for (first, sequences) in chunks(shape, limit) {
+                    let most = chunk_sequences(shape, limit);
+                    assert!(first == next && sequences >= 1 && sequences <= most, "{what}");
+                    next += sequences;
+                }
+                assert_eq!(next, batch, "{what}");
             }
-            assert_eq!(next, batch, "{shape:?}");
         }
-        // BERT-base at batch 32 x 128: chunks of one sequence (768 KiB) in 1 MiB matrices.
+        // BERT-base at batch 32 x 128: on a CPU chunks of one sequence (768 KiB) in 1 MiB
+        // matrices; on a GPU the whole batch (24 MiB) in one chunk.
         let base = AttentionShape { batch: 32, seq: 128, heads: 12, head_dim: 64 };
-        assert_eq!(workspace_bytes(base, true), 2 << 20);
-        assert_eq!(chunks(base).count(), 32);
+        assert_eq!(workspace_bytes(base, true, CPU_WORKSPACE_BYTES), 2 << 20);
+        assert_eq!(chunks(base, CPU_WORKSPACE_BYTES).count(), 32);
+        assert_eq!(chunks(base, GPU_WORKSPACE_BYTES).count(), 1);
     }
 
     #[test]

@@ -146,9 +146,11 @@ pub fn memory_report(config: &BertConfig, batch: usize, seq: usize, mixed: bool)
     // The unfused attention path's score matrices (CPU adapters), shared by every layer
     // and kept by the device, not the model: on top of the total where that path runs.
     let shape = AttentionShape { batch, seq, heads: config.num_attention_heads, head_dim: config.head_dim() };
-    let (train, eval) = (attention::workspace_bytes(shape, true), attention::workspace_bytes(shape, false));
+    let limit = attention::CPU_WORKSPACE_BYTES;
+    let (train, eval) =
+        (attention::workspace_bytes(shape, true, limit), attention::workspace_bytes(shape, false, limit));
     lines.push(format!(
-        "{} (unfused attention's workspace, where that path runs)",
+        "{} (unfused attention's workspace on a CPU adapter, where that path runs)",
         row("+ attention", train, eval)
     ));
     lines.push("  training activations by buffer (count x shape class):".to_string());
