@@ -308,12 +308,29 @@ fn message(result: Result<(), GpuError>) -> String {
 #[test]
 fn default_path_is_named() {
     let gpu = gpu();
-    let path = attention::path(gpu).unwrap();
-    eprintln!("attention path on {}: {}", gpu.describe(), path.name());
+    let minilm = shape(8, 128, 12, 32);
+    let path = attention::path(gpu, minilm, ElementType::F32).unwrap();
+    eprintln!("attention path on {} at MiniLM's shape: {}", gpu.describe(), path.name());
     let cpu = gpu.info.device_type == wgpu::DeviceType::Cpu;
-    if std::env::var_os("PALS_ATTENTION").is_none() {
-        assert_eq!(path, if cpu { AttentionPath::Unfused } else { AttentionPath::Fused });
+    if std::env::var_os("PALS_ATTENTION").is_none() && cpu {
+        assert_eq!(path, AttentionPath::Unfused, "CPU adapters take the unfused path by rule");
     }
+}
+
+/// GPUs measure the two paths once per shape class; the measurement runs here on whatever
+/// adapter the tests have: it picks one, remembers it (the second call measures nothing),
+/// and the path it picked matches the reference.
+#[test]
+fn measured_path_is_remembered_and_right() {
+    let gpu = gpu();
+    let small = shape(3, 40, 2, 16);
+    let first = attention::measure_path(gpu, small, ElementType::F32).unwrap();
+    let spent = *gpu.tune.spent.lock().unwrap();
+    let again = attention::measure_path(gpu, small, ElementType::F32).unwrap();
+    eprintln!("measured path on {}: {} (tuning so far {spent:?})", gpu.describe(), first.name());
+    assert_eq!(first, again);
+    assert_eq!(*gpu.tune.spent.lock().unwrap(), spent, "the second call measured again");
+    check_paths(&[first], small, 17, drop(0.1));
 }
 
 #[test]
@@ -393,7 +410,8 @@ fn timing() {
         // Compile (and tune) and warm up; with a cold MESA_SHADER_CACHE_DIR this is the
         // path's pipeline builds.
         let started = std::time::Instant::now();
-        run_gpu(gpu, attention::path(gpu).unwrap(), shape, &x, 0.125, drop(0.1));
+        let path = attention::path(gpu, shape, ElementType::F32).unwrap();
+        run_gpu(gpu, path, shape, &x, 0.125, drop(0.1));
         eprintln!("{shape:?}: first forward + backward {:.2} s", started.elapsed().as_secs_f64());
         let dims = [shape.batch, shape.seq, shape.heads, shape.head_dim];
         let rows = [shape.batch, shape.heads, shape.seq];

@@ -292,7 +292,8 @@ fn dispatch_count_per_step() {
     // epilogue) besides attention + 12 (embeddings). Attention takes 1 forward and 3 backward dispatches fused; unfused, per
     // workspace chunk Q·Kᵀ, softmax, P·V and Q·Kᵀ, dO·Vᵀ, softmax backward, dV, dK, dQ,
     // after one delta prepass.
-    let path = attention::path(gpu).unwrap();
+    let layer_shape = AttentionShape { batch, seq, heads: c.num_attention_heads, head_dim: c.head_dim() };
+    let path = attention::path(gpu, layer_shape, pals::gpu::ElementType::F32).unwrap();
     let shape = AttentionShape { batch, seq, heads: 1, head_dim: 32 };
     let chunks = attention::chunk_count(shape, attention::workspace_limit(gpu));
     let (attention_forward, attention_backward) = match path {

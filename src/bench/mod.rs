@@ -14,7 +14,7 @@ use crate::data::cache::{TokenizedExample, TokenizedSplit};
 use crate::data::custom::{CustomTask, Kind};
 use crate::data::glue::{Label, Split};
 use crate::data::source::TaskSource;
-use crate::gpu::{Gpu, GpuError, Tensor, Timing};
+use crate::gpu::{ElementType, Gpu, GpuError, Tensor, Timing};
 use crate::kernels::attention::{self, AttentionPath, AttentionShape};
 use crate::kernels::elementwise::DropoutSpec;
 use crate::kernels::matmul::{self, Epilogue, Matmul};
@@ -290,14 +290,14 @@ impl AttentionOperands {
 /// The attention rows of `pals bench`: MiniLM's step shape, then BERT-base's, on the path
 /// this adapter runs, then on the other one as the yardstick, and their ratio.
 pub fn attention_report(gpu: &Gpu) -> Result<Vec<String>, GpuError> {
-    let chosen = attention::path(gpu)?;
-    let other = match chosen {
-        AttentionPath::Fused => AttentionPath::Unfused,
-        AttentionPath::Unfused => AttentionPath::Fused,
-    };
     let mut rows = Vec::new();
     for operands in [AttentionOperands::minilm(gpu)?, AttentionOperands::bert_base(gpu)?] {
         let s = operands.shape;
+        let chosen = attention::path(gpu, s, ElementType::F32)?;
+        let other = match chosen {
+            AttentionPath::Fused => AttentionPath::Unfused,
+            AttentionPath::Unfused => AttentionPath::Fused,
+        };
         let title = format!("attention b{} h{} s{} d{}", s.batch, s.heads, s.seq, s.head_dim);
         rows.push(format!("{title:<30} {:>10} {:>9}", "GPU ms", "GFLOP/s"));
         let mut seconds = Vec::new();
@@ -604,11 +604,15 @@ pub fn train_bench(gpu: &Gpu, bench: &TrainBench) -> anyhow::Result<TrainReport>
     let tasks: Vec<TaskSpec> = session.trainer.data.iter().map(|t| t.spec.clone()).collect();
     let method = session.method;
     let mixed = bench.precision == Precision::Mixed;
+    let heads = c.num_attention_heads;
+    let attention_shape =
+        AttentionShape { batch: bench.batch, seq: padded_seq, heads, head_dim: c.head_dim() };
+    let qkv = if mixed { ElementType::F16 } else { ElementType::F32 };
     let mut memory = crate::model::memory::memory_report(c, bench.batch, padded_seq, mixed);
     memory.extend(crate::model::memory::task_memory_report(c, &method, &tasks, bench.batch, padded_seq));
     Ok(TrainReport {
         adapter: gpu.describe(),
-        attention_path: attention::path(gpu)?.name(),
+        attention_path: attention::path(gpu, attention_shape, qkv)?.name(),
         bench: bench.clone(),
         method: format!("{method:?}"),
         padded_seq,

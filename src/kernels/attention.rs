@@ -1,13 +1,15 @@
 //! Multi-head self-attention, forward and backward, on one of two paths:
 //! - fused (shaders/attention.wgsl): flash-attention style, the S×S scores never reach
-//!   memory; what GPUs run.
+//!   memory.
 //! - unfused: Q·Kᵀ, P·V and the gradients' products on the batched matmul (one (b, h) per
 //!   batch), the softmax and its backward as row kernels (shaders/attention_softmax.wgsl),
 //!   the scores in a workspace of at most [`workspace_limit`] bytes per matrix, or one
 //!   sequence's scores where those are larger (sequences run in chunks that fit). The fused kernel's per-row loops run at ~0.2 GFLOP/s on lavapipe,
 //!   where the matmul's register tiles are 10× faster, so CPU adapters take this one.
 //!
-//! Both give the same results up to f32 rounding (same dropout mask, same lse).
+//! GPUs take whichever measures faster per shape class ([`path`]): the unfused products run
+//! on tensor cores where the adapter has them. Both give the same results up to f32 rounding
+//! (same dropout mask, same lse).
 //!
 //! q, k and v may be stored f16 (mixed precision keeps these activations at half the
 //! memory), all three alike; both paths widen them at each load and sum in f32. Every
@@ -16,7 +18,7 @@
 use super::elementwise::DropoutSpec;
 use super::matmul::{self, Epilogue, InnerBatch, Matmul};
 use super::{expect_count, expect_len, expect_shader_f16, storage_aliases, to_u32};
-use crate::gpu::{Binding, ElementType, Gpu, GpuError, KernelSpec, Recorder, Tensor, spread};
+use crate::gpu::{Binding, ElementType, Gpu, GpuError, KernelSpec, Recorder, Tensor, spread, tuning_enabled};
 use Binding::{Read, Write};
 
 const SOURCE: &str =
@@ -185,7 +187,7 @@ pub fn attention_forward(
     scale: f32,
     dropout: DropoutSpec,
 ) -> Result<(), GpuError> {
-    let path = path(rec.gpu)?;
+    let path = path(rec.gpu, shape, q.dtype)?;
     attention_forward_on(path, rec, shape, q, k, v, mask, out, lse, scale, dropout)
 }
 
@@ -248,7 +250,7 @@ pub fn attention_backward(
     scale: f32,
     dropout: DropoutSpec,
 ) -> Result<(), GpuError> {
-    let path = path(rec.gpu)?;
+    let path = path(rec.gpu, shape, q.dtype)?;
     attention_backward_on(
         path,
         rec,
@@ -347,20 +349,117 @@ impl AttentionPath {
             AttentionPath::Unfused => "unfused",
         }
     }
+
+    fn parse(name: &str) -> Option<AttentionPath> {
+        [AttentionPath::Fused, AttentionPath::Unfused].into_iter().find(|p| p.name() == name)
+    }
 }
 
-/// The path for this adapter: `PALS_ATTENTION=fused|unfused` when set, else unfused on CPU
-/// adapters and fused elsewhere. A rule, not a measurement: it costs a first run nothing.
-pub fn path(gpu: &Gpu) -> Result<AttentionPath, GpuError> {
-    match std::env::var("PALS_ATTENTION").as_deref() {
-        Ok("fused") => Ok(AttentionPath::Fused),
-        Ok("unfused") => Ok(AttentionPath::Unfused),
-        Ok(other) => Err(GpuError::Device {
+/// The path `shape` runs on, with q, k and v stored as `qkv`: `PALS_ATTENTION=fused|unfused`
+/// when set; unfused on CPU adapters, by rule (there the fused kernel's row loops are ~10×
+/// slower, and measuring would cost a first run seconds of pipeline builds); on GPUs the
+/// faster of the two, measured once per shape class ([`measure_path`]) and cached like the
+/// matmul tiles (fused where tuning is off).
+pub fn path(gpu: &Gpu, shape: AttentionShape, qkv: ElementType) -> Result<AttentionPath, GpuError> {
+    if let Some(forced) = forced_path()? {
+        return Ok(forced);
+    }
+    if gpu.info.device_type == wgpu::DeviceType::Cpu {
+        return Ok(AttentionPath::Unfused);
+    }
+    if !tuning_enabled() {
+        return Ok(AttentionPath::Fused);
+    }
+    measure_path(gpu, shape, qkv)
+}
+
+/// `PALS_ATTENTION`'s path, if set.
+fn forced_path() -> Result<Option<AttentionPath>, GpuError> {
+    match std::env::var("PALS_ATTENTION") {
+        Err(_) => Ok(None),
+        Ok(name) => AttentionPath::parse(&name).map(Some).ok_or_else(|| GpuError::Device {
             op: "attention".into(),
-            message: format!("PALS_ATTENTION='{other}' is not a path: use fused or unfused"),
+            message: format!("PALS_ATTENTION='{name}' is not a path: use fused or unfused"),
         }),
-        Err(_) if gpu.info.device_type == wgpu::DeviceType::Cpu => Ok(AttentionPath::Unfused),
-        Err(_) => Ok(AttentionPath::Fused),
+    }
+}
+
+/// The unfused path is taken only when it measures this much faster: the paths differ in
+/// f32 rounding, and a near tie must not flip between two fresh runs.
+const UNFUSED_MARGIN: f64 = 1.1;
+
+/// The faster path for `shape`'s class (its sequence length's power-of-two bucket, head
+/// dim and q/k/v type), from one forward + backward of each on a proxy of up to 8
+/// sequences; remembered in the adapter's tuning cache. The unfused path's products are the
+/// matmul's, on tensor cores where the adapter has them and q, k, v are f16.
+pub fn measure_path(gpu: &Gpu, shape: AttentionShape, qkv: ElementType) -> Result<AttentionPath, GpuError> {
+    let key = format!(
+        "attention:s{}:d{}:{}",
+        shape.seq.max(1).next_power_of_two(),
+        shape.head_dim,
+        if qkv == ElementType::F16 { "f16" } else { "f32" }
+    );
+    if let Some(found) = gpu.tune.get(&key).as_deref().and_then(AttentionPath::parse) {
+        return Ok(found);
+    }
+    let proxy = PathProxy::new(gpu, AttentionShape { batch: shape.batch.clamp(1, 8), ..shape }, qkv)?;
+    let names = [AttentionPath::Fused, AttentionPath::Unfused].map(|p| p.name().to_string());
+    let chosen = gpu.tune.choose(&key, &names, |name| {
+        let path = AttentionPath::parse(name).unwrap_or(AttentionPath::Fused);
+        let margin = if path == AttentionPath::Unfused { UNFUSED_MARGIN } else { 1.0 };
+        proxy.seconds(gpu, path).map_or(f64::INFINITY, |s| s * margin)
+    });
+    Ok(AttentionPath::parse(&chosen).unwrap_or(AttentionPath::Fused))
+}
+
+/// Zero-filled operands of one shape, for measuring the paths.
+struct PathProxy {
+    shape: AttentionShape,
+    /// q, k, v, o, d_out, mask, lse, delta, dq, dk, dv
+    t: [Tensor; 11],
+}
+
+impl PathProxy {
+    fn new(gpu: &Gpu, shape: AttentionShape, qkv: ElementType) -> Result<PathProxy, GpuError> {
+        let (n, rows) = (shape.qkv_len(), shape.rows_len());
+        let of = |name: &str, len: usize, dtype| gpu.zeros_of(name, &[len], dtype);
+        let f32s = |name: &str, len: usize| gpu.zeros(name, &[len]);
+        Ok(PathProxy {
+            shape,
+            t: [
+                of("tune q", n, qkv)?,
+                of("tune k", n, qkv)?,
+                of("tune v", n, qkv)?,
+                f32s("tune o", n)?,
+                f32s("tune d_out", n)?,
+                f32s("tune mask", shape.mask_len())?,
+                f32s("tune lse", rows)?,
+                f32s("tune delta", rows)?,
+                f32s("tune dq", n)?,
+                f32s("tune dk", n)?,
+                f32s("tune dv", n)?,
+            ],
+        })
+    }
+
+    /// Seconds of one forward and backward on `path`, after one that compiles its pipelines.
+    fn seconds(&self, gpu: &Gpu, path: AttentionPath) -> Result<f64, GpuError> {
+        let [q, k, v, o, d_out, mask, lse, delta, dq, dk, dv] = &self.t;
+        let (shape, scale, drop) = (self.shape, self.shape.scale(), DropoutSpec::NONE);
+        let run = || -> Result<f64, GpuError> {
+            let started = std::time::Instant::now();
+            let mut rec = gpu.recorder();
+            attention_forward_on(path, &mut rec, shape, q, k, v, mask, o, lse, scale, drop)?;
+            #[rustfmt::skip]
+            attention_backward_on(
+                path, &mut rec, shape, q, k, v, o, d_out, mask, lse, delta, dq, dk, dv, scale, drop,
+            )?;
+            rec.submit()?;
+            gpu.wait()?;
+            Ok(started.elapsed().as_secs_f64())
+        };
+        run()?;
+        run()
     }
 }
 
