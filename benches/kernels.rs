@@ -38,7 +38,7 @@ fn matmul(c: &mut Criterion) {
 fn attention(c: &mut Criterion) {
     let gpu = gpu();
     let operands = AttentionOperands::bert_base(&gpu).unwrap();
-    let path = attention::path(&gpu).unwrap();
+    let path = attention::path(&gpu, operands.shape, pals::gpu::ElementType::F32).unwrap();
     operands.forward_seconds(&gpu, path).unwrap();
     operands.backward_seconds(&gpu, path).unwrap();
     let mut group = c.benchmark_group(format!("attention b32 h12 s128 d64 {}", path.name()));
