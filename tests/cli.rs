@@ -201,15 +201,16 @@ fn fp16_is_mixed_precision_saved_logged_and_kept_on_resume() {
 fn a_closed_pipe_is_not_a_panic() {
     use std::os::unix::process::ExitStatusExt;
     use std::process::{Command, Stdio};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pals"))
+    // The read end is closed before the program starts, so its first line meets no reader
+    // (closing it after the spawn raced the program's first write).
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let output = Command::new(env!("CARGO_BIN_EXE_pals"))
         .args(["bench", "--memory", "base", "--batch", "32"])
-        .stdout(Stdio::piped())
+        .stdout(writer)
         .stderr(Stdio::piped())
-        .spawn()
+        .output()
         .unwrap();
-    // Closed before the program has started up, so its first line meets no reader.
-    drop(child.stdout.take());
-    let output = child.wait_with_output().unwrap();
     let text = stderr(&output);
     assert!(!text.contains("panicked"), "{text}");
     const SIGPIPE: i32 = 13; // on every Unix pals builds for
