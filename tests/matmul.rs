@@ -188,6 +188,29 @@ fn gelu_backward_epilogue_matches_the_separate_pass() {
     assert!(error.contains("'short pre'"), "{error}");
 }
 
+/// Mixed precision's steps let every product round f32 operands to f16 (as AMP does), so
+/// the tuner also measures cooperative matrices for products stored f32 (task modules,
+/// the pooler); without the recorder's permission an f32 product never takes them. Where
+/// the adapter has none, the product stays on the tiles and the test says why.
+#[test]
+fn rounding_to_f16_is_asked_for_not_assumed() {
+    let gpu = gpu();
+    let op = Matmul::new(64, 48, 32).trans_b();
+    let (a, b) = (gpu.zeros("a", &[64, 32]).unwrap(), gpu.zeros("b", &[48, 32]).unwrap());
+    let mut rec = gpu.recorder();
+    let plain = matmul::kernel_for(&rec, &a, &b, &op).unwrap();
+    assert!(matches!(plain, Kernel::Tiled(_)), "an f32 product took {plain:?} unasked");
+    rec.round_products_to_f16(true);
+    let rounded = matmul::kernel_for(&rec, &a, &b, &op).unwrap();
+    match matmul::coop_unavailable(gpu) {
+        Some(why) => {
+            eprintln!("f32 operands rounded to f16 stay on the tiles here: {why}");
+            assert_eq!(rounded, plain);
+        }
+        None => eprintln!("f32 operands rounded to f16: the tuner measured and took {rounded:?}"),
+    }
+}
+
 /// CPU adapters take their tile by a fixed rule, without measuring (each candidate would be
 /// seconds of pipeline compile there): the wide CPU tile for the encoder's products, the
 /// narrow one as wide as a 32- or 64-wide product. On a GPU the rule says nothing.

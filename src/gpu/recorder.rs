@@ -72,6 +72,8 @@ pub struct Recorder<'g> {
     params: Vec<u8>,
     /// What dispatches are labelled instead of their kernel's name (`labelled`).
     label: Option<&'static str>,
+    /// Mixed precision: every product may round f32 operands to f16 (`round_products_to_f16`).
+    f16_products: bool,
 }
 
 /// A bind group is found again by its pipeline, its parameter block's size and the
@@ -226,7 +228,14 @@ impl Gpu {
     }
 
     pub fn recorder(&self) -> Recorder<'_> {
-        Recorder { gpu: self, commands: Vec::new(), dispatches: 0, params: Vec::new(), label: None }
+        Recorder {
+            gpu: self,
+            commands: Vec::new(),
+            dispatches: 0,
+            params: Vec::new(),
+            label: None,
+            f16_products: false,
+        }
     }
 }
 
@@ -244,6 +253,18 @@ pub fn spread(gpu: &Gpu, workgroups: u32) -> [u32; 3] {
 impl Recorder<'_> {
     /// Runs `record` with every dispatch it appends timed under `label` instead of its
     /// kernel's name: the unfused attention's products are attention's time, not matmul's.
+    /// Lets every product recorded from now on round f32 operands to f16 (f32 sums), as
+    /// PyTorch's AMP autocast does for all its matmuls: where the adapter has cooperative
+    /// matrices, the tuner then also measures them for the products whose operands are
+    /// stored f32 (task modules, the pooler). Mixed precision's steps turn it on.
+    pub fn round_products_to_f16(&mut self, on: bool) {
+        self.f16_products = on;
+    }
+
+    pub fn rounds_products_to_f16(&self) -> bool {
+        self.f16_products
+    }
+
     pub fn labelled<T>(&mut self, label: &'static str, record: impl FnOnce(&mut Self) -> T) -> T {
         let outer = self.label.replace(label);
         let result = record(self);
@@ -466,7 +487,8 @@ impl Recorder<'_> {
     /// offsets they hold).
     fn part(&self, commands: Vec<Command>) -> Recorder<'_> {
         let dispatches = commands.iter().filter(|c| matches!(c, Command::Dispatch(_))).count();
-        Recorder { gpu: self.gpu, commands, dispatches, params: self.params.clone(), label: None }
+        let params = self.params.clone();
+        Recorder { gpu: self.gpu, commands, dispatches, params, label: None, f16_products: self.f16_products }
     }
 
     fn encode_and_submit_indexed(

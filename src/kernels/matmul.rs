@@ -524,13 +524,20 @@ pub fn matmul(
     epilogue: Epilogue,
 ) -> Result<(), GpuError> {
     op.check(a, b, c, &epilogue)?;
-    let f16_inputs = a.dtype == ElementType::F16 || b.dtype == ElementType::F16;
-    let coop = coop_unavailable(rec.gpu).is_none();
-    let tuned = Matmul { f16_operands: (op.f16_operands || f16_inputs) && coop, ..*op };
-    match choose_kernel(rec.gpu, &tuned)? {
+    match kernel_for(rec, a, b, op)? {
         Kernel::Tiled(tile) => matmul_with_tile(rec, a, b, c, op, epilogue, tile),
         Kernel::Coop => matmul_coop(rec, a, b, c, op, epilogue),
     }
+}
+
+/// The kernel `matmul` runs `op` on with these operands: f16 storage of A or B, the op's
+/// own `f16_operands` or the recorder's [`Recorder::round_products_to_f16`] let the tuner
+/// measure cooperative matrices too, where the adapter has them.
+pub fn kernel_for(rec: &Recorder, a: &Tensor, b: &Tensor, op: &Matmul) -> Result<Kernel, GpuError> {
+    let f16_inputs = a.dtype == ElementType::F16 || b.dtype == ElementType::F16;
+    let rounding = op.f16_operands || f16_inputs || rec.rounds_products_to_f16();
+    let coop = coop_unavailable(rec.gpu).is_none();
+    choose_kernel(rec.gpu, &Matmul { f16_operands: rounding && coop, ..*op })
 }
 
 /// Why the cooperative-matrix kernel cannot run on this adapter; `None` when it can: the

@@ -620,6 +620,7 @@ impl<'g> Trainer<'g> {
         let bucket = &self.buckets[&(m, b, s)];
         let model = &self.models[m];
         let mut rec = gpu.recorder();
+        rec.round_products_to_f16(self.settings.precision == Precision::Mixed);
         let loss =
             model.forward_backward(&mut rec, &bucket.acts, &bucket.inputs, &bucket.head, k, dropout)?;
         // A copy keeps this step's loss until it is read back.
@@ -737,6 +738,7 @@ impl<'g> Trainer<'g> {
         self.bucket(m, b, s)?.inputs.write(gpu, batch)?;
         let bucket = &self.buckets[&(m, b, s)];
         let mut rec = self.gpu.recorder();
+        rec.round_products_to_f16(self.settings.precision == Precision::Mixed);
         self.models[m].forward(&mut rec, &bucket.acts, &bucket.inputs, k, None)?;
         rec.submit()?;
         Ok(self.gpu.read(&self.models[m].logits(&bucket.acts, k)?)?)
