@@ -183,25 +183,41 @@ fn fused_dropout_residual_layernorm_matches_reference() {
             assert_close(&what("y"), &got.ln.y, &y, 1e-5, 1e-5);
             assert_close(&what("mean"), &got.ln.mean, &mean, 1e-5, 1e-5);
             assert_close(&what("rstd"), &got.ln.rstd, &rstd, 1e-5, 1e-5);
-            let (ds, dx, dgamma, dbeta) = reference::layernorm::dropout_residual_layernorm_backward(
-                &input.x,
-                dropout,
-                residual,
-                &input.gamma,
-                &input.dy,
-                eps_for(n),
-            );
-            let sum_atol = 1e-6 * (m as f32).max(10.0);
-            assert_close(&what("d residual"), &got.ln.dx, &ds, 1e-4, 1e-5);
-            assert_close(&what("dx"), &got.d_input, &dx, 1e-4, 1e-5);
-            assert_close(&what("dgamma"), &got.ln.dgamma, &dgamma, 1e-4, sum_atol);
-            assert_close(&what("dbeta"), &got.ln.dbeta, &dbeta, 1e-4, sum_atol);
+            let got_grads = [&got.ln.dx, &got.d_input, &got.ln.dgamma, &got.ln.dbeta];
+            check_dropout_backward(&what, (m, n), &input, dropout, got_grads.map(|v| v.as_slice()));
             if p > 0.0 && m * n >= 100 {
                 let zeros = got.d_input.iter().filter(|&&v| v == 0.0).count();
                 assert!(zeros > 0, "{}: nothing dropped", what("dx"));
             }
         }
     }
+}
+
+/// The gradients of LN(Dropout(x) + residual) — of s (the residual's), of x before
+/// dropout, of gamma and beta — against the reference.
+fn check_dropout_backward(
+    what: &dyn Fn(&str) -> String,
+    (m, n): (usize, usize),
+    input: &Inputs,
+    dropout: DropoutSpec,
+    [ds, dx, dgamma, dbeta]: [&[f32]; 4],
+) {
+    let residual = input.residual.as_deref().unwrap();
+    let eps = eps_for(n);
+    let (want_ds, want_dx, want_dgamma, want_dbeta) =
+        reference::layernorm::dropout_residual_layernorm_backward(
+            &input.x,
+            dropout,
+            residual,
+            &input.gamma,
+            &input.dy,
+            eps,
+        );
+    let sum_atol = 1e-6 * (m as f32).max(10.0);
+    assert_close(&what("d residual"), ds, &want_ds, 1e-4, 1e-5);
+    assert_close(&what("dx"), dx, &want_dx, 1e-4, 1e-5);
+    assert_close(&what("dgamma"), dgamma, &want_dgamma, 1e-4, sum_atol);
+    assert_close(&what("dbeta"), dbeta, &want_dbeta, 1e-4, sum_atol);
 }
 
 /// LN(x + residual) where x was stored already dropped (the matmul's dropout epilogue),
@@ -243,19 +259,14 @@ fn backward_through_stored_dropout_matches_reference() {
             let read = |t: &Tensor| gpu.read::<f32>(t).unwrap();
             let what =
                 |name: &str| format!("stored-dropout {name} {m}x{n} p={p} shard {shard} width {width:?}");
-            let (ds, d_x, d_gamma, d_beta) = reference::layernorm::dropout_residual_layernorm_backward(
-                &input.x,
+            let got_grads = [&dx, &d_input, &dgamma, &dbeta].map(read);
+            check_dropout_backward(
+                &what,
+                (m, n),
+                &input,
                 dropout,
-                residual,
-                &input.gamma,
-                &input.dy,
-                eps_for(n),
+                got_grads.each_ref().map(|v| v.as_slice()),
             );
-            let sum_atol = 1e-6 * (m as f32).max(10.0);
-            assert_close(&what("d residual"), &read(&dx), &ds, 1e-4, 1e-5);
-            assert_close(&what("dx"), &read(&d_input), &d_x, 1e-4, 1e-5);
-            assert_close(&what("dgamma"), &read(&dgamma), &d_gamma, 1e-4, sum_atol);
-            assert_close(&what("dbeta"), &read(&dbeta), &d_beta, 1e-4, sum_atol);
             let bits = |t: &Tensor| read(t).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&d_input), bits(&separate), "{}", what("dx against the separate dropout pass"));
         }
