@@ -125,39 +125,82 @@ struct FusedOutputs {
     d_input: Vec<f32>,
 }
 
+/// A fused case's tensors on the device: x (as given: before or after dropout), the
+/// residual, gamma, beta and dy uploaded, the outputs zeroed.
+struct FusedTensors {
+    x: Tensor,
+    residual: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    dy: Tensor,
+    /// y, dx, d_input
+    out: [Tensor; 3],
+    /// mean, rstd
+    stats: [Tensor; 2],
+    /// dgamma, dbeta
+    params: [Tensor; 2],
+    partials: Tensor,
+}
+
+impl FusedTensors {
+    fn new(m: usize, n: usize, x: &[f32], input: &Inputs) -> FusedTensors {
+        let gpu = gpu();
+        FusedTensors {
+            x: gpu.upload("x", &[m, n], x).unwrap(),
+            residual: gpu.upload("residual", &[m, n], input.residual.as_ref().unwrap()).unwrap(),
+            gamma: gpu.upload("gamma", &[n], &input.gamma).unwrap(),
+            beta: gpu.upload("beta", &[n], &input.beta).unwrap(),
+            dy: gpu.upload("dy", &[m, n], &input.dy).unwrap(),
+            out: ["y", "dx", "d_input"].map(|name| gpu.zeros(name, &[m, n]).unwrap()),
+            stats: ["mean", "rstd"].map(|name| gpu.zeros(name, &[m]).unwrap()),
+            params: ["dgamma", "dbeta"].map(|name| gpu.zeros(name, &[n]).unwrap()),
+            partials: gpu.zeros("partials", &[backward_scratch_len(m, n).0]).unwrap(),
+        }
+    }
+
+    fn layernorm(&self, n: usize, width: Option<u32>) -> LayerNorm<'_> {
+        LayerNorm { width, ..LayerNorm::new(&self.gamma, &self.beta, eps_for(n)) }
+    }
+
+    fn ln_stats(&self) -> LayerNormStats<'_> {
+        LayerNormStats { mean: &self.stats[0], rstd: &self.stats[1] }
+    }
+
+    fn grads(&self) -> LayerNormGrads<'_> {
+        LayerNormGrads { dx: &self.out[1], dgamma: &self.params[0], dbeta: &self.params[1] }
+    }
+
+    fn scratch(&self) -> LayerNormScratch<'_> {
+        LayerNormScratch { partials: &self.partials, colsum: None }
+    }
+
+    fn read(&self) -> FusedOutputs {
+        let read = |t: &Tensor| gpu().read::<f32>(t).unwrap();
+        let ([y, dx, d_input], [mean, rstd], [dgamma, dbeta]) = (&self.out, &self.stats, &self.params);
+        let ln = Outputs {
+            y: read(y),
+            mean: read(mean),
+            rstd: read(rstd),
+            dx: read(dx),
+            dgamma: read(dgamma),
+            dbeta: read(dbeta),
+        };
+        FusedOutputs { ln, d_input: read(d_input) }
+    }
+}
+
 fn run_fused(m: usize, n: usize, input: &Inputs, dropout: DropoutSpec, width: Option<u32>) -> FusedOutputs {
-    let gpu = gpu();
-    let x = gpu.upload("x", &[m, n], &input.x).unwrap();
-    let residual = gpu.upload("residual", &[m, n], input.residual.as_ref().unwrap()).unwrap();
-    let gamma = gpu.upload("gamma", &[n], &input.gamma).unwrap();
-    let beta = gpu.upload("beta", &[n], &input.beta).unwrap();
-    let dy = gpu.upload("dy", &[m, n], &input.dy).unwrap();
-    let [y, dx, d_input] = ["y", "dx", "d_input"].map(|name| gpu.zeros(name, &[m, n]).unwrap());
-    let [mean, rstd] = ["mean", "rstd"].map(|name| gpu.zeros(name, &[m]).unwrap());
-    let [dgamma, dbeta] = ["dgamma", "dbeta"].map(|name| gpu.zeros(name, &[n]).unwrap());
-    let partials = gpu.zeros("partials", &[backward_scratch_len(m, n).0]).unwrap();
-    let ln = LayerNorm { width, ..LayerNorm::new(&gamma, &beta, eps_for(n)) };
-    let stats = LayerNormStats { mean: &mean, rstd: &rstd };
-    let grads = LayerNormGrads { dx: &dx, dgamma: &dgamma, dbeta: &dbeta };
-    let fused = DropoutResidual { x: &x, dropout, residual: &residual };
-    let scratch = LayerNormScratch { partials: &partials, colsum: None };
-    let mut rec = gpu.recorder();
-    layernorm::dropout_residual_layernorm_forward(&mut rec, &ln, &fused, &y, &stats).unwrap();
+    let t = FusedTensors::new(m, n, &input.x, input);
+    let (ln, stats, grads, scratch) = (t.layernorm(n, width), t.ln_stats(), t.grads(), t.scratch());
+    let fused = DropoutResidual { x: &t.x, dropout, residual: &t.residual };
+    let mut rec = gpu().recorder();
+    layernorm::dropout_residual_layernorm_forward(&mut rec, &ln, &fused, &t.out[0], &stats).unwrap();
     layernorm::dropout_residual_layernorm_backward(
-        &mut rec, &ln, &fused, &stats, &dy, &grads, &d_input, &scratch,
+        &mut rec, &ln, &fused, &stats, &t.dy, &grads, &t.out[2], &scratch,
     )
     .unwrap();
     rec.submit().unwrap();
-    let read = |t: &Tensor| gpu.read::<f32>(t).unwrap();
-    let ln = Outputs {
-        y: read(&y),
-        mean: read(&mean),
-        rstd: read(&rstd),
-        dx: read(&dx),
-        dgamma: read(&dgamma),
-        dbeta: read(&dbeta),
-    };
-    FusedOutputs { ln, d_input: read(&d_input) }
+    t.read()
 }
 
 /// LN(Dropout(x) + residual) in one kernel each way, at the shapes above and drop
@@ -231,44 +274,28 @@ fn backward_through_stored_dropout_matches_reference() {
         for (p, shard) in [(0.1, 0), (0.5, 2)] {
             let input = inputs(m, n, true, 50);
             let dropout = DropoutSpec { p, seed: 23, stream: 5 + m as u32, shard };
-            let residual = input.residual.as_deref().unwrap();
             let stored = reference::elementwise::dropout(&input.x, &dropout);
-            let x = gpu.upload("x", &[m, n], &stored).unwrap();
-            let residual_t = gpu.upload("residual", &[m, n], residual).unwrap();
-            let gamma = gpu.upload("gamma", &[n], &input.gamma).unwrap();
-            let beta = gpu.upload("beta", &[n], &input.beta).unwrap();
-            let dy = gpu.upload("dy", &[m, n], &input.dy).unwrap();
-            let [y, dx, d_input, separate] =
-                ["y", "dx", "d_input", "separate"].map(|name| gpu.zeros(name, &[m, n]).unwrap());
-            let [mean, rstd] = ["mean", "rstd"].map(|name| gpu.zeros(name, &[m]).unwrap());
-            let [dgamma, dbeta] = ["dgamma", "dbeta"].map(|name| gpu.zeros(name, &[n]).unwrap());
-            let partials = gpu.zeros("partials", &[backward_scratch_len(m, n).0]).unwrap();
-            let ln = LayerNorm { width, ..LayerNorm::new(&gamma, &beta, eps_for(n)) };
-            let stats = LayerNormStats { mean: &mean, rstd: &rstd };
-            let grads = LayerNormGrads { dx: &dx, dgamma: &dgamma, dbeta: &dbeta };
-            let scratch = LayerNormScratch { partials: &partials, colsum: None };
+            let t = FusedTensors::new(m, n, &stored, &input);
+            let (ln, stats, grads, scratch) = (t.layernorm(n, width), t.ln_stats(), t.grads(), t.scratch());
+            let [y, dx, d_input] = &t.out;
+            let separate = gpu.zeros("separate", &[m, n]).unwrap();
             let mut rec = gpu.recorder();
-            layernorm::layernorm_forward(&mut rec, &ln, &x, Some(&residual_t), &y, &stats).unwrap();
+            layernorm::layernorm_forward(&mut rec, &ln, &t.x, Some(&t.residual), y, &stats).unwrap();
             #[rustfmt::skip]
             layernorm::residual_layernorm_backward_through_dropout(
-                &mut rec, &ln, (&x, &residual_t), &stats, &dy, &grads, (dropout, &d_input), &scratch,
+                &mut rec, &ln, (&t.x, &t.residual), &stats, &t.dy, &grads, (dropout, d_input), &scratch,
             )
             .unwrap();
-            elementwise::dropout(&mut rec, &dx, &separate, dropout).unwrap();
+            elementwise::dropout(&mut rec, dx, &separate, dropout).unwrap();
             rec.submit().unwrap();
             let read = |t: &Tensor| gpu.read::<f32>(t).unwrap();
             let what =
                 |name: &str| format!("stored-dropout {name} {m}x{n} p={p} shard {shard} width {width:?}");
-            let got_grads = [&dx, &d_input, &dgamma, &dbeta].map(read);
-            check_dropout_backward(
-                &what,
-                (m, n),
-                &input,
-                dropout,
-                got_grads.each_ref().map(|v| v.as_slice()),
-            );
+            let got = t.read();
+            let got_grads = [&got.ln.dx, &got.d_input, &got.ln.dgamma, &got.ln.dbeta];
+            check_dropout_backward(&what, (m, n), &input, dropout, got_grads.map(|v| v.as_slice()));
             let bits = |t: &Tensor| read(t).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&d_input), bits(&separate), "{}", what("dx against the separate dropout pass"));
+            assert_eq!(bits(d_input), bits(&separate), "{}", what("dx against the separate dropout pass"));
         }
     }
 }
@@ -307,6 +334,20 @@ fn fused_shapes_are_checked() {
     .unwrap_err()
     .to_string();
     assert!(error.contains("'short d_input'"), "{error}");
+    #[rustfmt::skip]
+    let error = layernorm::residual_layernorm_backward_through_dropout(
+        &mut rec, &ln, (&x, &y), &stats, &y, &grads, (dropout, &short), &scratch,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("'short d_input'"), "stored-dropout backward: {error}");
+    #[rustfmt::skip]
+    let error = layernorm::residual_layernorm_backward_through_dropout(
+        &mut rec, &ln, (&x, &residual), &stats, &y, &grads, (dropout, &d_input), &scratch,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("'residual'"), "stored-dropout backward: {error}");
     assert!(rec.is_empty(), "nothing is recorded on a shape error");
 }
 
