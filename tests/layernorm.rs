@@ -334,20 +334,16 @@ fn fused_shapes_are_checked() {
     .unwrap_err()
     .to_string();
     assert!(error.contains("'short d_input'"), "{error}");
-    #[rustfmt::skip]
-    let error = layernorm::residual_layernorm_backward_through_dropout(
-        &mut rec, &ln, (&x, &y), &stats, &y, &grads, (dropout, &short), &scratch,
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(error.contains("'short d_input'"), "stored-dropout backward: {error}");
-    #[rustfmt::skip]
-    let error = layernorm::residual_layernorm_backward_through_dropout(
-        &mut rec, &ln, (&x, &residual), &stats, &y, &grads, (dropout, &d_input), &scratch,
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(error.contains("'residual'"), "stored-dropout backward: {error}");
+    // The stored-dropout backward: a short d_input, a residual of another shape.
+    for (residual, d_input, named) in [(&y, &short, "'short d_input'"), (&residual, &d_input, "'residual'")] {
+        #[rustfmt::skip]
+        let error = layernorm::residual_layernorm_backward_through_dropout(
+            &mut rec, &ln, (&x, residual), &stats, &y, &grads, (dropout, d_input), &scratch,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains(named), "stored-dropout backward: {error}");
+    }
     assert!(rec.is_empty(), "nothing is recorded on a shape error");
 }
 
