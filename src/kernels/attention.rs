@@ -449,6 +449,8 @@ impl PathProxy {
         let run = || -> Result<f64, GpuError> {
             let started = std::time::Instant::now();
             let mut rec = gpu.recorder();
+            // f16 q, k, v are mixed precision's, whose steps let every product round to f16.
+            rec.round_products_to_f16(q.dtype == ElementType::F16);
             attention_forward_on(path, &mut rec, shape, q, k, v, mask, o, lse, scale, drop)?;
             #[rustfmt::skip]
             attention_backward_on(
