@@ -282,8 +282,8 @@ fn backward_through_stored_dropout_matches_reference() {
             let mut rec = gpu.recorder();
             layernorm::layernorm_forward(&mut rec, &ln, &t.x, Some(&t.residual), y, &stats).unwrap();
             #[rustfmt::skip]
-            layernorm::residual_layernorm_backward_through_dropout(
-                &mut rec, &ln, (&t.x, &t.residual), &stats, &t.dy, &grads, (dropout, d_input), &scratch,
+            layernorm::residual_layernorm_backward(
+                &mut rec, &ln, (&t.x, &t.residual), &stats, &t.dy, &grads, Some((dropout, d_input)), &scratch,
             )
             .unwrap();
             elementwise::dropout(&mut rec, dx, &separate, dropout).unwrap();
@@ -337,8 +337,8 @@ fn fused_shapes_are_checked() {
     // The stored-dropout backward: a short d_input, a residual of another shape.
     for (residual, d_input, named) in [(&y, &short, "'short d_input'"), (&residual, &d_input, "'residual'")] {
         #[rustfmt::skip]
-        let error = layernorm::residual_layernorm_backward_through_dropout(
-            &mut rec, &ln, (&x, residual), &stats, &y, &grads, (dropout, d_input), &scratch,
+        let error = layernorm::residual_layernorm_backward(
+            &mut rec, &ln, (&x, residual), &stats, &y, &grads, Some((dropout, d_input)), &scratch,
         )
         .unwrap_err()
         .to_string();

@@ -311,23 +311,22 @@ pub fn dropout_residual_layernorm_backward(
     backward(rec, ln, input, stats, dy, grads, scratch)
 }
 
-/// The backward of `layernorm_forward(x, residual)` where x = Dropout(x0) was stored
-/// already dropped (a matmul's dropout epilogue): what `layernorm_backward_with_scratch`
-/// writes, and in the same pass `d_input` = Dropout(dx) with `drop`'s mask, the gradient of
-/// x0. Saves a separate dropout pass that would read dx back.
+/// The backward of `layernorm_forward(x, residual)`: what `layernorm_backward_with_scratch`
+/// writes. With `through` = (drop, d_input), x = Dropout(x0) was stored already dropped (a
+/// matmul's dropout epilogue), and the same pass also writes d_input = Dropout(dx) with
+/// `drop`'s mask, the gradient of x0: no separate dropout pass reads dx back.
 #[allow(clippy::too_many_arguments)]
-pub fn residual_layernorm_backward_through_dropout(
+pub fn residual_layernorm_backward(
     rec: &mut Recorder,
     ln: &LayerNorm,
     (x, residual): (&Tensor, &Tensor),
     stats: &LayerNormStats,
     dy: &Tensor,
     grads: &LayerNormGrads,
-    (drop, d_input): (DropoutSpec, &Tensor),
+    through: Option<(DropoutSpec, &Tensor)>,
     scratch: &LayerNormScratch,
 ) -> Result<(), GpuError> {
-    let input =
-        BackwardInput { x, residual: Some(residual), dropout: Some((drop, d_input)), x_dropped: true };
+    let input = BackwardInput { x, residual: Some(residual), dropout: through, x_dropped: true };
     backward(rec, ln, input, stats, dy, grads, scratch)
 }
 

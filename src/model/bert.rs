@@ -674,22 +674,12 @@ impl Bert {
         // ffn_drop came dropped from the matmul: d ffn_out = Dropout(grad_y) in the same pass.
         let (ln2, ln_stats) = (p.ln2.layernorm(eps), stats(&x.ln2_mean, &x.ln2_rstd));
         let (grads, scratch, saved) = (g.ln2.grads(&acts.grad_y), acts.ln_scratch(), (&x.ffn_drop, &x.a));
-        let d_ffn_out = match self.hidden_dropout(s.key, site(l, Site::FfnOutput)) {
-            Some(drop) => {
-                #[rustfmt::skip]
-                layernorm::residual_layernorm_backward_through_dropout(
-                    rec, &ln2, saved, &ln_stats, &acts.grad_x, &grads, (drop, &acts.sub), &scratch,
-                )?;
-                &acts.sub
-            }
-            None => {
-                #[rustfmt::skip]
-                layernorm::layernorm_backward_with_scratch(
-                    rec, &ln2, saved.0, Some(saved.1), &ln_stats, &acts.grad_x, &grads, &scratch,
-                )?;
-                &acts.grad_y
-            }
-        };
+        let through = self.hidden_dropout(s.key, site(l, Site::FfnOutput)).map(|drop| (drop, &acts.sub));
+        #[rustfmt::skip]
+        layernorm::residual_layernorm_backward(
+            rec, &ln2, saved, &ln_stats, &acts.grad_x, &grads, through, &scratch,
+        )?;
+        let d_ffn_out = if through.is_some() { &acts.sub } else { &acts.grad_y };
         hook.ffn_output_backward(rec, s, l)?;
         // The FFN: GELU(pre) is recomputed rather than kept; d pre ends in ffn_b, straight
         // from the product through GELU's backward (the matmul's epilogue).

@@ -493,28 +493,11 @@ impl AttentionBlock {
         let ln_stats = stats(&acts.ln_mean, &acts.ln_rstd);
         let (norm, out) = (self.norm.layernorm(eps), &acts.out);
         let grads = grads.norm.grads(dx);
-        match through {
-            Some((drop, d_proj)) => {
-                #[rustfmt::skip]
-                layernorm::residual_layernorm_backward_through_dropout(
-                    rec, &norm, (out, x), &ln_stats, dy, &grads, (drop, d_proj), ln,
-                )?;
-                Ok(OutputGrad::Projection(d_proj))
-            }
-            None => {
-                layernorm::layernorm_backward_with_scratch(
-                    rec,
-                    &norm,
-                    out,
-                    Some(x),
-                    &ln_stats,
-                    dy,
-                    &grads,
-                    ln,
-                )?;
-                Ok(OutputGrad::Dropped(dx))
-            }
-        }
+        layernorm::residual_layernorm_backward(rec, &norm, (out, x), &ln_stats, dy, &grads, through, ln)?;
+        Ok(match through {
+            Some((_, d_proj)) => OutputGrad::Projection(d_proj),
+            None => OutputGrad::Dropped(dx),
+        })
     }
 
     /// The gradients of `attend` from d(acts.out) in `d_out`: every parameter's
