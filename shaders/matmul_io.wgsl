@@ -3,8 +3,8 @@
 //
 // Bindings: 0 params, 1 A (read), 2 B (read), 3 bias [N] (read; any buffer when unused),
 // 4 C (write), 5 pre-activation [M, N] (written by the GELU epilogue — the backward needs
-// it; read by the GELU-backward epilogue; any spare buffer otherwise). A_TYPE, B_TYPE and C_TYPE (f32 or f16) are aliases the host
-// prepends; bias is f32 and every sum is f32.
+// it; read by the GELU-backward epilogue; any spare buffer otherwise). A_TYPE, B_TYPE and
+// C_TYPE (f32 or f16) are aliases the host prepends; bias is f32 and every sum is f32.
 //
 // The epilogue is a parameter, not a compile-time constant: one pipeline serves every
 // epilogue of a tile and transpose form, which on lavapipe (seconds per compile) is most

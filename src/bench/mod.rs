@@ -16,7 +16,6 @@ use crate::data::glue::{Label, Split};
 use crate::data::source::TaskSource;
 use crate::gpu::{ElementType, Gpu, GpuError, Tensor, Timing};
 use crate::kernels::attention::{self, AttentionPath, AttentionShape};
-use crate::kernels::elementwise::DropoutSpec;
 use crate::kernels::matmul::{self, Epilogue, Matmul};
 use crate::model::BertConfig;
 use crate::model::tasks::{Method, MethodName, TaskSpec};
@@ -172,118 +171,31 @@ pub fn bounds_check_cost(gpu: &Gpu, reps: usize) -> Result<String, GpuError> {
     ))
 }
 
-/// Attention at BERT-base training size, with every buffer forward and backward need.
-pub struct AttentionOperands {
-    pub shape: AttentionShape,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    mask: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    d_out: Tensor,
-    delta: Tensor,
-    dq: Tensor,
-    dk: Tensor,
-    dv: Tensor,
-}
-
-const ATTENTION_DROPOUT: DropoutSpec = DropoutSpec { p: 0.1, seed: 1, stream: 2, shard: 0 };
+pub use crate::kernels::attention::AttentionOperands;
 
 impl AttentionOperands {
     /// Batch 32, 12 heads, sequence 128, head dim 64, with 10% padding.
     pub fn bert_base(gpu: &Gpu) -> Result<AttentionOperands, GpuError> {
-        AttentionOperands::new(gpu, AttentionShape { batch: 32, seq: 128, heads: 12, head_dim: 64 })
+        AttentionOperands::filled(gpu, AttentionShape { batch: 32, seq: 128, heads: 12, head_dim: 64 })
     }
 
     /// MiniLM's training step: batch 8, 12 heads, sequence 128, head dim 32.
     pub fn minilm(gpu: &Gpu) -> Result<AttentionOperands, GpuError> {
-        AttentionOperands::new(gpu, AttentionShape { batch: 8, seq: 128, heads: 12, head_dim: 32 })
+        AttentionOperands::filled(gpu, AttentionShape { batch: 8, seq: 128, heads: 12, head_dim: 32 })
     }
 
-    pub fn new(gpu: &Gpu, shape: AttentionShape) -> Result<AttentionOperands, GpuError> {
+    /// f32 operands holding random q, k, v and dO, the last tenth of each sequence masked.
+    fn filled(gpu: &Gpu, shape: AttentionShape) -> Result<AttentionOperands, GpuError> {
+        let o = AttentionOperands::new(gpu, shape, ElementType::F32)?;
         let n = shape.qkv_len();
         let mask: Vec<f32> = (0..shape.mask_len())
             .map(|i| if i % shape.seq >= shape.seq * 9 / 10 { -10000.0 } else { 0.0 })
             .collect();
-        Ok(AttentionOperands {
-            shape,
-            q: gpu.upload("q", &[n], &random_vec(n, 3, 1.0))?,
-            k: gpu.upload("k", &[n], &random_vec(n, 4, 1.0))?,
-            v: gpu.upload("v", &[n], &random_vec(n, 5, 1.0))?,
-            mask: gpu.upload("mask", &[shape.mask_len()], &mask)?,
-            out: gpu.zeros("out", &[n])?,
-            lse: gpu.zeros("lse", &[shape.rows_len()])?,
-            d_out: gpu.upload("d_out", &[n], &random_vec(n, 6, 1.0))?,
-            delta: gpu.zeros("delta", &[shape.rows_len()])?,
-            dq: gpu.zeros("dq", &[n])?,
-            dk: gpu.zeros("dk", &[n])?,
-            dv: gpu.zeros("dv", &[n])?,
-        })
-    }
-
-    fn scale(&self) -> f32 {
-        1.0 / (self.shape.head_dim as f32).sqrt()
-    }
-
-    /// Q·Kᵀ and P·V: 4·B·H·S²·D.
-    pub fn forward_flops(&self) -> f64 {
-        let s = &self.shape;
-        4.0 * (s.batch * s.heads) as f64 * (s.seq * s.seq * s.head_dim) as f64
-    }
-
-    /// Recomputing Q·Kᵀ, then dV, dP, dQ, dK (dQ and dK/dV kernels each recompute P): 10·B·H·S²·D.
-    pub fn backward_flops(&self) -> f64 {
-        2.5 * self.forward_flops()
-    }
-
-    pub fn forward_seconds(&self, gpu: &Gpu, path: AttentionPath) -> Result<f64, GpuError> {
-        let started = Instant::now();
-        let mut rec = gpu.recorder();
-        let (o, s) = (self, self.scale());
-        attention::attention_forward_on(
-            path,
-            &mut rec,
-            o.shape,
-            &o.q,
-            &o.k,
-            &o.v,
-            &o.mask,
-            &o.out,
-            &o.lse,
-            s,
-            ATTENTION_DROPOUT,
-        )?;
-        rec.submit()?;
-        gpu.wait()?;
-        Ok(started.elapsed().as_secs_f64())
-    }
-
-    pub fn backward_seconds(&self, gpu: &Gpu, path: AttentionPath) -> Result<f64, GpuError> {
-        let started = Instant::now();
-        let mut rec = gpu.recorder();
-        let o = self;
-        attention::attention_backward_on(
-            path,
-            &mut rec,
-            o.shape,
-            &o.q,
-            &o.k,
-            &o.v,
-            &o.out,
-            &o.d_out,
-            &o.mask,
-            &o.lse,
-            &o.delta,
-            &o.dq,
-            &o.dk,
-            &o.dv,
-            o.scale(),
-            ATTENTION_DROPOUT,
-        )?;
-        rec.submit()?;
-        gpu.wait()?;
-        Ok(started.elapsed().as_secs_f64())
+        gpu.write(&o.mask, &mask)?;
+        for (tensor, seed) in [(&o.q, 3), (&o.k, 4), (&o.v, 5), (&o.d_out, 6)] {
+            gpu.write(tensor, &random_vec(n, seed, 1.0))?;
+        }
+        Ok(o)
     }
 }
 

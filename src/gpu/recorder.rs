@@ -251,8 +251,6 @@ pub fn spread(gpu: &Gpu, workgroups: u32) -> [u32; 3] {
 }
 
 impl Recorder<'_> {
-    /// Runs `record` with every dispatch it appends timed under `label` instead of its
-    /// kernel's name: the unfused attention's products are attention's time, not matmul's.
     /// Lets every product recorded from now on round f32 operands to f16 (f32 sums), as
     /// PyTorch's AMP autocast does for all its matmuls: where the adapter has cooperative
     /// matrices, the tuner then also measures them for the products whose operands are
@@ -265,6 +263,8 @@ impl Recorder<'_> {
         self.f16_products
     }
 
+    /// Runs `record` with every dispatch it appends timed under `label` instead of its
+    /// kernel's name: the unfused attention's products are attention's time, not matmul's.
     pub fn labelled<T>(&mut self, label: &'static str, record: impl FnOnce(&mut Self) -> T) -> T {
         let outer = self.label.replace(label);
         let result = record(self);

@@ -4,8 +4,9 @@
 //! - unfused: Q·Kᵀ, P·V and the gradients' products on the batched matmul (one (b, h) per
 //!   batch), the softmax and its backward as row kernels (shaders/attention_softmax.wgsl),
 //!   the scores in a workspace of at most [`workspace_limit`] bytes per matrix, or one
-//!   sequence's scores where those are larger (sequences run in chunks that fit). The fused kernel's per-row loops run at ~0.2 GFLOP/s on lavapipe,
-//!   where the matmul's register tiles are 10× faster, so CPU adapters take this one.
+//!   sequence's scores where those are larger (sequences run in chunks that fit). The
+//!   fused kernel's per-row loops run at ~0.2 GFLOP/s on lavapipe, where the matmul's
+//!   register tiles are 10× faster, so CPU adapters take this one.
 //!
 //! GPUs take whichever measures faster per shape class ([`path`]): the unfused products run
 //! on tensor cores where the adapter has them. Both give the same results up to f32 rounding
@@ -402,66 +403,120 @@ pub fn measure_path(gpu: &Gpu, shape: AttentionShape, qkv: ElementType) -> Resul
     if let Some(found) = gpu.tune.get(&key).as_deref().and_then(AttentionPath::parse) {
         return Ok(found);
     }
-    let proxy = PathProxy::new(gpu, AttentionShape { batch: shape.batch.clamp(1, 8), ..shape }, qkv)?;
+    let proxy = AttentionOperands::new(gpu, AttentionShape { batch: shape.batch.clamp(1, 8), ..shape }, qkv)?;
+    // One forward and backward, after one that compiles the path's pipelines.
+    let seconds = |path| -> Result<f64, GpuError> {
+        proxy.forward_seconds(gpu, path)?;
+        proxy.backward_seconds(gpu, path)?;
+        Ok(proxy.forward_seconds(gpu, path)? + proxy.backward_seconds(gpu, path)?)
+    };
     let names = [AttentionPath::Fused, AttentionPath::Unfused].map(|p| p.name().to_string());
     let chosen = gpu.tune.choose(&key, &names, |name| {
         let path = AttentionPath::parse(name).unwrap_or(AttentionPath::Fused);
         let margin = if path == AttentionPath::Unfused { UNFUSED_MARGIN } else { 1.0 };
-        proxy.seconds(gpu, path).map_or(f64::INFINITY, |s| s * margin)
+        seconds(path).map_or(f64::INFINITY, |s| s * margin)
     });
     Ok(AttentionPath::parse(&chosen).unwrap_or(AttentionPath::Fused))
 }
 
-/// Zero-filled operands of one shape, for measuring the paths.
-struct PathProxy {
-    shape: AttentionShape,
-    /// q, k, v, o, d_out, mask, lse, delta, dq, dk, dv
-    t: [Tensor; 11],
+/// Every buffer one forward and backward need, zero-filled (q, k, v stored as `qkv`): what
+/// [`measure_path`] times, and, filled, `pals bench`'s attention rows.
+pub struct AttentionOperands {
+    pub shape: AttentionShape,
+    pub(crate) q: Tensor,
+    pub(crate) k: Tensor,
+    pub(crate) v: Tensor,
+    pub(crate) mask: Tensor,
+    pub(crate) out: Tensor,
+    pub(crate) lse: Tensor,
+    pub(crate) d_out: Tensor,
+    pub(crate) delta: Tensor,
+    pub(crate) dq: Tensor,
+    pub(crate) dk: Tensor,
+    pub(crate) dv: Tensor,
 }
 
-impl PathProxy {
-    fn new(gpu: &Gpu, shape: AttentionShape, qkv: ElementType) -> Result<PathProxy, GpuError> {
+/// The dropout a measured forward and backward draw (BERT's rate).
+const MEASURED_DROPOUT: DropoutSpec = DropoutSpec { p: 0.1, seed: 1, stream: 2, shard: 0 };
+
+impl AttentionOperands {
+    pub fn new(gpu: &Gpu, shape: AttentionShape, qkv: ElementType) -> Result<AttentionOperands, GpuError> {
         let (n, rows) = (shape.qkv_len(), shape.rows_len());
-        let of = |name: &str, len: usize, dtype| gpu.zeros_of(name, &[len], dtype);
-        let f32s = |name: &str, len: usize| gpu.zeros(name, &[len]);
-        Ok(PathProxy {
+        let zeros = |name: &str, len: usize| gpu.zeros(name, &[len]);
+        let qkv_zeros = |name: &str| gpu.zeros_of(name, &[n], qkv);
+        Ok(AttentionOperands {
             shape,
-            t: [
-                of("tune q", n, qkv)?,
-                of("tune k", n, qkv)?,
-                of("tune v", n, qkv)?,
-                f32s("tune o", n)?,
-                f32s("tune d_out", n)?,
-                f32s("tune mask", shape.mask_len())?,
-                f32s("tune lse", rows)?,
-                f32s("tune delta", rows)?,
-                f32s("tune dq", n)?,
-                f32s("tune dk", n)?,
-                f32s("tune dv", n)?,
-            ],
+            q: qkv_zeros("q")?,
+            k: qkv_zeros("k")?,
+            v: qkv_zeros("v")?,
+            mask: zeros("mask", shape.mask_len())?,
+            out: zeros("out", n)?,
+            lse: zeros("lse", rows)?,
+            d_out: zeros("d_out", n)?,
+            delta: zeros("delta", rows)?,
+            dq: zeros("dq", n)?,
+            dk: zeros("dk", n)?,
+            dv: zeros("dv", n)?,
         })
     }
 
-    /// Seconds of one forward and backward on `path`, after one that compiles its pipelines.
-    fn seconds(&self, gpu: &Gpu, path: AttentionPath) -> Result<f64, GpuError> {
-        let [q, k, v, o, d_out, mask, lse, delta, dq, dk, dv] = &self.t;
-        let (shape, scale, drop) = (self.shape, self.shape.scale(), DropoutSpec::NONE);
-        let run = || -> Result<f64, GpuError> {
-            let started = std::time::Instant::now();
-            let mut rec = gpu.recorder();
-            // f16 q, k, v are mixed precision's, whose steps let every product round to f16.
-            rec.round_products_to_f16(q.dtype == ElementType::F16);
-            attention_forward_on(path, &mut rec, shape, q, k, v, mask, o, lse, scale, drop)?;
-            #[rustfmt::skip]
-            attention_backward_on(
-                path, &mut rec, shape, q, k, v, o, d_out, mask, lse, delta, dq, dk, dv, scale, drop,
-            )?;
-            rec.submit()?;
-            gpu.wait()?;
-            Ok(started.elapsed().as_secs_f64())
-        };
-        run()?;
-        run()
+    /// Q·Kᵀ and P·V: 4·B·H·S²·D.
+    pub fn forward_flops(&self) -> f64 {
+        let s = &self.shape;
+        4.0 * (s.batch * s.heads) as f64 * (s.seq * s.seq * s.head_dim) as f64
+    }
+
+    /// Recomputing Q·Kᵀ, then dV, dP, dQ, dK (dQ and dK/dV kernels each recompute P): 10·B·H·S²·D.
+    pub fn backward_flops(&self) -> f64 {
+        2.5 * self.forward_flops()
+    }
+
+    /// A recorder as a step would record these operands: f16 q, k, v are mixed precision's,
+    /// whose steps let every product round to f16.
+    fn recorder<'g>(&self, gpu: &'g Gpu) -> Recorder<'g> {
+        let mut rec = gpu.recorder();
+        rec.round_products_to_f16(self.q.dtype == ElementType::F16);
+        rec
+    }
+
+    /// Seconds of one forward on `path`, submitted and waited for.
+    pub fn forward_seconds(&self, gpu: &Gpu, path: AttentionPath) -> Result<f64, GpuError> {
+        let started = std::time::Instant::now();
+        let mut rec = self.recorder(gpu);
+        let o = self;
+        let (q, k, v, scale) = (&o.q, &o.k, &o.v, o.shape.scale());
+        attention_forward_on(
+            path,
+            &mut rec,
+            o.shape,
+            q,
+            k,
+            v,
+            &o.mask,
+            &o.out,
+            &o.lse,
+            scale,
+            MEASURED_DROPOUT,
+        )?;
+        rec.submit()?;
+        gpu.wait()?;
+        Ok(started.elapsed().as_secs_f64())
+    }
+
+    /// Seconds of one backward on `path`, submitted and waited for.
+    pub fn backward_seconds(&self, gpu: &Gpu, path: AttentionPath) -> Result<f64, GpuError> {
+        let started = std::time::Instant::now();
+        let mut rec = self.recorder(gpu);
+        let o = self;
+        let (grads, scale) = ((&o.delta, &o.dq, &o.dk, &o.dv), o.shape.scale());
+        #[rustfmt::skip]
+        attention_backward_on(
+            path, &mut rec, o.shape, &o.q, &o.k, &o.v, &o.out, &o.d_out, &o.mask, &o.lse, grads.0, grads.1,
+            grads.2, grads.3, scale, MEASURED_DROPOUT,
+        )?;
+        rec.submit()?;
+        gpu.wait()?;
+        Ok(started.elapsed().as_secs_f64())
     }
 }
 
