@@ -183,8 +183,11 @@ enum Command {
         /// Products per timed submit.
         #[arg(long, default_value_t = 3)]
         reps: usize,
-        /// Instead: GFLOP/s of every matmul tile candidate on an M×N×K product (e.g. 1024x768x768).
-        #[arg(long, value_name = "MxNxK")]
+        /// Instead: GFLOP/s of every matmul kernel (each tile candidate, the subgroup kernel,
+        /// cooperative matrices) on an M×N×K product (e.g. 1024x768x768), as a Linear's
+        /// forward x·Wᵀ, or in the form a suffix names: `:nn`, `:nt`, `:tn` (A stored
+        /// transposed, as a weight gradient), `:tt`.
+        #[arg(long, value_name = "MxNxK[:FORM]")]
         tiles: Option<String>,
         /// Instead: the exact training memory (parameters, gradients, Adam state,
         /// activations) of a model size (base, minilm) or model directory; no GPU needed.
@@ -394,9 +397,12 @@ fn check_numbers(command: &Command) -> Result<()> {
             }
             checked(run.settings()).map(|_| ())
         }
-        Command::Bench { reps, steps, batch, seq, train, memory, precision, .. } => {
+        Command::Bench { reps, steps, batch, seq, train, memory, precision, tiles, .. } => {
             if precision.precision() == Precision::Mixed && train.is_none() && memory.is_none() {
                 anyhow::bail!("config error: --precision mixed (--fp16) is for --train and --memory only");
+            }
+            if let Some(shape) = tiles {
+                parse_tiles_shape(shape)?;
             }
             at_least("--reps", *reps as u64, 1)?;
             at_least("--steps", *steps as u64, 1)?;
@@ -501,10 +507,7 @@ fn run(cli: Cli, given: Vec<String>) -> Result<()> {
             let gpu = adapter.open()?;
             println!("adapter: {}", gpu.describe());
             if let Some(shape) = tiles {
-                let dims: Vec<usize> =
-                    shape.split('x').map(|d| d.trim().parse()).collect::<Result<_, _>>()?;
-                let [m, n, k] = dims[..] else { anyhow::bail!("--tiles wants MxNxK, got '{shape}'") };
-                let op = pals::kernels::matmul::Matmul::new(m, n, k).trans_b();
+                let op = parse_tiles_shape(&shape)?;
                 for row in pals::bench::tile_report(&gpu, &op, reps)? {
                     println!("{row}");
                 }
@@ -591,4 +594,25 @@ fn devices(backend: Option<&str>) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `--tiles MxNxK[:FORM]`: the product to measure, x·Wᵀ (`nt`) unless a form is named.
+fn parse_tiles_shape(shape: &str) -> anyhow::Result<pals::kernels::matmul::Matmul> {
+    let (dims, form) = shape.split_once(':').unwrap_or((shape, "nt"));
+    let wanted =
+        || format!("config error: --tiles wants MxNxK or MxNxK:FORM (FORM nn, nt, tn or tt), got '{shape}'");
+    let dims: Vec<usize> = dims
+        .split('x')
+        .map(|d| d.trim().parse())
+        .collect::<Result<_, _>>()
+        .map_err(|_| anyhow::anyhow!(wanted()))?;
+    let [m, n, k] = dims[..] else { anyhow::bail!(wanted()) };
+    let (trans_a, trans_b) = match form {
+        "nn" => (false, false),
+        "nt" => (false, true),
+        "tn" => (true, false),
+        "tt" => (true, true),
+        _ => anyhow::bail!(wanted()),
+    };
+    Ok(pals::kernels::matmul::Matmul { trans_a, trans_b, ..pals::kernels::matmul::Matmul::new(m, n, k) })
 }

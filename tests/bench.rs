@@ -79,6 +79,9 @@ fn every_kernel_of_a_step_has_its_family() {
     let named = ["matmul", "attention_backward_dq", "layernorm_forward", "gelu_backward", "dropout"];
     let families: Vec<&str> = named.iter().map(|n| kernel_family(n)).collect();
     assert_eq!(families, ["matmul", "attention", "layernorm", "elementwise", "elementwise"]);
+    for kernel in ["matmul_subgroup", "matmul_pack", "matmul_coop"] {
+        assert_eq!(kernel_family(kernel), "matmul", "{kernel}");
+    }
     assert_eq!(kernel_family("adam_step"), "optimizer");
     assert_eq!(kernel_family("sum_squares_partial"), "optimizer");
     assert_eq!(kernel_family("colsum"), "reduce");

@@ -61,6 +61,8 @@ fn every_bad_number_is_refused_naming_its_flag_before_anything_is_loaded() {
         (&["demo", "--epochs", "0"], "--epochs"),
         (&["bench", "--reps", "0"], "--reps"),
         (&["bench", "--fp16"], "--precision mixed"),
+        (&["bench", "--tiles", "64x64"], "--tiles"),
+        (&["bench", "--tiles", "64x64x64:nx"], "--tiles"),
         (&["params", "--pal-dim", "0"], "--pal-dim"),
         (&["params", "--tasks", "rte,RTE"], "RTE twice"),
     ];

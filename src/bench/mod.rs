@@ -16,7 +16,7 @@ use crate::data::glue::{Label, Split};
 use crate::data::source::TaskSource;
 use crate::gpu::{ElementType, Gpu, GpuError, Tensor, Timing};
 use crate::kernels::attention::{self, AttentionPath, AttentionShape};
-use crate::kernels::matmul::{self, Epilogue, Matmul};
+use crate::kernels::matmul::{self, Epilogue, Kernel, Matmul};
 use crate::model::BertConfig;
 use crate::model::tasks::{Method, MethodName, TaskSpec};
 use crate::train::trainer::{Precision, TaskData, TrainSettings, Trainer};
@@ -238,24 +238,18 @@ pub fn attention_report(gpu: &Gpu) -> Result<Vec<String>, GpuError> {
     Ok(rows)
 }
 
-/// GFLOP/s of every usable tile on one shape, for `pals bench --tiles`.
+/// GFLOP/s of every kernel this adapter runs on one shape, for `pals bench --tiles`.
 pub fn tile_report(gpu: &Gpu, op: &Matmul, reps: usize) -> Result<Vec<String>, GpuError> {
     let operands = MatmulOperands::new(gpu, op)?;
     let mut rows = Vec::new();
-    for tile in matmul::runnable_tiles(gpu) {
+    let coop = matmul::coop_unavailable(gpu).is_none().then_some(Kernel::Coop);
+    for kernel in matmul::f32_kernels(gpu).into_iter().chain(coop) {
         let run = |reps: usize| -> Result<f64, GpuError> {
             let started = Instant::now();
             let mut rec = gpu.recorder();
             for _ in 0..reps {
-                matmul::matmul_with_tile(
-                    &mut rec,
-                    &operands.a,
-                    &operands.b,
-                    &operands.c,
-                    op,
-                    Epilogue::None,
-                    tile,
-                )?;
+                let (a, b, c) = (&operands.a, &operands.b, &operands.c);
+                matmul::matmul_with(&mut rec, a, b, c, op, Epilogue::None, kernel)?;
             }
             rec.submit()?;
             gpu.wait()?;
@@ -264,7 +258,8 @@ pub fn tile_report(gpu: &Gpu, op: &Matmul, reps: usize) -> Result<Vec<String>, G
         let compile = run(1)?;
         let seconds = run(reps)?;
         rows.push(format!(
-            "{tile:?}: {:.1} GFLOP/s ({:.1} ms; first call {:.1} ms)",
+            "{}: {:.1} GFLOP/s ({:.1} ms; first call {:.1} ms)",
+            kernel.name(),
             op.flops() / seconds / 1e9,
             seconds * 1e3,
             compile * 1e3
@@ -347,7 +342,7 @@ pub const FAMILIES: [&str; 9] =
 /// as elementwise.
 pub fn kernel_family(label: &str) -> &'static str {
     match label {
-        "matmul" => "matmul",
+        l if l.starts_with("matmul") => "matmul",
         l if l.starts_with("attention") => "attention",
         l if l.starts_with("layernorm") => "layernorm",
         l if l.starts_with("gelu") || l.starts_with("tanh") => "elementwise",

@@ -178,7 +178,7 @@ pub struct Gpu {
     spare: Mutex<Vec<wgpu::Buffer>>,
     /// Scratch tensors kernels keep between calls (attention's score matrices), by name:
     /// see `workspace`.
-    workspaces: Mutex<HashMap<&'static str, Tensor>>,
+    workspaces: Mutex<HashMap<(&'static str, usize), Tensor>>,
     counters: Counters,
     /// Whether trusted kernels keep naga's runtime bounds checks too (`PALS_SHADER_CHECKS=on`;
     /// `pals bench` switches it to measure what they cost).
@@ -382,13 +382,28 @@ impl Gpu {
     /// run in recording order, so kernels that reuse one in turn need no more.
     pub fn workspace(&self, name: &'static str, len: usize) -> Result<Tensor, GpuError> {
         let mut workspaces = self.workspaces.lock().unwrap();
-        if let Some(kept) = workspaces.get(name)
+        if let Some(kept) = workspaces.get(&(name, 0))
             && kept.len() >= len
         {
             return Ok(kept.view(&[len]));
         }
         let fresh = self.zeros(name, &[len])?;
-        workspaces.insert(name, fresh.clone());
+        workspaces.insert((name, 0), fresh.clone());
         Ok(fresh)
+    }
+
+    /// Like `workspace`, but one buffer per power-of-two size class of `name`, never
+    /// replaced: a product always gets the same buffer, so the bind groups of a first step
+    /// serve every later one (a workspace that grew would be a new buffer, and its bind
+    /// groups new ones, in the second step).
+    pub fn workspace_class(&self, name: &'static str, len: usize) -> Result<Tensor, GpuError> {
+        let class = len.max(1).next_power_of_two();
+        let mut workspaces = self.workspaces.lock().unwrap();
+        if let Some(kept) = workspaces.get(&(name, class)) {
+            return Ok(kept.view(&[len]));
+        }
+        let fresh = self.zeros(name, &[class])?;
+        workspaces.insert((name, class), fresh.clone());
+        Ok(fresh.view(&[len]))
     }
 }

@@ -2,13 +2,15 @@
 //!
 //! On GPUs the tile configuration is chosen by measuring the candidates once per shape
 //! class on a proxy of the shape (same N and K, fewer rows), and cached on disk. CPU
-//! adapters, where every candidate costs seconds of pipeline compile, use a fixed rule.
+//! adapters, where every candidate costs seconds of pipeline compile, use a fixed rule:
+//! the subgroup kernel (shaders/matmul_subgroup.wgsl) where they have subgroups, as
+//! lavapipe does, else a CPU tile of the tiled kernel.
 
 use std::time::Instant;
 
 use super::{alias_lines, storage_aliases, to_u32};
 use crate::contract::DropoutSpec;
-use crate::gpu::{Binding, ElementType, Gpu, GpuError, KernelSpec, Recorder, Tensor, tuning_enabled};
+use crate::gpu::{Binding, ElementType, Gpu, GpuError, KernelSpec, Recorder, Tensor, spread, tuning_enabled};
 
 const MATMUL: KernelSpec = KernelSpec {
     name: "matmul",
@@ -38,6 +40,42 @@ const MATMUL_COOP: KernelSpec = KernelSpec {
     // Not yet run on an adapter with cooperative matrices: it keeps naga's checks until it is.
     trusted: false,
 };
+
+const MATMUL_SUBGROUP: KernelSpec = KernelSpec {
+    name: "matmul_subgroup",
+    source: concat!(
+        include_str!("../../shaders/gelu.wgsl"),
+        include_str!("../../shaders/rng.wgsl"),
+        include_str!("../../shaders/matmul_io.wgsl"),
+        include_str!("../../shaders/matmul_subgroup.wgsl")
+    ),
+    entry: "matmul_subgroup",
+    bindings: MATMUL.bindings,
+    // Every load is clamped into the operands by m, n, k and the strides (held to the
+    // tensors' lengths by `Matmul::check`); stores are bounded by m and n.
+    trusted: true,
+};
+
+const MATMUL_PACK: KernelSpec = KernelSpec {
+    name: "matmul_pack",
+    source: concat!(
+        include_str!("../../shaders/gelu.wgsl"),
+        include_str!("../../shaders/rng.wgsl"),
+        include_str!("../../shaders/matmul_io.wgsl"),
+        include_str!("../../shaders/matmul_pack.wgsl")
+    ),
+    entry: "matmul_pack",
+    bindings: MATMUL.bindings,
+    // Reads are bounded by the product's checked extents, writes by the packed length.
+    trusted: true,
+};
+
+/// Rows of C one subgroup kernel workgroup computes: 8 measured best on lavapipe (Mesa 25,
+/// AVX2 lanes of 8) at MiniLM's encoder shapes, 29–31 GFLOP/s against 20–28 for 4, 6, 12 or
+/// 16 rows, whose broadcasts or spilled accumulators cost more than the loads they save.
+const SUBGROUP_ROWS: u32 = 8;
+/// The tuner's name for the subgroup kernel.
+const SUBGROUP_NAME: &str = "subgroup/8";
 
 /// The block of C one cooperative-matrix workgroup computes (BM = BN in the shader).
 const COOP_BLOCK: usize = 32;
@@ -105,8 +143,9 @@ pub const CANDIDATES: &[(Tile, Adapters)] = &[
     (CPU_WIDE, Adapters::Cpu),
 ];
 
-/// CPU adapters (lavapipe), where an invocation is a SIMD lane with a large register file
-/// behind it, run fastest with 256 outputs per invocation: 15.9–20.2 GFLOP/s on three of
+/// CPU adapters without subgroups (lavapipe has them and takes the subgroup kernel, 24–31
+/// GFLOP/s), where an invocation is a SIMD lane with a large register file behind it, run
+/// the tiled kernel fastest with 256 outputs per invocation: 15.9–20.2 GFLOP/s on three of
 /// MiniLM's products against 12.9–14.8 for 16×8 and 14.4–16.0 for 128×128×16/16×16 (Mesa 25, 2
 /// cores, `pals bench --tiles`). Its K-tile of 8 also compiles in a third of the time of
 /// a K-tile of 16 (1.5 s against 4.3 s), since llvmpipe unrolls the whole K-tile.
@@ -433,6 +472,7 @@ fn multiply_function(tile: Tile) -> String {
 
 fn defines(tile: Tile, op: &Matmul, types: &str) -> String {
     types.to_string()
+        + "alias B_ELEMENT = B_TYPE;\n"
         + &multiply_function(tile)
         + &format!(
             "const BM: u32 = {}u;\nconst BN: u32 = {}u;\nconst BK: u32 = {}u;\nconst TM: u32 = {}u;\n\
@@ -452,17 +492,22 @@ fn is_cpu(gpu: &Gpu) -> bool {
     gpu.info.device_type == wgpu::DeviceType::Cpu
 }
 
-/// The tile a CPU adapter uses for `op`, without measuring: there every candidate is a
+/// The kernel a CPU adapter uses for `op`, without measuring: there every candidate is a
 /// pipeline compile of seconds per transpose form (llvmpipe compiles at first dispatch,
-/// one pipeline at a time), which made tuning alone 21 s of a MiniLM run's first step,
-/// while CPU_WIDE measured fastest on each encoder shape measured. `None` on GPUs, or where the
-/// adapter's limits rule the tile out (then the tuner measures what fits).
-pub fn cpu_rule(gpu: &Gpu, op: &Matmul) -> Option<Tile> {
+/// one pipeline at a time), which made tuning alone 21 s of a MiniLM run's first step.
+/// The subgroup kernel where the adapter has subgroups (1.3–1.7× CPU_WIDE at MiniLM's
+/// encoder shapes on lavapipe, B repacking included), else CPU_WIDE, which measured fastest
+/// of the tiles on each encoder shape measured. `None` on GPUs, or where the adapter's
+/// limits rule the tile out (then the tuner measures what fits).
+pub fn cpu_rule(gpu: &Gpu, op: &Matmul) -> Option<Kernel> {
     if !is_cpu(gpu) {
         return None;
     }
+    if subgroup_unavailable(gpu).is_none() {
+        return Some(Kernel::Subgroup);
+    }
     let tile = CPU_NARROW.into_iter().find(|t| op.n <= t.bn as usize).unwrap_or(CPU_WIDE);
-    usable_tiles(gpu).contains(&tile).then_some(tile)
+    usable_tiles(gpu).contains(&tile).then_some(Kernel::Tiled(tile))
 }
 
 /// Every candidate this adapter can run, whatever kind it is meant for: what the tests
@@ -492,22 +537,38 @@ fn fitting(gpu: &Gpu, tiles: Vec<Tile>) -> Vec<Tile> {
 pub enum Kernel {
     Tiled(Tile),
     Coop,
+    /// Subgroup broadcasts, no workgroup memory (matmul_subgroup.wgsl): CPU adapters.
+    Subgroup,
 }
 
 impl Kernel {
-    fn name(&self) -> String {
+    pub fn name(&self) -> String {
         match self {
             Kernel::Tiled(tile) => tile.name(),
             Kernel::Coop => COOP_NAME.into(),
+            Kernel::Subgroup => SUBGROUP_NAME.into(),
         }
     }
 
     fn parse(name: &str) -> Option<Kernel> {
-        if name == COOP_NAME {
-            return Some(Kernel::Coop);
+        match name {
+            COOP_NAME => Some(Kernel::Coop),
+            SUBGROUP_NAME => Some(Kernel::Subgroup),
+            _ => Tile::parse(name).map(Kernel::Tiled),
         }
-        Tile::parse(name).map(Kernel::Tiled)
     }
+}
+
+/// Every kernel this adapter can run that multiplies the operands as stored (every tile,
+/// whatever kind of adapter it is meant for, and the subgroup kernel where it runs): what
+/// the tests check against the f32 reference. Cooperative matrices, which round operands
+/// to f16, are checked on their own.
+pub fn f32_kernels(gpu: &Gpu) -> Vec<Kernel> {
+    let mut kernels: Vec<Kernel> = runnable_tiles(gpu).into_iter().map(Kernel::Tiled).collect();
+    if subgroup_unavailable(gpu).is_none() {
+        kernels.push(Kernel::Subgroup);
+    }
+    kernels
 }
 
 /// C = op(A)·op(B) with `epilogue`, on the kernel chosen for this shape class. A, B and C
@@ -524,9 +585,24 @@ pub fn matmul(
     epilogue: Epilogue,
 ) -> Result<(), GpuError> {
     op.check(a, b, c, &epilogue)?;
-    match kernel_for(rec, a, b, op)? {
+    let kernel = kernel_for(rec, a, b, op)?;
+    matmul_with(rec, a, b, c, op, epilogue, kernel)
+}
+
+/// Like `matmul` on a given kernel (tests run every one; the tuner measures them).
+pub fn matmul_with(
+    rec: &mut Recorder,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    op: &Matmul,
+    epilogue: Epilogue,
+    kernel: Kernel,
+) -> Result<(), GpuError> {
+    match kernel {
         Kernel::Tiled(tile) => matmul_with_tile(rec, a, b, c, op, epilogue, tile),
         Kernel::Coop => matmul_coop(rec, a, b, c, op, epilogue),
+        Kernel::Subgroup => matmul_subgroup(rec, a, b, c, op, epilogue),
     }
 }
 
@@ -578,7 +654,7 @@ pub fn coop_source(subgroup: u32, op: &Matmul, types: [ElementType; 3]) -> Strin
 
 fn coop_defines(subgroup: u32, op: &Matmul, [a, b, c]: [ElementType; 3]) -> String {
     format!(
-        "enable f16;\nenable wgpu_cooperative_matrix;\n{}const SUBGROUP: u32 = {subgroup}u;\n\
+        "enable f16;\nenable wgpu_cooperative_matrix;\n{}alias B_ELEMENT = B_TYPE;\nconst SUBGROUP: u32 = {subgroup}u;\n\
          const TRANS_A: bool = {};\nconst TRANS_B: bool = {};\n",
         alias_lines(&[("A_TYPE", a), ("B_TYPE", b), ("C_TYPE", c)]),
         op.trans_a,
@@ -647,6 +723,148 @@ pub fn matmul_with_tile(
     rec.dispatch(&MATMUL, &defines, &params, &[a, b, bias, c, pre], groups)
 }
 
+/// Why the subgroup kernel cannot run on this adapter; `None` when it can: a CPU adapter
+/// (on GPUs the tiles and cooperative matrices are measured instead), subgroup operations,
+/// and one fixed subgroup size (the kernel's workgroup is exactly one subgroup).
+pub fn subgroup_unavailable(gpu: &Gpu) -> Option<String> {
+    let name = &gpu.info.name;
+    if !is_cpu(gpu) {
+        return Some(format!("'{name}' is not a CPU adapter (the subgroup kernel is lavapipe's)"));
+    }
+    if !gpu.has(wgpu::Features::SUBGROUP) {
+        return Some(format!("'{name}' has no subgroup operations"));
+    }
+    let (min, max) = (gpu.info.subgroup_min_size, gpu.info.subgroup_max_size);
+    if min != max || !(4..=64).contains(&min) {
+        return Some(format!(
+            "'{name}' has subgroups of {min} to {max} invocations, not one size of 4 to 64"
+        ));
+    }
+    None
+}
+
+/// The subgroup kernel's multiplies of one chunk of SUBGROUP values of k, unrolled: every
+/// index into `acc` and every broadcast lane is a constant (see matmul_subgroup.wgsl).
+/// `multiply_chunk` reads a whole chunk as it is; `multiply_tail` clamps and zeroes past K;
+/// `store_rows` writes the rows inside C.
+fn chunk_functions(subgroup: u32) -> String {
+    let mut functions = String::new();
+    for tail in [false, true] {
+        let mut body = String::from(if tail { "" } else { "    let ka = a_offset(k0 + lane);\n" });
+        for i in 0..SUBGROUP_ROWS {
+            body += &if tail {
+                format!("    let a{i} = tail_a({i}u, k0 + lane);\n")
+            } else {
+                format!("    let a{i} = f32(a[a_at[{i}] + ka]);\n")
+            };
+        }
+        for kk in 0..subgroup {
+            body += &if tail {
+                format!("    let b{kk} = tail_b(b_at, k0 + {kk}u);\n")
+            } else {
+                format!("    let b{kk} = vec4<f32>(b[b_at + {kk}u * (p.ldb / 4u)]);\n")
+            };
+            for i in 0..SUBGROUP_ROWS {
+                body +=
+                    &format!("    acc[{i}] = fma(vec4(subgroupBroadcast(a{i}, {kk}u)), b{kk}, acc[{i}]);\n");
+            }
+        }
+        let name = if tail { "multiply_tail" } else { "multiply_chunk" };
+        functions += &format!("fn {name}(k0: u32, lane: u32, b_at: u32) {{\n{body}}}\n");
+    }
+    let mut stores = String::new();
+    for i in 0..SUBGROUP_ROWS {
+        stores += &format!(
+            "    if (row0 + {i}u < p.m) {{ store_quad(base_c + (row0 + {i}u) * p.ldc, col, acc[{i}]); }}\n"
+        );
+    }
+    functions + &format!("fn store_rows(base_c: u32, row0: u32, col: u32) {{\n{stores}}}\n")
+}
+
+/// Whether the subgroup kernel can read `op`'s B as it is stored: not transposed, and every
+/// row a whole number of aligned vec4s. Otherwise it reads a repacked copy.
+pub fn subgroup_reads_b_in_place(op: &Matmul) -> bool {
+    let [_, (b_rows, ldb, _), _] = op.extents();
+    let inner = op.inner.map_or(0, |inner| inner.stride_b);
+    let stride = op.stride_b.unwrap_or(b_rows * ldb);
+    !op.trans_b && [op.n, ldb, op.offset_b, stride, inner].iter().all(|v| v % 4 == 0)
+}
+
+/// C = op(A)·op(B) with `epilogue` on subgroup broadcasts (CPU adapters; an error naming
+/// the reason elsewhere). A transposed or unaligned B is first repacked into a workspace
+/// (matmul_pack.wgsl), one more pass over B.
+pub fn matmul_subgroup(
+    rec: &mut Recorder,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    op: &Matmul,
+    epilogue: Epilogue,
+) -> Result<(), GpuError> {
+    op.check(a, b, c, &epilogue)?;
+    if let Some(reason) = subgroup_unavailable(rec.gpu) {
+        return Err(GpuError::Device { op: "matmul_subgroup".into(), message: reason });
+    }
+    if subgroup_reads_b_in_place(op) {
+        return subgroup_product(rec, a, b, c, op, epilogue);
+    }
+    let (packed, packed_op) = pack_b(rec, a, b, op)?;
+    subgroup_product(rec, a, &packed, c, &packed_op, epilogue)
+}
+
+/// B repacked as matmul_pack.wgsl describes, and `op` reading it there.
+fn pack_b(rec: &mut Recorder, a: &Tensor, b: &Tensor, op: &Matmul) -> Result<(Tensor, Matmul), GpuError> {
+    let ldp = op.n.div_ceil(4) * 4;
+    let matrix = op.k * ldp;
+    let len = op.batch.max(1) * matrix;
+    let packed = rec.gpu.workspace_class("matmul.packed_b", len.max(4))?;
+    let types = [("A_TYPE", a.dtype), ("B_TYPE", b.dtype), ("C_TYPE", ElementType::F32)];
+    let defines = storage_aliases("matmul_pack", rec.gpu, &types)?
+        + &format!("alias B_ELEMENT = B_TYPE;\nconst TRANS_B: bool = {};\n", op.trans_b);
+    let params = op.params(&Epilogue::None)?;
+    let groups = spread(rec.gpu, to_u32("matmul_pack", "packed elements", len)?.div_ceil(64));
+    rec.dispatch(&MATMUL_PACK, &defines, &params, &[a, b, a, &packed, &packed], groups)?;
+    let inner_count = op.inner_count();
+    let packed_op = Matmul {
+        trans_b: false,
+        ldb: Some(ldp),
+        offset_b: 0,
+        stride_b: Some(inner_count * matrix),
+        inner: op.inner.map(|inner| InnerBatch { stride_b: matrix, ..inner }),
+        ..*op
+    };
+    Ok((packed, packed_op))
+}
+
+/// The subgroup kernel on a B it reads as vec4s.
+fn subgroup_product(
+    rec: &mut Recorder,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    op: &Matmul,
+    epilogue: Epilogue,
+) -> Result<(), GpuError> {
+    op.check(a, b, c, &epilogue)?;
+    let subgroup = rec.gpu.info.subgroup_min_size;
+    let types = [("A_TYPE", a.dtype), ("B_TYPE", b.dtype), ("C_TYPE", c.dtype)];
+    let defines = storage_aliases("matmul_subgroup", rec.gpu, &types)?
+        + &format!(
+            "alias B_ELEMENT = vec4<B_TYPE>;\nconst SUBGROUP: u32 = {subgroup}u;\nconst ROWS: u32 = {SUBGROUP_ROWS}u;\n\
+             const TRANS_A: bool = {};\n",
+            op.trans_a
+        )
+        + &chunk_functions(subgroup);
+    let params = op.params(&epilogue)?;
+    let (bias, pre) = epilogue_buffers(a, c, &epilogue);
+    let groups = [
+        to_u32("matmul_subgroup", "column blocks", op.n.div_ceil(4 * subgroup as usize))?,
+        to_u32("matmul_subgroup", "row blocks", op.m.div_ceil(SUBGROUP_ROWS as usize))?,
+        params.batch,
+    ];
+    rec.dispatch(&MATMUL_SUBGROUP, &defines, &params, &[a, b, bias, c, pre], groups)
+}
+
 /// The shape class: transposes, whether f16 operands are allowed and the size bucket
 /// (power of two) of each dimension.
 fn shape_class(op: &Matmul) -> String {
@@ -674,8 +892,8 @@ fn candidates(gpu: &Gpu, op: &Matmul) -> Vec<Kernel> {
 /// The kernel `matmul` runs `op` on: the CPU rule's tile, or on GPUs the one measured best
 /// for its shape class (measured now, the first time a class is seen).
 pub fn choose_kernel(gpu: &Gpu, op: &Matmul) -> Result<Kernel, GpuError> {
-    if let Some(tile) = cpu_rule(gpu, op) {
-        return Ok(Kernel::Tiled(tile));
+    if let Some(kernel) = cpu_rule(gpu, op) {
+        return Ok(kernel);
     }
     let kernels = candidates(gpu, op);
     let Some(&default) = kernels.first() else {
@@ -743,10 +961,7 @@ impl Proxy {
             let started = Instant::now();
             let mut rec = gpu.recorder();
             let (a, b, c, op) = (&self.a, &self.b, &self.c, &self.op);
-            match kernel {
-                Kernel::Tiled(tile) => matmul_with_tile(&mut rec, a, b, c, op, Epilogue::None, tile)?,
-                Kernel::Coop => matmul_coop(&mut rec, a, b, c, op, Epilogue::None)?,
-            }
+            matmul_with(&mut rec, a, b, c, op, Epilogue::None, kernel)?;
             rec.submit()?;
             gpu.wait()?;
             Ok(started.elapsed().as_secs_f64())
