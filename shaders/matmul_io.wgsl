@@ -5,8 +5,8 @@
 // 4 C (write), 5 pre-activation [M, N] (written by the GELU epilogue — the backward needs
 // it; read by the GELU-backward epilogue; any spare buffer otherwise). A_TYPE, B_TYPE and
 // C_TYPE (f32 or f16) are aliases the host prepends; bias is f32 and every sum is f32.
-// B_ELEMENT, B's element as bound, is B_TYPE, or vec4<B_TYPE> for matmul_subgroup.wgsl, which
-// loads four columns at once.
+// A_ELEMENT and B_ELEMENT, A's and B's elements as bound, are A_TYPE and B_TYPE, or vec4s
+// of them where matmul_subgroup.wgsl loads four values at once.
 //
 // The epilogue is a parameter, not a compile-time constant: one pipeline serves every
 // epilogue of a tile and transpose form, which on lavapipe (seconds per compile) is most
@@ -27,7 +27,7 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> a: array<A_TYPE>;
+@group(0) @binding(1) var<storage, read> a: array<A_ELEMENT>;
 @group(0) @binding(2) var<storage, read> b: array<B_ELEMENT>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> c: array<C_TYPE>;

@@ -18,7 +18,8 @@ const RTOL: f32 = 1e-4;
 const ATOL: f32 = 1e-5;
 
 // N = 36 and 44 are whole vec4s, so the subgroup kernel reads B in place (untransposed); the
-// other widths make it repack B first.
+// other widths make it repack B first. M = 20 lets it read a transposed A four rows at a
+// time, with partial last rows and a partial last chunk of k.
 const SHAPES: &[(usize, usize, usize)] =
     &[(1, 1, 1), (7, 5, 1), (1, 9, 33), (33, 65, 17), (20, 36, 45), (130, 70, 200), (41, 44, 9)];
 
@@ -56,6 +57,7 @@ fn every_kernel_and_transpose_matches_reference() {
     let kernels = f32_kernels(gpu);
     assert_eq!(kernels.contains(&Kernel::Subgroup), subgroup_kernel_runs(gpu));
     let mut b_paths = [0, 0]; // subgroup products with B repacked, read in place
+    let mut a_paths = [[0, 0], [0, 0]]; // [trans_a][A read as scalars, as vec4s]
     for &(m, n, k) in SHAPES {
         let a_host = random_vec(m * k, 1, 1.0);
         let b_host = random_vec(k * n, 2, 1.0);
@@ -77,6 +79,7 @@ fn every_kernel_and_transpose_matches_reference() {
                 assert_close(&what, &gpu.read::<f32>(&c).unwrap(), &want, RTOL, ATOL);
                 if kernel == Kernel::Subgroup {
                     b_paths[matmul::subgroup_reads_b_in_place(&op) as usize] += 1;
+                    a_paths[trans_a as usize][matmul::subgroup_reads_a_as_vec4(&op) as usize] += 1;
                 }
             }
         }
@@ -87,6 +90,15 @@ fn every_kernel_and_transpose_matches_reference() {
             b_paths[0], b_paths[1]
         );
         assert!(b_paths.iter().all(|&count| count > 0), "both ways of reading B are tested: {b_paths:?}");
+        eprintln!(
+            "subgroup kernel, A as scalars / as vec4s: {:?} untransposed, {:?} transposed",
+            a_paths[0], a_paths[1]
+        );
+        let tested = a_paths[0][0] > 0 && a_paths[1][0] > 0 && a_paths[1][1] > 0;
+        assert!(
+            tested && a_paths[0][1] == 0,
+            "only transposed A is read as vec4s, both ways tested: {a_paths:?}"
+        );
     }
 }
 
