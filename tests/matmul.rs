@@ -56,7 +56,7 @@ fn every_kernel_and_transpose_matches_reference() {
     assert!(usable_tiles(gpu).iter().all(|t| tiles.contains(t)));
     let kernels = f32_kernels(gpu);
     assert_eq!(kernels.contains(&Kernel::Subgroup), subgroup_kernel_runs(gpu));
-    let mut b_paths = [0, 0]; // subgroup products with B repacked, read in place
+    let mut b_paths = [0, 0, 0]; // subgroup products with B repacked, read in place, repacked in blocks
     let mut a_paths = [[0, 0], [0, 0]]; // [trans_a][A read as scalars, as vec4s]
     for &(m, n, k) in SHAPES {
         let a_host = random_vec(m * k, 1, 1.0);
@@ -78,18 +78,23 @@ fn every_kernel_and_transpose_matches_reference() {
                 let what = format!("{m}x{n}x{k} ta={trans_a} tb={trans_b} {kernel:?}");
                 assert_close(&what, &gpu.read::<f32>(&c).unwrap(), &want, RTOL, ATOL);
                 if kernel == Kernel::Subgroup {
-                    b_paths[matmul::subgroup_reads_b_in_place(&op) as usize] += 1;
+                    let path = match matmul::subgroup_reads_b_in_place(&op) {
+                        true => 1,
+                        false if matmul::subgroup_packs_b_in_blocks(&op) => 2,
+                        false => 0,
+                    };
+                    b_paths[path] += 1;
                     a_paths[trans_a as usize][matmul::subgroup_reads_a_as_vec4(&op) as usize] += 1;
                 }
             }
         }
     }
     if kernels.contains(&Kernel::Subgroup) {
+        let [repacked, in_place, blocks] = b_paths;
         eprintln!(
-            "subgroup kernel: {} products with B repacked, {} with B read in place",
-            b_paths[0], b_paths[1]
+            "subgroup kernel, B: {repacked} repacked, {blocks} repacked in 4x4 blocks, {in_place} read in place"
         );
-        assert!(b_paths.iter().all(|&count| count > 0), "both ways of reading B are tested: {b_paths:?}");
+        assert!(b_paths.iter().all(|&count| count > 0), "every way of reading B is tested: {b_paths:?}");
         eprintln!(
             "subgroup kernel, A as scalars / as vec4s: {:?} untransposed, {:?} transposed",
             a_paths[0], a_paths[1]

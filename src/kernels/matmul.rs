@@ -17,6 +17,7 @@ const MATMUL: KernelSpec = KernelSpec {
     source: concat!(
         include_str!("../../shaders/gelu.wgsl"),
         include_str!("../../shaders/rng.wgsl"),
+        include_str!("../../shaders/matmul_params.wgsl"),
         include_str!("../../shaders/matmul_io.wgsl"),
         include_str!("../../shaders/matmul.wgsl")
     ),
@@ -32,6 +33,7 @@ const MATMUL_COOP: KernelSpec = KernelSpec {
     source: concat!(
         include_str!("../../shaders/gelu.wgsl"),
         include_str!("../../shaders/rng.wgsl"),
+        include_str!("../../shaders/matmul_params.wgsl"),
         include_str!("../../shaders/matmul_io.wgsl"),
         include_str!("../../shaders/matmul_coop.wgsl")
     ),
@@ -46,6 +48,7 @@ const MATMUL_SUBGROUP: KernelSpec = KernelSpec {
     source: concat!(
         include_str!("../../shaders/gelu.wgsl"),
         include_str!("../../shaders/rng.wgsl"),
+        include_str!("../../shaders/matmul_params.wgsl"),
         include_str!("../../shaders/matmul_io.wgsl"),
         include_str!("../../shaders/matmul_subgroup.wgsl")
     ),
@@ -59,13 +62,11 @@ const MATMUL_SUBGROUP: KernelSpec = KernelSpec {
 const MATMUL_PACK: KernelSpec = KernelSpec {
     name: "matmul_pack",
     source: concat!(
-        include_str!("../../shaders/gelu.wgsl"),
-        include_str!("../../shaders/rng.wgsl"),
-        include_str!("../../shaders/matmul_io.wgsl"),
+        include_str!("../../shaders/matmul_params.wgsl"),
         include_str!("../../shaders/matmul_pack.wgsl")
     ),
     entry: "matmul_pack",
-    bindings: MATMUL.bindings,
+    bindings: &[Binding::Read, Binding::Write],
     // Reads are bounded by the product's checked extents, writes by the packed length.
     trusted: true,
 };
@@ -828,25 +829,36 @@ pub fn matmul_subgroup(
     if subgroup_reads_b_in_place(op) {
         return subgroup_product(rec, a, b, c, op, epilogue);
     }
-    let (packed, packed_op) = pack_b(rec, a, b, op)?;
+    let (packed, packed_op) = pack_b(rec, b, op)?;
     subgroup_product(rec, a, &packed, c, &packed_op, epilogue)
 }
 
+/// Whether matmul_pack.wgsl moves `op`'s B in 4 × 4 blocks (BLOCKS) where the subgroup
+/// kernel repacks it: transposed, with K, ldb, offset and batch strides whole vec4s.
+pub fn subgroup_packs_b_in_blocks(op: &Matmul) -> bool {
+    let [_, (b_rows, ldb, _), _] = op.extents();
+    let inner = op.inner.map_or(0, |inner| inner.stride_b);
+    let stride = op.stride_b.unwrap_or(b_rows * ldb);
+    op.trans_b && [op.k, ldb, op.offset_b, stride, inner].iter().all(|v| v % 4 == 0)
+}
+
 /// B repacked as matmul_pack.wgsl describes, and `op` reading it there.
-fn pack_b(rec: &mut Recorder, a: &Tensor, b: &Tensor, op: &Matmul) -> Result<(Tensor, Matmul), GpuError> {
+fn pack_b(rec: &mut Recorder, b: &Tensor, op: &Matmul) -> Result<(Tensor, Matmul), GpuError> {
     let ldp = op.n.div_ceil(4) * 4;
     let matrix = op.k * ldp;
     let len = op.batch.max(1) * matrix;
     let packed = rec.gpu.workspace_class("matmul.packed_b", len.max(4))?;
-    let types = [("A_TYPE", a.dtype), ("B_TYPE", b.dtype), ("C_TYPE", ElementType::F32)];
-    let defines = storage_aliases("matmul_pack", rec.gpu, &types)?
+    let blocks = subgroup_packs_b_in_blocks(op);
+    let b_element = if blocks { "vec4<B_TYPE>" } else { "B_TYPE" };
+    let defines = storage_aliases("matmul_pack", rec.gpu, &[("B_TYPE", b.dtype)])?
         + &format!(
-            "alias A_ELEMENT = A_TYPE;\nalias B_ELEMENT = B_TYPE;\nconst TRANS_B: bool = {};\n",
+            "alias B_ELEMENT = {b_element};\nconst TRANS_B: bool = {};\nconst BLOCKS: bool = {blocks};\n",
             op.trans_b
         );
     let params = op.params(&Epilogue::None)?;
-    let groups = spread(rec.gpu, to_u32("matmul_pack", "packed elements", len)?.div_ceil(64));
-    rec.dispatch(&MATMUL_PACK, &defines, &params, &[a, b, a, &packed, &packed], groups)?;
+    let items = len / 4 / if blocks { 4 } else { 1 };
+    let groups = spread(rec.gpu, to_u32("matmul_pack", "packed vec4s", items)?.div_ceil(64));
+    rec.dispatch(&MATMUL_PACK, &defines, &params, &[b, &packed], groups)?;
     let inner_count = op.inner_count();
     let packed_op = Matmul {
         trans_b: false,
