@@ -674,10 +674,7 @@ pub fn matmul_coop(
     op: &Matmul,
     epilogue: Epilogue,
 ) -> Result<(), GpuError> {
-    op.check(a, b, c, &epilogue)?;
-    if let Some(reason) = coop_unavailable(rec.gpu) {
-        return Err(GpuError::Device { op: "matmul_coop".into(), message: reason });
-    }
+    check_runnable(op, [a, b, c], &epilogue, "matmul_coop", coop_unavailable(rec.gpu))?;
     let params = op.params(&epilogue)?;
     let (bias, pre) = epilogue_buffers(a, c, &epilogue);
     let groups = [
@@ -687,6 +684,22 @@ pub fn matmul_coop(
     ];
     let defines = coop_defines(rec.gpu.info.subgroup_min_size, op, [a.dtype, b.dtype, c.dtype]);
     rec.dispatch(&MATMUL_COOP, &defines, &params, &[a, b, bias, c, pre], groups)
+}
+
+/// The operands' checks, then an error naming `kernel` and `unavailable`, the reason the
+/// adapter cannot run it, if there is one.
+fn check_runnable(
+    op: &Matmul,
+    [a, b, c]: [&Tensor; 3],
+    epilogue: &Epilogue,
+    kernel: &str,
+    unavailable: Option<String>,
+) -> Result<(), GpuError> {
+    op.check(a, b, c, epilogue)?;
+    match unavailable {
+        Some(reason) => Err(GpuError::Device { op: kernel.into(), message: reason }),
+        None => Ok(()),
+    }
 }
 
 /// Unused bindings still need a buffer: read-only slots alias A, the spare writable slot
@@ -796,19 +809,31 @@ fn chunk_functions(subgroup: u32, a_vec4: bool) -> String {
 /// Untransposed A stays scalar: four values of k per lane would hold 4 · ROWS registers
 /// of A through a chunk beside the accumulators, and measured 0.6× the scalar path.
 pub fn subgroup_reads_a_as_vec4(op: &Matmul) -> bool {
-    let [(a_rows, lda, _), _, _] = op.extents();
-    let inner = op.inner.map_or(0, |inner| inner.stride_a);
-    let stride = op.stride_a.unwrap_or(a_rows * lda);
-    op.trans_a && op.m > 0 && [op.m, lda, op.offset_a, stride, inner].iter().all(|v| v % 4 == 0)
+    op.trans_a && op.m > 0 && in_vec4s(op, Operand::A, op.m)
 }
 
 /// Whether the subgroup kernel can read `op`'s B as it is stored: not transposed, and every
 /// row a whole number of aligned vec4s. Otherwise it reads a repacked copy.
 pub fn subgroup_reads_b_in_place(op: &Matmul) -> bool {
-    let [_, (b_rows, ldb, _), _] = op.extents();
-    let inner = op.inner.map_or(0, |inner| inner.stride_b);
-    let stride = op.stride_b.unwrap_or(b_rows * ldb);
-    !op.trans_b && [op.n, ldb, op.offset_b, stride, inner].iter().all(|v| v % 4 == 0)
+    !op.trans_b && in_vec4s(op, Operand::B, op.n)
+}
+
+#[derive(Clone, Copy)]
+enum Operand {
+    A,
+    B,
+}
+
+/// Whether `operand` of `op` is addressed in whole vec4s: its row stride, offset and batch
+/// strides, and `along`, the extent read four values at a time.
+fn in_vec4s(op: &Matmul, operand: Operand, along: usize) -> bool {
+    let [(a_rows, lda, _), (b_rows, ldb, _), _] = op.extents();
+    let inner = op.inner.unwrap_or_default();
+    let (ld, offset, stride, inner) = match operand {
+        Operand::A => (lda, op.offset_a, op.stride_a.unwrap_or(a_rows * lda), inner.stride_a),
+        Operand::B => (ldb, op.offset_b, op.stride_b.unwrap_or(b_rows * ldb), inner.stride_b),
+    };
+    [along, ld, offset, stride, inner].iter().all(|v| v % 4 == 0)
 }
 
 /// C = op(A)·op(B) with `epilogue` on subgroup broadcasts (CPU adapters; an error naming
@@ -822,10 +847,7 @@ pub fn matmul_subgroup(
     op: &Matmul,
     epilogue: Epilogue,
 ) -> Result<(), GpuError> {
-    op.check(a, b, c, &epilogue)?;
-    if let Some(reason) = subgroup_unavailable(rec.gpu) {
-        return Err(GpuError::Device { op: "matmul_subgroup".into(), message: reason });
-    }
+    check_runnable(op, [a, b, c], &epilogue, "matmul_subgroup", subgroup_unavailable(rec.gpu))?;
     if subgroup_reads_b_in_place(op) {
         return subgroup_product(rec, a, b, c, op, epilogue);
     }
@@ -836,10 +858,7 @@ pub fn matmul_subgroup(
 /// Whether matmul_pack.wgsl moves `op`'s B in 4 × 4 blocks (BLOCKS) where the subgroup
 /// kernel repacks it: transposed, with K, ldb, offset and batch strides whole vec4s.
 pub fn subgroup_packs_b_in_blocks(op: &Matmul) -> bool {
-    let [_, (b_rows, ldb, _), _] = op.extents();
-    let inner = op.inner.map_or(0, |inner| inner.stride_b);
-    let stride = op.stride_b.unwrap_or(b_rows * ldb);
-    op.trans_b && [op.k, ldb, op.offset_b, stride, inner].iter().all(|v| v % 4 == 0)
+    op.trans_b && in_vec4s(op, Operand::B, op.k)
 }
 
 /// B repacked as matmul_pack.wgsl describes, and `op` reading it there.
