@@ -583,6 +583,7 @@ fn devices(backend: Option<&str>) -> Result<()> {
             if optional.is_empty() { "none".to_string() } else { optional.join(", ") }
         );
         println!("    cooperative matrices: {}", pals::gpu::cooperative_matrix_summary(adapter));
+        println!("    matmul: {}", pals::kernels::matmul::kernel_summary(&info, features));
         println!(
             "    max storage binding {} MiB, max buffer {} MiB, storage buffers per stage {}, \
              workgroup memory {} KiB, invocations per workgroup {}",

@@ -196,6 +196,22 @@ fn fp16_is_mixed_precision_saved_logged_and_kept_on_resume() {
     assert_eq!(output.status.code(), Some(2), "clap refuses both: {}", stderr(&output));
 }
 
+/// `pals devices` says how each adapter multiplies; lavapipe's Vulkan adapter on the
+/// subgroup kernel, which CPU adapters take by rule.
+#[test]
+fn devices_name_each_adapters_matmul() {
+    let tmp = TempDir::new("cli-devices");
+    let output = pals(&["devices"], &tmp.0);
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "{}{}", text, stderr(&output));
+    let adapters = text.lines().filter(|l| l.starts_with('[')).count();
+    let matmul: Vec<&str> = text.lines().filter(|l| l.trim_start().starts_with("matmul: ")).collect();
+    assert!(adapters > 0 && matmul.len() == adapters, "{text}");
+    if text.contains("llvmpipe") && text.contains("backend Vulkan") {
+        assert!(matmul.iter().any(|l| l.contains("subgroup kernel (")), "{text}");
+    }
+}
+
 /// Output into a pipe nobody reads any more (`pals bench --memory base | true`) ends the
 /// program as it ends other Unix tools, by SIGPIPE, not with a panic (exit 101 before).
 #[cfg(unix)]

@@ -741,20 +741,38 @@ pub fn matmul_with_tile(
 /// (on GPUs the tiles and cooperative matrices are measured instead), subgroup operations,
 /// and one fixed subgroup size (the kernel's workgroup is exactly one subgroup).
 pub fn subgroup_unavailable(gpu: &Gpu) -> Option<String> {
-    let name = &gpu.info.name;
-    if !is_cpu(gpu) {
+    subgroup_kernel_unavailable(&gpu.info, gpu.features)
+}
+
+/// `subgroup_unavailable` for an adapter not opened yet (`pals devices`): its info and the
+/// features it offers.
+pub fn subgroup_kernel_unavailable(info: &wgpu::AdapterInfo, features: wgpu::Features) -> Option<String> {
+    let name = &info.name;
+    if info.device_type != wgpu::DeviceType::Cpu {
         return Some(format!("'{name}' is not a CPU adapter (the subgroup kernel is lavapipe's)"));
     }
-    if !gpu.has(wgpu::Features::SUBGROUP) {
+    if !features.contains(wgpu::Features::SUBGROUP) {
         return Some(format!("'{name}' has no subgroup operations"));
     }
-    let (min, max) = (gpu.info.subgroup_min_size, gpu.info.subgroup_max_size);
+    let (min, max) = (info.subgroup_min_size, info.subgroup_max_size);
     if min != max || !(4..=64).contains(&min) {
         return Some(format!(
             "'{name}' has subgroups of {min} to {max} invocations, not one size of 4 to 64"
         ));
     }
     None
+}
+
+/// How an adapter's products are computed, for `pals devices`.
+pub fn kernel_summary(info: &wgpu::AdapterInfo, features: wgpu::Features) -> String {
+    if info.device_type != wgpu::DeviceType::Cpu {
+        return "tiles measured per shape class (and cooperative matrices in mixed precision, where listed)"
+            .into();
+    }
+    match subgroup_kernel_unavailable(info, features) {
+        None => format!("subgroup kernel ({} lanes), by a fixed rule", info.subgroup_min_size),
+        Some(why) => format!("CPU tiles by a fixed rule (no subgroup kernel: {why})"),
+    }
 }
 
 /// The subgroup kernel's multiplies of one chunk of k, unrolled: every index into `acc`
