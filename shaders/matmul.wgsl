@@ -20,8 +20,9 @@
 //   barrier per step); TRANS_A, TRANS_B.
 // Tiles of A and B are staged through workgroup memory as vec4s; per 4 steps of k each
 // invocation reads TM vec4s of A and TN vec4s of B and does TM·TN·4 multiply-adds as vec4
-// FMAs. This register blocking is what makes it fast on GPUs and on lavapipe alike (where
-// vec4 loads are far cheaper than scalar gathers). TN and BK are multiples of 4; the
+// FMAs. This register blocking is what makes it fast on GPUs and on CPU adapters without
+// subgroups (where vec4 loads are far cheaper than scalar gathers; lavapipe, which has
+// subgroups, takes matmul_subgroup.wgsl). TN and BK are multiples of 4; the
 // global loads are scalar and bounds-checked, so no shape or alignment is required.
 // Accumulation is f32, in a fixed order.
 

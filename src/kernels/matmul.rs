@@ -533,7 +533,8 @@ fn fitting(gpu: &Gpu, tiles: Vec<Tile>) -> Vec<Tile> {
         .collect()
 }
 
-/// Which kernel computes a product: the tiled f32 kernel on a tile, or cooperative matrices.
+/// Which kernel computes a product: the tiled f32 kernel on a tile, cooperative matrices, or
+/// the subgroup kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
     Tiled(Tile),
